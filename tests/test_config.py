@@ -1,0 +1,88 @@
+"""Config schema, presets, overrides, and the errors a user sees for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ssl_platform.config import ConfigError, from_dict, list_presets, load_config
+
+
+def test_preset_loads_with_typed_overrides():
+    cfg = load_config("simclr-digits", ["train.max_steps=7", "method.temperature=0.3", "model.encoder_widths=[8,16]",
+                                        "scaling.cpus_per_worker=0.25", "eval.enabled=false"])
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.method.temperature == pytest.approx(0.3)
+    assert cfg.model.encoder_widths == [8, 16]
+    assert cfg.scaling.cpus_per_worker == 0.25
+    assert cfg.eval.enabled is False
+
+
+def test_int_is_accepted_for_float_and_saved_config_round_trips():
+    cfg = load_config("simclr-digits", ["train.lr=1"])
+    assert isinstance(cfg.train.lr, float)
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_step=3", "did you mean 'train.max_steps'"),
+    ("trian.lr=0.1", "did you mean 'train.lr'"),
+    ("train.lr=fast", "train.lr='fast': expected a float"),
+    ("train.max_steps=0", "train.max_steps=0: expected an int >= 1"),
+    ("train.max_steps=2.5", "expected an int"),
+    ("method.temperature=0", "method.temperature=0.0: expected a float in [0.001, 10.0]"),
+    ("train.optimizer=adam", "expected one of lars, adamw, sgd"),
+    ("scaling.use_gpu=yes please", "expected true or false"),
+    ("scaling.num_workers=3", "use a multiple of 3"),
+    ("model.encoder_widths=[0,4]", "list of positive ints"),
+    ("train", "not of the form section.key=value"),
+])
+def test_bad_overrides_name_the_key_and_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("simclr-digits", [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_preset_and_missing_file():
+    with pytest.raises(ConfigError, match="did you mean 'simclr-digits'"):
+        load_config("simclr-digit")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/config.yaml")
+
+
+def test_yaml_file_config(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ntrain:\n  max_steps: 11\n")
+    cfg = load_config(str(path), ["train.batch_size=64"])
+    assert (cfg.name, cfg.train.max_steps, cfg.train.batch_size) == ("mine", 11, 64)
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+def test_list_presets_has_descriptions():
+    presets = list_presets()
+    assert presets["simclr-digits"].startswith("SimCLR")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "simclr-digits", "train.max_step=3"], "did you mean 'train.max_steps'"),
+    (["run", "simclr-digits", "method.temperature=-1"], "method.temperature=-1.0"),
+    (["run", "missing.yaml"], "does not exist"),
+])
+def test_cli_config_errors_exit_nonzero_before_ray_starts(args, expected):
+    # The check that ray was never imported proves the error came before any cluster start.
+    code = ("import sys; from ssl_platform.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], done.stderr
+
+
+def test_cli_dry_run_prints_layout():
+    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "run", "simclr-digits", "--dry-run",
+                           "train.batch_size=128"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "global batch 128 = 2 x 64 per worker" in done.stdout

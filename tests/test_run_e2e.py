@@ -1,0 +1,72 @@
+"""`sslp run` end to end: 2 Ray Train workers on a local cluster, checkpoint, metrics, report, resume.
+
+One local Ray cluster per invocation of the CLI (the CLI starts and stops it), so this module
+starts no Ray instance of its own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+TINY = ["model.encoder_widths=[8,16]", "model.projector_width=64", "model.projector_dim=32",
+        "data.image_size=16", "train.batch_size=64", "train.log_every=2", "train.checkpoint_every=10",
+        "train.warmup_steps=2", "train.optimizer=adamw", "train.lr=0.004", "eval.supervised_epochs=1"]
+
+
+def sslp(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"sslp {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={root}", "train.max_steps=30", "--no-dashboard", *TINY,
+                cwd=root)
+    return root / "tiny", done
+
+
+def test_run_writes_config_metrics_checkpoint_and_report(first_run):
+    run_dir, done = first_run
+    assert "run directory:" in done.stdout
+    assert (run_dir / "config.yaml").is_file()
+    for name in ("results.json", "results.md", "report.png"):
+        assert (run_dir / name).is_file(), name
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    assert 1 <= len(checkpoints) <= 2  # keep_checkpoints=2 of the 3 written (steps 10, 20, 30)
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
+    assert state["step"] == 30
+    # The progress line a user watches.
+    assert "step 30/30 | loss" in done.stdout and "samples/s" in done.stdout and "ETA" in done.stdout
+    table = (run_dir / "results.md").read_text()
+    for row in ("random init", "simclr (this run)", "supervised (labels)"):
+        assert row in table
+
+
+def test_loss_decreases_on_average(first_run):
+    run_dir, _ = first_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 31, 2))
+    losses = [r["loss"] for r in rows]
+    third = len(losses) // 3
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third
+
+
+def test_same_name_resumes_from_newest_checkpoint(first_run):
+    run_dir, _ = first_run
+    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={run_dir.parent}", "train.max_steps=40",
+                "eval.enabled=false", "--no-dashboard", *TINY, cwd=run_dir.parent)
+    assert "resumed from step 30" in done.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 40
+    assert [r["step"] for r in rows if r["step"] > 30] == [32, 34, 36, 38, 40]  # no step trained twice
