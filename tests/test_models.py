@@ -1,0 +1,67 @@
+"""ssl_models registry, SimCLR, encoder and projector shapes, and the no-Ray rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssl_models
+from ssl_models.encoders import ResNetSmall
+from ssl_models.heads import ProjectionHead
+from ssl_models.methods.simclr import SimCLR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(encoder_widths=[8, 16], projector_width=32, projector_dim=16)  # list, as YAML gives it
+
+
+def test_build_method_builds_simclr():
+    method = ssl_models.build_method("simclr", in_channels=1, **SMALL)
+    assert isinstance(method, SimCLR)
+    assert ssl_models.METHODS["simclr"] is SimCLR
+
+
+def test_build_method_unknown_name_lists_known_methods():
+    with pytest.raises(ValueError, match="simclr"):
+        ssl_models.build_method("no-such-method")
+
+
+def test_simclr_forward_backward():
+    torch.manual_seed(0)
+    method = SimCLR(**SMALL)
+    batch = {"view1": torch.randn(4, 1, 32, 32), "view2": torch.randn(4, 1, 32, 32)}
+    out = method(batch)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert not out["pos_cosine"].requires_grad and -1 <= out["pos_cosine"].item() <= 1
+    out["loss"].backward()
+    grads = [p.grad for p in method.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    method.on_train_step_end(step=1, max_steps=10)
+
+
+def test_simclr_embed_returns_encoder_features():
+    method = SimCLR(in_channels=3, **SMALL).eval()
+    with torch.no_grad():
+        features = method.embed({"image": torch.randn(5, 3, 28, 28)})
+    assert features.shape == (5, method.feature_dim) == (5, 16)
+
+
+def test_resnet_small_default_shape():
+    encoder = ResNetSmall()
+    assert encoder(torch.randn(2, 1, 32, 32)).shape == (2, encoder.feature_dim) == (2, 128)
+
+
+def test_projection_head_layers():
+    head = ProjectionHead(16, 32, 8, num_layers=3)
+    assert head(torch.randn(4, 16)).shape == (4, 8)
+    assert sum(isinstance(m, torch.nn.Linear) for m in head.modules()) == 3
+
+
+def test_ssl_models_never_imports_ray():
+    code = ("import sys, ssl_models, ssl_models.losses, ssl_models.methods.simclr; "
+            "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
