@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo import run_on_ranks
 from ssl_models import distributed
 from ssl_models.losses import NTXentLoss
 
@@ -120,33 +118,25 @@ def _plain_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        gathered = distributed.gather_with_grad(torch.full((2, 1), float(rank)))
-        results = {
-            "rank": distributed.rank(),
-            "world_size": distributed.world_size(),
-            "gathered": gathered.flatten().tolist(),
-        }
-        x1, x2 = _batch()
-        b = PAIRS // WORLD
-        rows = slice(rank * b, (rank + 1) * b)  # rank r takes pairs [r*B, (r+1)*B)
-        results["sum_backward"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
-        with mock.patch.object(distributed, "gather_with_grad", _plain_gather):
-            results["plain_gather"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> dict:
+    gathered = distributed.gather_with_grad(torch.full((2, 1), float(rank)))
+    results = {
+        "rank": distributed.rank(),
+        "world_size": distributed.world_size(),
+        "gathered": gathered.flatten().tolist(),
+    }
+    x1, x2 = _batch()
+    b = PAIRS // WORLD
+    rows = slice(rank * b, (rank + 1) * b)  # rank r takes pairs [r*B, (r+1)*B)
+    results["sum_backward"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
+    with mock.patch.object(distributed, "gather_with_grad", _plain_gather):
+        results["plain_gather"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("gloo"), world=WORLD)
 
 
 @pytest.fixture(scope="module")

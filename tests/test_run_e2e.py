@@ -42,7 +42,7 @@ def test_run_writes_config_metrics_checkpoint_and_report(first_run):
     assert (run_dir / "config.yaml").is_file()
     for name in ("results.json", "results.md", "report.png"):
         assert (run_dir / name).is_file(), name
-    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # not Ray's snapshot json
     assert 1 <= len(checkpoints) <= 2  # keep_checkpoints=2 of the 3 written (steps 10, 20, 30)
     state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
     assert state["step"] == 30

@@ -98,7 +98,6 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.evaluate.frozen import evaluate_image_encoder
     from ssl_platform.train.checkpoint import load_payload
     from ssl_platform.train.trainer import ResourceError, fit, init_ray
 
@@ -119,6 +118,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"checkpoint: {checkpoint}", flush=True)
     if cfg.eval.enabled:
+        from ssl_platform.evaluate.frozen import evaluate_image_encoder
+
         evaluate_image_encoder(cfg, load_payload(checkpoint)["model"], run_dir)
     print(f"run directory: {run_dir} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
     return 0

@@ -44,7 +44,7 @@ class DataConfig:
     corpus: str = _f("digits", "built-in corpus name", choices=("digits",))
     image_size: int = _f(32, "side of the square images fed to the encoder", min=8, max=1024)
     val_fraction: float = _f(0.2, "held-out fraction for evaluation (stratified, fixed seed)", min=0.05, max=0.9)
-    crop_scale_min: float = _f(0.3, "lower bound of the random-resized-crop area fraction", min=0.01, max=1.0)
+    crop_scale_min: float = _f(0.08, "lower bound of the random-resized-crop area fraction (SimCLR: 0.08)", min=0.01, max=1.0)
     jitter_strength: float = _f(0.5, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
     jitter_prob: float = _f(0.8, "probability of applying colour jitter to a view", min=0.0, max=1.0)
     blur_prob: float = _f(0.5, "probability of Gaussian blur per view", min=0.0, max=1.0)

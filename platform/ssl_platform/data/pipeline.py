@@ -38,8 +38,17 @@ def augment_config(cfg: ExperimentConfig) -> AugmentConfig:
     )
 
 
+def quiet_progress() -> None:
+    """Ray Data's per-operator progress bars would drown the training progress line."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def two_view_dataset(cfg: ExperimentConfig, split: ImageSplit) -> ray.data.Dataset:
     """Pretraining stream: every pass over it draws fresh random views on CPU tasks."""
+    quiet_progress()
     ds = images_to_dataset(split)
     # Shuffle the block order each epoch; rows are shuffled further in the train workers'
     # local buffer, so no all-to-all shuffle is needed.

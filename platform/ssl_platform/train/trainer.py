@@ -31,10 +31,16 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Train V2 re-routes print() in workers to its logger *and* stdout, and Ray Data logs a
+    # line per pass over the data; the training progress line is what the terminal should show.
+    # A user's own setting of either variable wins.
+    quiet = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in quiet.items()}}
     if address:
-        ctx = ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                       runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 
