@@ -9,9 +9,20 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_models import distributed, losses
-from ssl_models.methods import SimCLR
+from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, SimCLR, VICReg
 
-METHODS: dict[str, type[nn.Module]] = {"simclr": SimCLR}
+# What each method eats (batch keys) is in its class docstring; the platform's data pipeline
+# produces those batches.
+METHODS: dict[str, type[nn.Module]] = {
+    "clip": CLIP,            # image-caption: "image", "text"
+    "simclr": SimCLR,        # two views: "view1", "view2"
+    "byol": BYOL,            # two views
+    "barlow_twins": BarlowTwins,  # two views
+    "vicreg": VICReg,        # two views
+    "cpc": CPC,              # audio: "audio" (+ "lengths")
+    "bert": BERT,            # text: "input_ids", "mlm_labels", "nsp_labels", ...
+    "gpt": GPT,              # text: "input_ids" (+ "attention_mask")
+}
 
 
 def build_method(name: str, **kwargs) -> nn.Module:
@@ -21,4 +32,5 @@ def build_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["METHODS", "SimCLR", "build_method", "distributed", "losses"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "SimCLR", "VICReg", "build_method",
+           "distributed", "losses"]

@@ -1,10 +1,12 @@
-"""Image encoders."""
+"""Image encoders and their registry: ``build_image_encoder(name, in_channels, **kwargs)``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
@@ -75,3 +77,119 @@ class ResNetSmall(nn.Module):
         x = self.stem(x)  # (B, widths[0], H, W)
         x = self.stages(x)  # (B, widths[-1], H / 2^(S-1), W / 2^(S-1))
         return torch.flatten(self.pool(x), 1)  # (B, widths[-1])
+
+
+_TORCHVISION_RESNETS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet50": torchvision.models.resnet50,
+}
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision's ResNet (He et al. 2016) as a feature extractor: randomly initialised
+    (``weights=None``; self-supervised pretraining starts from scratch), ``fc`` replaced by
+    ``Identity`` so the output is the globally pooled feature vector.
+
+    ``small_stem`` swaps the ImageNet stem (7x7 stride-2 convolution + 3x3 stride-2 max-pool,
+    a 4x reduction meant for 224-px images) for a 3x3 stride-1 convolution without max-pool,
+    as SimCLR does on CIFAR-10: a 32x32 image then reaches the last stage at 4x4, not 1x1.
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet50"``.
+        in_channels: image channels; anything but 3 replaces the first convolution.
+        small_stem: use the 3x3 stride-1 stem without max-pool, for ~32-px images.
+
+    Shape:
+        - x: (B, in_channels, H, W)
+        - output: (B, feature_dim), 512 for ResNet-18 and 2048 for ResNet-50.
+    """
+
+    def __init__(self, arch: str = "resnet18", in_channels: int = 3, small_stem: bool = False):
+        super().__init__()
+        if arch not in _TORCHVISION_RESNETS:
+            raise ValueError(f"unknown torchvision ResNet {arch!r}; known: {', '.join(_TORCHVISION_RESNETS)}")
+        net = _TORCHVISION_RESNETS[arch](weights=None)
+        width = net.conv1.out_channels  # 64
+        stem = None
+        if small_stem:
+            stem = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            stem = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        if stem is not None:
+            # torchvision's initialisation, like every other convolution of the network.
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+            net.conv1 = stem
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.resnet = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.resnet(x)  # (B, feature_dim)
+
+
+def resnet18(in_channels: int = 3, small_stem: bool = False) -> TorchvisionResNet:
+    """torchvision ResNet-18 feature extractor, ``feature_dim`` 512 (see ``TorchvisionResNet``)."""
+    return TorchvisionResNet("resnet18", in_channels, small_stem)
+
+
+def resnet50(in_channels: int = 3, small_stem: bool = False) -> TorchvisionResNet:
+    """torchvision ResNet-50 feature extractor, ``feature_dim`` 2048 (see ``TorchvisionResNet``)."""
+    return TorchvisionResNet("resnet50", in_channels, small_stem)
+
+
+IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet_small": ResNetSmall,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+
+
+def build_image_encoder(name: str, in_channels: int, *, strict: bool = True, **kwargs) -> nn.Module:
+    """Build the image encoder registered as ``name``; it exposes ``feature_dim``.
+
+    Args:
+        name: a key of ``IMAGE_ENCODERS``.
+        in_channels: image channels.
+        strict: reject keyword arguments that encoder does not take. With ``strict=False`` they
+            are dropped instead: the two-view methods expose every encoder's options as flat
+            keyword arguments (``widths`` for ``resnet_small``, ``small_stem`` for the
+            torchvision ResNets) and pass them all.
+        **kwargs: the encoder's own options.
+    """
+    if name not in IMAGE_ENCODERS:
+        raise ValueError(f"unknown image encoder {name!r}; known image encoders: {', '.join(IMAGE_ENCODERS)}")
+    factory = IMAGE_ENCODERS[name]
+    accepted = set(inspect.signature(factory).parameters) - {"in_channels"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown and strict:
+        raise ValueError(f"image encoder {name!r} takes {sorted(accepted)}, not {unknown}")
+    return factory(in_channels=in_channels, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def stack_two_views(batch: dict[str, Tensor], in_channels: int) -> Tensor:
+    """Check a two-view batch and stack its views into one tensor.
+
+    The two-view methods run their encoder once on both views, so BatchNorm normalises them
+    with the same statistics; the first ``B`` rows of every output are view 1.
+
+    Shape:
+        - batch["view1"], batch["view2"]: (B, in_channels, H, W)
+        - output: (2B, in_channels, H, W)
+    """
+    view1, view2 = image_input(batch, "view1", in_channels), image_input(batch, "view2", in_channels)
+    if view1.shape != view2.shape:
+        raise ValueError(f"batch['view1'] and batch['view2'] must have the same shape, got "
+                         f"{tuple(view1.shape)} and {tuple(view2.shape)}; crop both views to one size")
+    return torch.cat([view1, view2])  # (2B, C, H, W)
+
+
+def image_input(batch: dict[str, Tensor], key: str, in_channels: int) -> Tensor:
+    """``batch[key]`` after checking that it is a (B, in_channels, H, W) image tensor."""
+    if key not in batch:
+        raise ValueError(f"batch has no {key!r} images (keys: {sorted(batch)}); use the matching data pipeline")
+    x = batch[key]
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"batch[{key!r}] must be (B, {in_channels}, H, W), got {tuple(x.shape)}; "
+                         f"set the method's in_channels to the images' channel count")
+    return x

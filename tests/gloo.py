@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def _entry(rank: int, worker: Callable[[int], dict], world: int, store: str, out_dir: str) -> None:
@@ -38,3 +39,18 @@ def run_on_ranks(worker: Callable[[int], dict], tmp_dir: str | Path, world: int 
     store.unlink(missing_ok=True)  # a stale file store from an earlier call would hang the rendezvous
     mp.spawn(_entry, args=(worker, world, str(store), str(tmp)), nprocs=world, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def tiny_projector() -> nn.Module:
+    """The same float64 (B, 10) -> (B, 6) model on every rank and in the single process."""
+    torch.manual_seed(0)
+    # No BatchNorm: its batch statistics would differ between a half batch and the whole one.
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+
+
+def two_view_batch(pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed float64 batch of ``pairs`` (view1, view2) rows of width 10, correlated views."""
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(pairs, 10, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.5 * torch.randn(pairs, 10, generator=g, dtype=torch.float64)
+    return x1, x2

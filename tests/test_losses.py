@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gloo import run_on_ranks
+from gloo import run_on_ranks, tiny_projector, two_view_batch
 from ssl_models import distributed
 from ssl_models.losses import NTXentLoss
 
@@ -89,19 +89,6 @@ WORLD = 2
 PAIRS = 8  # global batch; each rank takes PAIRS // WORLD
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    # No BatchNorm: its batch statistics would differ between a half batch and the whole one.
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 6)).double()
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(PAIRS, 10, generator=g, dtype=torch.float64)
-    x2 = x1 + 0.5 * torch.randn(PAIRS, 10, generator=g, dtype=torch.float64)
-    return x1, x2
-
-
 def _loss_and_grads(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, gather: bool) -> dict:
     z = model(torch.cat([x1, x2]))  # (2B, 6): one forward, as SimCLR does
     b = len(x1)
@@ -125,12 +112,12 @@ def _worker(rank: int) -> dict:
         "world_size": distributed.world_size(),
         "gathered": gathered.flatten().tolist(),
     }
-    x1, x2 = _batch()
+    x1, x2 = two_view_batch(PAIRS)
     b = PAIRS // WORLD
     rows = slice(rank * b, (rank + 1) * b)  # rank r takes pairs [r*B, (r+1)*B)
-    results["sum_backward"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
+    results["sum_backward"] = _loss_and_grads(DistributedDataParallel(tiny_projector()), x1[rows], x2[rows], True)
     with mock.patch.object(distributed, "gather_with_grad", _plain_gather):
-        results["plain_gather"] = _loss_and_grads(DistributedDataParallel(_model()), x1[rows], x2[rows], gather=True)
+        results["plain_gather"] = _loss_and_grads(DistributedDataParallel(tiny_projector()), x1[rows], x2[rows], True)
     return results
 
 
@@ -141,7 +128,7 @@ def two_rank_results(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def whole_batch() -> dict:
-    return _loss_and_grads(_model(), *_batch(), gather=False)
+    return _loss_and_grads(tiny_projector(), *two_view_batch(PAIRS), gather=False)
 
 
 def test_gather_with_grad_concatenates_in_rank_order(two_rank_results):

@@ -24,6 +24,14 @@ def test_build_method_builds_simclr():
     assert ssl_models.METHODS["simclr"] is SimCLR
 
 
+def test_registry_has_every_method_with_the_common_interface():
+    assert sorted(ssl_models.METHODS) == ["barlow_twins", "bert", "byol", "clip", "cpc", "gpt", "simclr", "vicreg"]
+    for name, cls in ssl_models.METHODS.items():
+        assert issubclass(cls, torch.nn.Module), name
+        assert callable(getattr(cls, "on_train_step_end", None)), name
+        assert callable(getattr(cls, "embed", None)), f"{name} has no embed(batch) for downstream evaluation"
+
+
 def test_build_method_unknown_name_lists_known_methods():
     with pytest.raises(ValueError, match="simclr"):
         ssl_models.build_method("no-such-method")
@@ -62,6 +70,7 @@ def test_projection_head_layers():
 
 
 def test_ssl_models_never_imports_ray():
-    code = ("import sys, ssl_models, ssl_models.losses, ssl_models.methods.simclr; "
+    # ssl_models imports every method (and through CLIP, open_clip) at import time.
+    code = ("import sys, ssl_models, ssl_models.losses, ssl_models.methods, ssl_models.audio, ssl_models.transformer; "
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)

@@ -1,5 +1,22 @@
-"""Objectives: small modules that take embeddings and return a scalar loss."""
+"""Objectives: small modules that take embeddings (or logits) and return a scalar loss.
 
+| loss | method | gathers across ranks |
+|---|---|---|
+| ``NTXentLoss`` | SimCLR | negatives (local anchors x all candidates) |
+| ``CLIPLoss`` | CLIP | negatives (local images x all texts, and back) |
+| ``CPCLoss`` | CPC | negatives (local contexts x all frames) |
+| ``BarlowTwinsLoss``, ``VICRegLoss`` | Barlow Twins, VICReg | the whole batch's statistics |
+| ``BYOLLoss`` | BYOL | nothing: a per-sample regression |
+| ``MaskedLMLoss``, ``NSPLoss``, ``CausalLMLoss`` | BERT, GPT | nothing: per-token cross-entropy |
+"""
+
+from ssl_models.losses.barlow_twins import BarlowTwinsLoss
+from ssl_models.losses.byol import BYOLLoss
+from ssl_models.losses.clip import CLIPLoss
+from ssl_models.losses.cpc import CPCLoss
 from ssl_models.losses.ntxent import NTXentLoss
+from ssl_models.losses.tokens import CausalLMLoss, MaskedLMLoss, NSPLoss
+from ssl_models.losses.vicreg import VICRegLoss
 
-__all__ = ["NTXentLoss"]
+__all__ = ["BYOLLoss", "BarlowTwinsLoss", "CLIPLoss", "CPCLoss", "CausalLMLoss", "MaskedLMLoss", "NSPLoss",
+           "NTXentLoss", "VICRegLoss"]

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.encoders import ResNetSmall
+from ssl_models.encoders import build_image_encoder, image_input, stack_two_views
 from ssl_models.heads import ProjectionHead
-from ssl_models.losses import NTXentLoss
+from ssl_models.losses.ntxent import NTXentLoss
 
 
 class SimCLR(nn.Module):
@@ -19,8 +19,11 @@ class SimCLR(nn.Module):
 
     Args:
         in_channels: image channels.
-        encoder_widths: channels of the ResNet stages; the encoder outputs ``encoder_widths[-1]``.
-        blocks_per_stage: ``BasicBlock``s per ResNet stage.
+        encoder: image encoder name: ``"resnet_small"``, ``"resnet18"`` or ``"resnet50"``.
+        encoder_widths: channels of the ``resnet_small`` stages; it outputs ``encoder_widths[-1]``.
+        blocks_per_stage: ``BasicBlock``s per ``resnet_small`` stage.
+        small_stem: 3x3 stride-1 stem without max-pool for the torchvision ResNets (~32-px
+            images); ``resnet_small`` always has it.
         projector_width: hidden width of the projector.
         projector_dim: dimension the loss is computed in.
         temperature: NT-Xent temperature.
@@ -32,29 +35,32 @@ class SimCLR(nn.Module):
         - ``embed`` output: (B, feature_dim).
     """
 
-    def __init__(self, in_channels: int = 1, encoder_widths: Sequence[int] = (32, 64, 128),
-                 blocks_per_stage: int = 1, projector_width: int = 512, projector_dim: int = 128,
+    def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
+                 encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,
+                 small_stem: bool = True, projector_width: int = 512, projector_dim: int = 128,
                  temperature: float = 0.1, gather_distributed: bool = False):
         super().__init__()
-        self.encoder = ResNetSmall(in_channels, tuple(encoder_widths), blocks_per_stage)
+        self.in_channels = in_channels
+        self.encoder = build_image_encoder(encoder, in_channels, strict=False, widths=tuple(encoder_widths),
+                                           blocks_per_stage=blocks_per_stage, small_stem=small_stem)
         self.feature_dim = self.encoder.feature_dim
         self.projector = ProjectionHead(self.feature_dim, projector_width, projector_dim)
         self.criterion = NTXentLoss(temperature, gather_distributed)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        view1, view2 = batch["view1"], batch["view2"]  # (B, C, H, W)
-        b = view1.shape[0]
-        # One encoder call on both views, so BatchNorm normalises them with the same statistics.
-        z = self.projector(self.encoder(torch.cat([view1, view2])))  # (2B, projector_dim)
-        z1, z2 = z[:b], z[b:]  # (B, projector_dim)
+        views = stack_two_views(batch, self.in_channels)  # (2B, C, H, W)
+        z1, z2 = self.projector(self.encoder(views)).chunk(2)  # (B, projector_dim) each
+        # float32 with autocast off: under bf16 autocast the similarity matmul would run in bf16.
+        with torch.autocast(views.device.type, enabled=False):
+            loss = self.criterion(z1.float(), z2.float())
         return {
-            "loss": self.criterion(z1, z2),
-            "pos_cosine": F.cosine_similarity(z1, z2, dim=1).mean().detach(),
+            "loss": loss,
+            "pos_cosine": F.cosine_similarity(z1.float(), z2.float(), dim=1).mean().detach(),
         }
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """Encoder features (not projector outputs) for evaluation. (B, C, H, W) -> (B, feature_dim)."""
-        return self.encoder(batch["image"])
+        return self.encoder(image_input(batch, "image", self.in_channels))
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """SimCLR has no state outside the optimizer."""
