@@ -49,7 +49,7 @@ def test_run_writes_config_metrics_checkpoint_and_report(first_run):
     # The progress line a user watches.
     assert "step 30/30 | loss" in done.stdout and "samples/s" in done.stdout and "ETA" in done.stdout
     table = (run_dir / "results.md").read_text()
-    for row in ("random init", "simclr (this run)", "supervised (labels)"):
+    for row in ("random init", "SimCLR (this run)", "supervised (labels)"):
         assert row in table
 
 

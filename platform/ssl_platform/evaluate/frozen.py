@@ -20,6 +20,10 @@ from ssl_platform.evaluate.features import extract_features, train_supervised
 from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import markdown_table, write_results
 
+# How the papers spell the methods, for the rows of the results table.
+DISPLAY_NAMES = {"simclr": "SimCLR", "byol": "BYOL", "barlow_twins": "Barlow Twins", "vicreg": "VICReg",
+                 "clip": "CLIP", "cpc": "CPC", "bert": "BERT", "gpt": "GPT"}
+
 
 def evaluate_image_encoder(cfg: ExperimentConfig, method_state: dict[str, torch.Tensor], run_dir: str | Path,
                            label: str | None = None) -> list[dict]:
@@ -51,7 +55,7 @@ def evaluate_image_encoder(cfg: ExperimentConfig, method_state: dict[str, torch.
 
     pretrained = build(cfg.train.seed)
     pretrained.load_state_dict(method_state)
-    name = label or f"{cfg.method.name} (this run)"
+    name = label or f"{DISPLAY_NAMES.get(cfg.method.name, cfg.method.name)} (this run)"
     rows.append(score(name, extract_features(pretrained.encoder, x_train), extract_features(pretrained.encoder, x_val)))
 
     if e.supervised_epochs > 0:
