@@ -86,3 +86,18 @@ def test_cli_dry_run_prints_layout():
                            "train.batch_size=128"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "global batch 128 = 2 x 64 per worker" in done.stdout
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.corpus=python-docs"], "data.corpus=python-docs is a text corpus but method.name=simclr trains on image"),
+    (["data.path=/data/x", "data.kind=audio"], "set data.kind=image"),
+])
+def test_corpus_must_fit_the_method(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("simclr-digits", overrides)
+
+
+def test_user_corpus_keys():
+    cfg = load_config("simclr-digits", ["data.path=s3://bucket/images", "data.format=webdataset", "data.strict=true"])
+    assert (cfg.data.path, cfg.data.kind, cfg.data.format, cfg.data.strict) == ("s3://bucket/images", "image",
+                                                                                 "webdataset", True)

@@ -39,9 +39,24 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
     return field(default=default, metadata={"help": help, **constraints})
 
 
+# Built-in corpora (offline on a fresh machine) and the kinds/formats of a user's data.path.
+BUILTIN_KINDS = {"digits": "image", "digit-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
+BUILTIN_CORPORA = tuple(BUILTIN_KINDS)
+# The kind of corpus each method trains on.
+METHOD_KINDS = {"simclr": "image", "byol": "image", "barlow_twins": "image", "vicreg": "image",
+                "clip": "image-caption", "cpc": "audio", "bert": "text", "gpt": "text"}
+CORPUS_KINDS = ("image", "text", "audio", "image-caption")
+CORPUS_FORMATS = ("auto", "folder", "parquet", "webdataset", "csv", "tsv", "txt", "jsonl")
+
+
 @dataclass
 class DataConfig:
-    corpus: str = _f("digits", "built-in corpus name", choices=("digits",))
+    corpus: str = _f("digits", "built-in corpus (ignored when data.path is set)", choices=BUILTIN_CORPORA)
+    path: str = _f("", "a corpus of your own: local path or URI (s3://, gs://); overrides data.corpus")
+    kind: str = _f("image", "what data.path holds", choices=CORPUS_KINDS)
+    format: str = _f("auto", "file format of data.path (auto: from the path)", choices=CORPUS_FORMATS)
+    channels: int = _f(3, "image channels of a data.path corpus (1 grayscale, 3 RGB)", choices=(1, 3))
+    strict: bool = _f(False, "fail on the first bad record (naming it) instead of skipping and counting it")
     image_size: int = _f(32, "side of the square images fed to the encoder", min=8, max=1024)
     val_fraction: float = _f(0.2, "held-out fraction for evaluation (stratified, fixed seed)", min=0.05, max=0.9)
     crop_scale_min: float = _f(0.08, "lower bound of the random-resized-crop area fraction (SimCLR: 0.08)", min=0.01, max=1.0)
@@ -294,6 +309,15 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         )
     if len(cfg.model.encoder_widths) > 1 and cfg.data.image_size < 2 ** len(cfg.model.encoder_widths):
         raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for {len(cfg.model.encoder_widths)} stride-2 stages")
+    wanted = METHOD_KINDS[cfg.method.name]
+    d = cfg.data
+    if d.path and d.kind != wanted:
+        raise ConfigError(f"data.kind={d.kind} but method.name={cfg.method.name} trains on {wanted} corpora; "
+                          f"set data.kind={wanted} (and point data.path at one)")
+    if not d.path and BUILTIN_KINDS[d.corpus] != wanted:
+        fits = [c for c, k in BUILTIN_KINDS.items() if k == wanted]
+        raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but method.name={cfg.method.name} "
+                          f"trains on {wanted}; use data.corpus={' or '.join(fits)} or data.path=...")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 

@@ -6,7 +6,8 @@ crash a run deep inside Ray nor vanish silently. Every decode step takes a
 
 - with ``strict=True`` raises :class:`BadRecordError` naming the record (the run stops);
 - otherwise counts it locally and, at ``flush()`` (once per batch), sends the counts to the
-  run's :class:`SkipLedger` actor and to the ``sslp_data_skipped_records`` Prometheus counter.
+  run's ledger actor (waiting for it, so a finished Dataset's counts are all in) and to the
+  ``sslp_data_skipped_records`` Prometheus counter.
 
 The driver reads the totals with :func:`skip_summary` for the run summary and the metrics.
 Without Ray (unit tests) a reporter with ``ledger=None`` only counts locally.
@@ -35,7 +36,7 @@ def ledger_name(run_name: str) -> str:
 
 
 class _Ledger:
-    """Totals of skipped records for one run (the body of the ``SkipLedger`` actor)."""
+    """Totals of skipped records for one run (the body of the ledger actor)."""
 
     def __init__(self):
         self.counts: Counter[str] = Counter()
@@ -127,9 +128,13 @@ class SkipReporter:
         from ray.util.metrics import Counter as MetricCounter
 
         try:
-            ray.get_actor(self.ledger, namespace=NAMESPACE).record.remote(counts, examples)
+            ledger = ray.get_actor(self.ledger, namespace=NAMESPACE)
         except ValueError:  # no ledger (a Dataset used outside a platform run): local counts only
-            pass
+            ledger = None
+        if ledger is not None:
+            # Waited for, so that once the Dataset has finished the ledger holds every count: a
+            # round trip per batch that had skips, none for clean batches.
+            ray.get(ledger.record.remote(counts, examples))
         if self._metric is None:
             self._metric = MetricCounter(SKIPPED_METRIC, description="records skipped by the data pipeline",
                                          tag_keys=("run", "reason"))
