@@ -350,7 +350,7 @@ def test_clip_rejects_bad_batches(batch, match):
 def test_clip_rejects_bad_config():
     for bad, match in [(dict(image_tower="convnext"), "image_tower"), (dict(in_channels=2), "in_channels"),
                        (dict(image_size=10), "multiple of 4"), (dict(vision_heads=3), "multiples of the heads"),
-                       (dict(init_temperature=0.001), "init_temperature")]:
+                       (dict(temperature=0.001), "temperature")]:
         with pytest.raises(ValueError, match=match):
             CLIP(**{**TINY, **bad})
 

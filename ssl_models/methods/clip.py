@@ -79,7 +79,7 @@ class CLIP(nn.Module):
         text_width: text transformer width.
         text_layers: text transformer blocks.
         text_heads: text attention heads (``text_width`` must divide evenly).
-        init_temperature: initial softmax temperature (``logit_scale = log(1 / T)``).
+        temperature: initial softmax temperature; it is learnt (``logit_scale = log(1 / T)``).
         max_logit_scale: largest allowed ``exp(logit_scale)``, i.e. smallest temperature is
             ``1 / max_logit_scale``; CLIP used 100.
         gather_distributed: score local pairs against the pairs of all ranks.
@@ -98,16 +98,16 @@ class CLIP(nn.Module):
                  image_tower: str = "vit", vision_width: int = 64, vision_layers: int = 2,
                  vision_heads: int = 4, patch_size: int = 4, resnet_layers: Sequence[int] = (1, 1, 1, 1),
                  context_length: int = 32, text_width: int = 64, text_layers: int = 2, text_heads: int = 4,
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 temperature: float = 0.07, max_logit_scale: float = 100.0,
                  gather_distributed: bool = False):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
         if image_tower not in IMAGE_TOWERS:
             raise ValueError(f"image_tower must be one of {IMAGE_TOWERS}, got {image_tower!r}")
-        if not (0 < init_temperature <= 1 and 1 / init_temperature <= max_logit_scale):
-            raise ValueError(f"need 1/max_logit_scale <= init_temperature <= 1, got init_temperature="
-                             f"{init_temperature}, max_logit_scale={max_logit_scale}")
+        if not (0 < temperature <= 1 and 1 / temperature <= max_logit_scale):
+            raise ValueError(f"need 1/max_logit_scale <= temperature <= 1, got temperature="
+                             f"{temperature}, max_logit_scale={max_logit_scale}")
         if (image_tower == "vit" and vision_width % vision_heads) or text_width % text_heads:
             raise ValueError(f"widths must be multiples of the heads, got vision {vision_width}/{vision_heads}, "
                              f"text {text_width}/{text_heads}")
@@ -130,7 +130,7 @@ class CLIP(nn.Module):
                                        head_width=64, image_size=image_size)
         text_cfg = CLIPTextCfg(context_length=context_length, vocab_size=VOCAB_SIZE, width=text_width,
                                heads=text_heads, layers=text_layers)
-        self.towers = open_clip.CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=math.log(1 / init_temperature))
+        self.towers = open_clip.CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=math.log(1 / temperature))
         self.criterion = CLIPLoss(gather_distributed)
 
     @property
