@@ -67,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, description in list_presets().items():
                 print(f"{name:<24} {description}")
             return 0
-        if args.command == "run" and args.help_config:
-            print(describe_keys())
-            return 0
+        from ssl_platform import methods  # ssl_models and torch, not Ray
+
         if args.command == "demo":
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = load_config("simclr-digits", [f"name=demo-{stamp}", *args.overrides])
         else:
             cfg = load_config(args.preset, args.overrides)
+        if args.command == "run" and args.help_config:
+            print(describe_keys(methods.method_params(cfg.method.name), methods.DERIVED))
+            return 0
+        methods.validate(cfg)
         if getattr(args, "dry_run", False):
             return _dry_run(cfg)
         return _run(cfg, args)

@@ -16,6 +16,7 @@ string; ``sslp run --help-config`` prints them.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -23,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -64,23 +65,42 @@ class DataConfig:
     jitter_prob: float = _f(0.8, "probability of applying colour jitter to a view", min=0.0, max=1.0)
     blur_prob: float = _f(0.5, "probability of Gaussian blur per view", min=0.0, max=1.0)
     flip_prob: float = _f(0.0, "probability of a horizontal flip (0 for digits: flips change the class)", min=0.0, max=1.0)
+    # text (BERT, GPT)
+    text_unit: str = _f("document", ".txt corpora: one document per blank-line block, or per line", choices=("document", "line"))
+    text_field: str = _f("text", ".jsonl key / parquet column holding the text")
+    tokenizer: str = _f("auto", "tokenizer trained on the corpus (auto: wordpiece for bert, bpe for gpt)",
+                        choices=("auto", "wordpiece", "bpe"))
+    vocab_size: int = _f(4096, "tokenizer vocabulary size (an upper bound on a small corpus)", min=16, max=1_000_000)
+    max_len: int = _f(128, "tokens per sequence (BERT pair) or block (GPT); the model's max_len", min=8, max=65_536)
+    mask_prob: float = _f(0.15, "BERT: fraction of non-special tokens selected for masking", min=0.0, max=1.0)
+    mask_token_frac: float = _f(0.8, "BERT: of the selected tokens, the fraction replaced by [MASK]", min=0.0, max=1.0)
+    random_token_frac: float = _f(0.1, "BERT: of the selected tokens, the fraction replaced by a random token", min=0.0, max=1.0)
+    next_prob: float = _f(0.5, "BERT: fraction of NSP pairs whose second segment is the true next one", min=0.0, max=1.0)
+    # audio (CPC)
+    sample_rate: int = _f(16_000, "audio is resampled to this rate (Hz)", min=4_000, max=96_000)
+    crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)", min=0.05, max=60.0)
+    normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
     transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
 
 
 @dataclass
 class MethodConfig:
-    name: str = _f("simclr", "method from ssl_models.METHODS", choices=("simclr",))
-    temperature: float = _f(0.2, "NT-Xent softmax temperature", min=1e-3, max=10.0)
-    gather_distributed: bool = _f(True, "score each anchor against the negatives of all workers")
+    """``method.name`` picks the method; every other key of the ``method`` section is one of its
+    objective's hyperparameters (``method.temperature``), and the ``model`` section holds its
+    architecture (``model.projector_width``). Both are keyword arguments of the method's
+    constructor in ``ssl_models``: which keys exist, their types and defaults are read from its
+    signature (see :func:`check_method`), so a new method needs no change here."""
+
+    name: str = _f("simclr", "method from ssl_models.METHODS", choices=tuple(METHOD_KINDS))
+    options: dict = field(default_factory=dict)  # the objective's hyperparameters (method.* but name)
 
 
-@dataclass
-class ModelConfig:
-    encoder_widths: list = _f([32, 64, 128], "channels of the ResNet stages (one int per stage)")
-    blocks_per_stage: int = _f(1, "BasicBlocks per ResNet stage", min=1, max=8)
-    projector_width: int = _f(512, "hidden width of the MLP projector", min=1)
-    projector_dim: int = _f(128, "output dimension of the projector", min=1)
+# Constructor arguments that belong in ``method.*``; every other one is architecture (``model.*``).
+OBJECTIVE_KEYS = frozenset({
+    "temperature", "gather_distributed", "max_logit_scale", "lambda_", "sim_coeff", "std_coeff", "cov_coeff",
+    "momentum_base", "num_steps", "num_negatives", "ignore_index",
+})
 
 
 @dataclass
@@ -121,29 +141,24 @@ class ExperimentConfig:
     runs_dir: str = _f("runs", "where run directories are written (local path)")
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: dict = field(default_factory=dict)  # architecture: keyword arguments of the method's constructor
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method.name, **self.method.options}
+        return out
 
     def run_dir(self) -> Path:
         """Where this run's config, metrics, checkpoints and report live: RUNS_DIR/NAME."""
         return Path(self.runs_dir).expanduser().resolve() / self.name
 
-    def method_kwargs(self, in_channels: int) -> dict:
-        """Keyword arguments of ``ssl_models.build_method(self.method.name, ...)``."""
-        return dict(
-            in_channels=in_channels,
-            encoder_widths=tuple(self.model.encoder_widths),
-            blocks_per_stage=self.model.blocks_per_stage,
-            projector_width=self.model.projector_width,
-            projector_dim=self.model.projector_dim,
-            temperature=self.method.temperature,
-            gather_distributed=self.method.gather_distributed,
-        )
+    def method_kwargs(self, **derived: Any) -> dict:
+        """Keyword arguments of ``ssl_models.build_method(self.method.name, ...)``: the values the
+        data side determines (``in_channels``, ``vocab_size``, ...) plus ``method.*`` and ``model.*``."""
+        return {**derived, **self.method.options, **self.model}
 
 
 # ----------------------------------------------------------------------------- presets
@@ -214,6 +229,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, hint in _hints(cls).items():
+        if name == "options":
+            continue
         if dataclasses.is_dataclass(hint):
             keys += _all_keys(hint, prefix + name + ".")
         else:
@@ -225,14 +242,20 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _allowed(f: dataclasses.Field, hint: Any) -> str:
-    md = f.metadata
+_TYPE_NAMES = {int: "an int", float: "a float", str: "a string", bool: "true or false", list: "a list"}
+
+
+def _type_name(hint: Any) -> str:
+    if _is_int_sequence(hint):
+        return "a list of ints"
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    return " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def _allowed(md: Mapping, hint: Any) -> str:
     if "choices" in md:
         return "one of " + ", ".join(map(str, md["choices"]))
-    lo, hi = md.get("min"), md.get("max")
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    name = getattr(args[0] if args else hint, "__name__", str(hint))
-    name = {"int": "an int", "float": "a float", "str": "a string", "bool": "true or false", "list": "a list"}.get(name, name)
+    lo, hi, name = md.get("min"), md.get("max"), _type_name(hint)
     if lo is not None and hi is not None:
         return f"{name} in [{lo}, {hi}]"
     if lo is not None:
@@ -240,41 +263,54 @@ def _allowed(f: dataclasses.Field, hint: Any) -> str:
     return name
 
 
-def _convert(key: str, value: Any, hint: Any, f: dataclasses.Field) -> Any:
-    """Check (and lightly convert) one value against its type hint and constraints."""
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _is_int_sequence(hint: Any) -> bool:
+    """``list`` (our own list keys) or ``Sequence[int]`` (a method constructor's)."""
+    return hint is list or (typing.get_origin(hint) in (list, tuple, collections.abc.Sequence)
+                            and typing.get_args(hint)[:1] == (int,))
+
+
+def _convert(key: str, value: Any, hint: Any, md: Mapping = types.MappingProxyType({})) -> Any:
+    """Check (and lightly convert) one value against its type hint and constraints (``md``)."""
+    if _is_union(hint):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
-    if value is None:
-        if optional:
+        if value is None and len(args) < len(typing.get_args(hint)):
             return None
-        raise ConfigError(f"{key}: a value is required, expected {_allowed(f, hint)}")
+        for arg in args:  # the first alternative that accepts the value (int | str: 5 or "all")
+            try:
+                return _convert(key, value, arg, md)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_allowed(md, hint)}")
+    if value is None:
+        raise ConfigError(f"{key}: a value is required, expected {_allowed(md, hint)}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected true or false")
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected {_allowed(f, int)}")
+            raise ConfigError(f"{key}={value!r}: expected {_allowed(md, int)}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected {_allowed(f, float)}")
+            raise ConfigError(f"{key}={value!r}: expected {_allowed(md, float)}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected {_allowed(f, str)}")
-    elif hint is list:
-        if isinstance(value, (int, str)):
-            value = [value] if isinstance(value, int) else [v for v in str(value).split(",") if v]
+            raise ConfigError(f"{key}={value!r}: expected {_allowed(md, str)}")
+    elif _is_int_sequence(hint):
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [value] if isinstance(value, int) else [int(v) for v in str(value).split(",") if v.strip().isdigit()]
         if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
             raise ConfigError(f"{key}={value!r}: expected a non-empty list of positive ints, e.g. [32,64,128]")
-    md = f.metadata
     if "choices" in md and value not in md["choices"]:
         close = difflib.get_close_matches(str(value), list(map(str, md["choices"])), n=1)
         hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, md['choices']))}{hint_txt}")
     if "min" in md and value < md["min"] or "max" in md and value > md["max"]:
-        raise ConfigError(f"{key}={value!r}: expected {_allowed(f, hint)}")
+        raise ConfigError(f"{key}={value!r}: expected {_allowed(md, hint)}")
     return value
 
 
@@ -284,19 +320,48 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in raw.items():
         key = prefix + str(name)
-        if name not in fields:
+        if name not in fields or (cls is MethodConfig and name == "options"):
+            if cls is MethodConfig:  # the objective's hyperparameters, checked by check_method
+                kwargs.setdefault("options", {})[name] = value
+                continue
             valid = _all_keys(ExperimentConfig)
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys in this section: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {key!r}{hint}")
         hint_type = hints[name]
-        if dataclasses.is_dataclass(hint_type):
+        if dataclasses.is_dataclass(hint_type) or hint_type is dict:
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} is a section; set its keys instead (e.g. {key}.{dataclasses.fields(hint_type)[0].name}=...)")
-            kwargs[name] = _build(hint_type, value, key + ".")
+                raise ConfigError(f"{key} is a section; set its keys instead (e.g. {key}.name=...)")
+            kwargs[name] = _build(hint_type, value, key + ".") if hint_type is not dict else dict(value)
         else:
-            kwargs[name] = _convert(key, value, hint_type, fields[name])
+            kwargs[name] = _convert(key, value, hint_type, fields[name].metadata)
     return cls(**kwargs)
+
+
+def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], derived: Mapping[str, str]) -> None:
+    """Check ``method.*`` and ``model.*`` against the method's constructor and convert their values.
+
+    Args:
+        params: constructor parameter -> (type hint, default), read from its signature.
+        derived: parameters the platform sets from the data (``in_channels``, ``vocab_size``,
+            ...) -> where the user sets them instead.
+    """
+    name = cfg.method.name
+    for section, values in (("method", cfg.method.options), ("model", cfg.model)):
+        for key in list(values):
+            full = f"{section}.{key}"
+            if key in derived:
+                raise ConfigError(f"{full} is set by the platform from {derived[key]}; remove it")
+            if key not in params:
+                close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
+                hint = f"did you mean {section}.{close[0]}?" if close else "its keys: " + ", ".join(
+                    f"{'method' if k in OBJECTIVE_KEYS else 'model'}.{k}" for k in params if k not in derived)
+                raise ConfigError(f"unknown config key {full!r} for method {name}; {hint}")
+            right = "method" if key in OBJECTIVE_KEYS else "model"
+            if section != right:
+                raise ConfigError(f"{full}: {key} is {'an objective' if right == 'method' else 'an architecture'} "
+                                  f"setting; set {right}.{key} instead")
+            values[key] = _convert(full, values[key], params[key][0])
 
 
 def _check_consistency(cfg: ExperimentConfig) -> None:
@@ -307,10 +372,11 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
             f"train.batch_size={t.batch_size} does not split evenly over scaling.num_workers={s.num_workers}; "
             f"use a multiple of {s.num_workers}"
         )
-    if len(cfg.model.encoder_widths) > 1 and cfg.data.image_size < 2 ** len(cfg.model.encoder_widths):
-        raise ConfigError(f"data.image_size={cfg.data.image_size} is too small for {len(cfg.model.encoder_widths)} stride-2 stages")
     wanted = METHOD_KINDS[cfg.method.name]
     d = cfg.data
+    if d.mask_token_frac + d.random_token_frac > 1:
+        raise ConfigError(f"data.mask_token_frac={d.mask_token_frac} + data.random_token_frac={d.random_token_frac} "
+                          f"exceeds 1; lower one of them")
     if d.path and d.kind != wanted:
         raise ConfigError(f"data.kind={d.kind} but method.name={cfg.method.name} trains on {wanted} corpora; "
                           f"set data.kind={wanted} (and point data.path at one)")
@@ -338,8 +404,10 @@ def load_config(preset: str, overrides: list[str] = ()) -> ExperimentConfig:
     return from_dict(raw)
 
 
-def describe_keys() -> str:
-    """Every config key with its default, constraint and help, for ``--help-config``."""
+def describe_keys(params: Mapping[str, tuple[Any, Any]] | None = None, derived: Mapping[str, str] = {}) -> str:
+    """Every config key with its default, constraint and help, for ``--help-config``; with
+    ``params`` (a method's constructor, see :func:`check_method`) also its ``method.*`` and
+    ``model.*`` keys."""
     lines = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
@@ -348,10 +416,15 @@ def describe_keys() -> str:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], value, prefix + f.name + ".")
-            else:
-                lines.append(f"  {prefix + f.name:<28} {value!s:<14} {f.metadata.get('help', '')} ({_allowed(f, hints[f.name])})")
+            elif hints[f.name] is not dict:
+                lines.append(f"  {prefix + f.name:<28} {value!s:<14} {f.metadata.get('help', '')} "
+                             f"({_allowed(f.metadata, hints[f.name])})")
 
     walk(ExperimentConfig, ExperimentConfig(), "")
+    for key, (hint, default) in (params or {}).items():
+        if key not in derived:
+            section = "method" if key in OBJECTIVE_KEYS else "model"
+            lines.append(f"  {section + '.' + key:<28} {default!s:<14} constructor argument ({_type_name(hint)})")
     return "\n".join(lines)
 
 

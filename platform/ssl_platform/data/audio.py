@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, skip_summary
+from ssl_platform.data.randomness import record_rng
 
 # data.format -> file extensions read; "auto" and "folder" (a folder tree) take all three.
 AUDIO_FORMATS = {"auto": ("wav", "flac", "ogg"), "folder": ("wav", "flac", "ogg"),
@@ -220,15 +221,6 @@ def audio_class_names(source: str | Path, fmt: str = "auto") -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------
 # Batched transforms
-
-
-def record_rng(seed: int | None, epoch: int, key: str | bytes) -> np.random.Generator:
-    """A generator fixed by (seed, epoch, record key), so batching never changes a record's draw."""
-    if seed is None:
-        return np.random.default_rng()  # fresh entropy
-    key = key if isinstance(key, bytes) else str(key).encode()
-    digest = hashlib.blake2b(f"{seed}/{epoch}/".encode() + key, digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def span_mask(num_frames: int, real_frames: int, mask_prob: float, span: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ssl_models
+from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.builtin import load_image_corpus
 from ssl_platform.data.transforms import to_float
@@ -39,7 +39,7 @@ def evaluate_image_encoder(cfg: ExperimentConfig, method_state: dict[str, torch.
 
     def build(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return ssl_models.build_method(cfg.method.name, **cfg.method_kwargs(in_channels))
+        return methods.build(cfg, in_channels=in_channels)
 
     def score(name: str, f_train: np.ndarray, f_val: np.ndarray) -> dict:
         return {

@@ -17,7 +17,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-import ssl_models
+from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.train.checkpoint import TrainState, restore_state, save_state
 from ssl_platform.train.metrics import MetricsLogger
@@ -36,7 +36,7 @@ def train_func(loop_config: dict) -> None:
 
     # 1. Model, optimizer and schedule. Same seed on every rank; DDP also broadcasts rank 0's weights.
     torch.manual_seed(t.seed)
-    method = ssl_models.build_method(cfg.method.name, **cfg.method_kwargs(loop_config["in_channels"]))
+    method = methods.build(cfg, **loop_config["derived"])
     model = ray.train.torch.prepare_model(method)  # DDP (gloo on CPU, NCCL on GPU)
     optimizer = build_optimizer(method, t.optimizer, scaled_lr(t.lr, t.batch_size), t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.max_steps, t.warmup_steps))

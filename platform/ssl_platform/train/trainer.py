@@ -121,7 +121,7 @@ def fit(cfg: ExperimentConfig, max_failures: int = 0) -> Path:
 
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "in_channels": channels(splits["train"])},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "derived": {"in_channels": channels(splits["train"])}},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,

@@ -1,0 +1,68 @@
+"""The bridge between configs and ``ssl_models``: what each method's constructor accepts.
+
+A method's ``method.*`` and ``model.*`` keys are its constructor's keyword arguments, read from
+its signature (names, type hints, defaults), so adding a method to ``ssl_models.METHODS`` needs
+no change in the platform. The arguments in :data:`DERIVED` come from the data instead (the
+corpus's channels, the tokenizer's vocabulary, ...). Imports ``ssl_models`` but not Ray, so the
+CLI checks a config before Ray starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+import ssl_models
+from ssl_platform.config import ConfigError, ExperimentConfig, check_method
+
+# Constructor arguments the platform fills in from the data, and where a user changes them.
+DERIVED = {
+    "in_channels": "the corpus (data.channels for data.path images)",
+    "image_size": "data.image_size",
+    "vocab_size": "the tokenizer trained on the corpus (data.vocab_size)",
+    "max_len": "data.max_len",
+    "sample_rate": "data.sample_rate",
+}
+
+
+def method_params(name: str) -> dict[str, tuple[Any, Any]]:
+    """Constructor parameter -> (type hint, default) of ``ssl_models.METHODS[name]``."""
+    cls = ssl_models.METHODS[name]
+    hints = typing.get_type_hints(cls.__init__)
+    params = inspect.signature(cls.__init__).parameters
+    return {p: (hints.get(p, Any), params[p].default) for p in params if p != "self"}
+
+
+# Image channels of the built-in corpora (a data.path corpus has data.channels).
+BUILTIN_CHANNELS = {"digits": 1, "digit-captions": 1}
+
+
+def expected_derived(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data-derived constructor arguments as the config predicts them (the tokenizer may
+    end up with a smaller vocabulary than asked on a small corpus; training uses the real one)."""
+    d = cfg.data
+    values = {
+        "in_channels": d.channels if d.path else BUILTIN_CHANNELS.get(d.corpus, 3),
+        "image_size": d.image_size, "vocab_size": d.vocab_size, "max_len": d.max_len, "sample_rate": d.sample_rate,
+    }
+    params = method_params(cfg.method.name)
+    return {k: v for k, v in values.items() if k in params}
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check ``method.*`` / ``model.*`` against the method's constructor, then build the method
+    once on the CPU so that the constructor's own checks (a width not divisible by the heads,
+    a non-positive temperature) also fail here, before Ray starts. Raises ConfigError."""
+    check_method(cfg, method_params(cfg.method.name), DERIVED)
+    build(cfg, **expected_derived(cfg))
+    return cfg
+
+
+def build(cfg: ExperimentConfig, **derived: Any):
+    """The method of ``cfg``, with the data-derived arguments given; a constructor's own
+    ValueError (a width not divisible by the heads, ...) becomes a ConfigError."""
+    try:
+        return ssl_models.build_method(cfg.method.name, **cfg.method_kwargs(**derived))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method {cfg.method.name}: {e}") from None
