@@ -110,6 +110,12 @@ def test_corpus_must_fit_the_method(overrides, expected):
 
 
 def test_user_corpus_keys():
-    cfg = load_config("simclr-digits", ["data.path=s3://bucket/images", "data.format=webdataset", "data.strict=true"])
+    cfg = load_config("simclr-digits", ["data.path=s3://bucket/images", "data.format=webdataset", "data.strict=true",
+                                        "eval.enabled=false"])
     assert (cfg.data.path, cfg.data.kind, cfg.data.format, cfg.data.strict) == ("s3://bucket/images", "image",
                                                                                  "webdataset", True)
+
+
+def test_end_of_run_evaluation_is_refused_where_it_does_not_exist_yet():
+    with pytest.raises(ConfigError, match="set eval.enabled=false"):
+        load_config("simclr-digits", ["data.path=/data/images"])

@@ -102,7 +102,7 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
     from ssl_platform.train.checkpoint import load_payload
-    from ssl_platform.train.trainer import ResourceError, fit, init_ray
+    from ssl_platform.train.trainer import DataError, ResourceError, fit, init_ray
 
     t0 = time.perf_counter()
     run_dir = cfg.run_dir()
@@ -114,6 +114,9 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         checkpoint = fit(cfg, max_failures=args.max_failures)
     except ResourceError as e:
         print(f"sslp: resources: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as e:
+        print(f"sslp: data: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\nsslp: interrupted; the newest checkpoint stays in {run_dir}. "

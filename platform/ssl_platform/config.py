@@ -58,13 +58,21 @@ class DataConfig:
     format: str = _f("auto", "file format of data.path (auto: from the path)", choices=CORPUS_FORMATS)
     channels: int = _f(3, "image channels of a data.path corpus (1 grayscale, 3 RGB)", choices=(1, 3))
     strict: bool = _f(False, "fail on the first bad record (naming it) instead of skipping and counting it")
+    image_column: str = _f("image", "parquet/CSV column holding image bytes (or a path, for captions)")
+    path_column: str = _f("path", "parquet column holding image paths (image corpora)")
+    label_column: str = _f("label", "parquet column holding integer labels (image corpora)")
+    caption_column: str = _f("caption", "parquet/CSV column holding the captions")
     image_size: int = _f(32, "side of the square images fed to the encoder", min=8, max=1024)
     val_fraction: float = _f(0.2, "held-out fraction for evaluation (stratified, fixed seed)", min=0.05, max=0.9)
-    crop_scale_min: float = _f(0.08, "lower bound of the random-resized-crop area fraction (SimCLR: 0.08)", min=0.01, max=1.0)
-    jitter_strength: float = _f(0.5, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
-    jitter_prob: float = _f(0.8, "probability of applying colour jitter to a view", min=0.0, max=1.0)
-    blur_prob: float = _f(0.5, "probability of Gaussian blur per view", min=0.0, max=1.0)
-    flip_prob: float = _f(0.0, "probability of a horizontal flip (0 for digits: flips change the class)", min=0.0, max=1.0)
+    # Image augmentation; empty = the method paper's recipe (ssl_platform.data.transforms.recipe).
+    crop_scale_min: Optional[float] = _f(None, "lower bound of the random-resized-crop area fraction", min=0.01, max=1.0)
+    jitter_strength: Optional[float] = _f(None, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
+    jitter_prob: Optional[float] = _f(None, "probability of applying colour jitter to a view", min=0.0, max=1.0)
+    blur_prob: Optional[float] = _f(None, "probability of Gaussian blur per view", min=0.0, max=1.0)
+    flip_prob: Optional[float] = _f(None, "probability of a horizontal flip (0 for digits: flips change the class)",
+                                    min=0.0, max=1.0)
+    transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
+    prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
     text_unit: str = _f("document", ".txt corpora: one document per blank-line block, or per line", choices=("document", "line"))
     text_field: str = _f("text", ".jsonl key / parquet column holding the text")
@@ -80,8 +88,7 @@ class DataConfig:
     sample_rate: int = _f(16_000, "audio is resampled to this rate (Hz)", min=4_000, max=96_000)
     crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)", min=0.05, max=60.0)
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
-    transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
-    prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
+    max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
 
 
 @dataclass
@@ -384,6 +391,10 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         fits = [c for c, k in BUILTIN_KINDS.items() if k == wanted]
         raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but method.name={cfg.method.name} "
                           f"trains on {wanted}; use data.corpus={' or '.join(fits)} or data.path=...")
+    if cfg.eval.enabled and (wanted != "image" or d.path):
+        raise ConfigError(f"eval.enabled=true: the end-of-run evaluation covers image methods on a built-in corpus; "
+                          f"for method {cfg.method.name}{' on data.path' if d.path else ''} it is not built yet, "
+                          f"set eval.enabled=false")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 

@@ -14,7 +14,7 @@ import typing
 from typing import Any
 
 import ssl_models
-from ssl_platform.config import ConfigError, ExperimentConfig, check_method
+from ssl_platform.config import OBJECTIVE_KEYS, ConfigError, ExperimentConfig, check_method
 
 # Constructor arguments the platform fills in from the data, and where a user changes them.
 DERIVED = {
@@ -48,6 +48,13 @@ def expected_derived(cfg: ExperimentConfig) -> dict[str, Any]:
     }
     params = method_params(cfg.method.name)
     return {k: v for k, v in values.items() if k in params}
+
+
+def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The method's ``model.*`` settings with the constructor's defaults filled in."""
+    defaults = {k: default for k, (_, default) in method_params(cfg.method.name).items()
+                if k not in OBJECTIVE_KEYS and k not in DERIVED}
+    return {**defaults, **cfg.model}
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -1,41 +1,40 @@
 """Corpus -> Ray Dataset of raw records -> batched CPU transforms, ready for TorchTrainer.
 
-Records stay raw (uint8 images) until ``map_batches`` augments them on CPU workers; the train
-workers only see finished float batches via ``iter_torch_batches``.
+One builder per kind of corpus turns a config into the pretraining stream of its method:
+
+| kind | corpus | transform (``map_batches`` on CPU) | batch keys |
+|---|---|---|---|
+| image | ``digits`` or ``data.path`` | ``TwoViewAugment`` (the method's recipe) | view1, view2 |
+| image-caption | ``digit-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
+| text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` | input_ids, ... |
+| audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
+
+Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
+workers only see finished batches via ``iter_torch_batches``. Transforms draw fresh randomness
+on every pass (seed None), so each epoch sees new views and masks.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import ray.data
 
-from ssl_platform.config import ExperimentConfig
-from ssl_platform.data.builtin import ImageSplit, load_image_corpus
-from ssl_platform.data.transforms import AugmentConfig, TwoViewAugment
+from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_platform.data.skips import SkipReporter
 
+@dataclass
+class PretrainData:
+    """The pretraining stream of a run and what the method's constructor needs from the data."""
 
-def load_splits(cfg: ExperimentConfig) -> dict[str, ImageSplit]:
-    return load_image_corpus(cfg.data.corpus, cfg.data.image_size, cfg.data.val_fraction, cfg.train.seed)
-
-
-def images_to_dataset(split: ImageSplit, num_blocks: int = 8) -> ray.data.Dataset:
-    """An in-memory split as a Dataset of ``{"image": uint8 (C, H, W), "label": int64}`` rows."""
-    return ray.data.from_items(
-        [{"image": img, "label": int(lbl)} for img, lbl in zip(split.images, split.labels)],
-        override_num_blocks=num_blocks,
-    )
-
-
-def augment_config(cfg: ExperimentConfig) -> AugmentConfig:
-    d = cfg.data
-    return AugmentConfig(
-        size=d.image_size,
-        crop_scale_min=d.crop_scale_min,
-        flip_prob=d.flip_prob,
-        jitter_strength=d.jitter_strength,
-        jitter_prob=d.jitter_prob,
-        blur_prob=d.blur_prob,
-    )
+    train: ray.data.Dataset
+    derived: dict[str, Any]  # data-derived constructor arguments: in_channels, vocab_size, ...
+    description: str  # one line for the run header
+    num_records: int | None = None  # known for in-memory built-in corpora
+    artifacts: dict[str, Path] = field(default_factory=dict)  # files a checkpoint must carry (tokenizer)
 
 
 def quiet_progress() -> None:
@@ -46,20 +45,124 @@ def quiet_progress() -> None:
     ctx.print_on_execution_start = False
 
 
-def two_view_dataset(cfg: ExperimentConfig, split: ImageSplit) -> ray.data.Dataset:
-    """Pretraining stream: every pass over it draws fresh random views on CPU tasks."""
+def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter,
+                     model: dict[str, Any]) -> PretrainData:
+    """The stream ``cfg.method`` trains on, from its built-in corpus or ``data.path``.
+
+    ``model`` is the method's architecture with its defaults filled in (the caption transform
+    tokenises to the text tower's ``context_length``).
+    """
     quiet_progress()
-    ds = images_to_dataset(split)
-    # Shuffle the block order each epoch; rows are shuffled further in the train workers'
-    # local buffer, so no all-to-all shuffle is needed.
-    ds = ds.randomize_block_order()
-    return ds.map_batches(
-        TwoViewAugment(augment_config(cfg)),
-        batch_size=cfg.data.transform_batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-    )
+    kind = METHOD_KINDS[cfg.method.name]
+    data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
+    if data.num_records is None and not data.train.take(1):
+        raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
+                         f"corpus is empty); check the path and data.format, or run `sslp data inspect {cfg.data.path}`")
+    return data
 
 
-def channels(split: ImageSplit) -> int:
-    return int(np.asarray(split.images).shape[1])
+def _optional(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that are set (config fields left empty mean: the recipe's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray.data.Dataset:
+    # One CPU per transform task; the train workers hold only fractions (see train.trainer).
+    return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
+
+
+# ----------------------------------------------------------------------------- image (two views)
+
+def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
+    from ssl_platform.data.builtin import load_image_corpus
+    from ssl_platform.data.images import read_image_corpus, split_dataset
+    from ssl_platform.data.transforms import TwoViewAugment, recipe
+
+    d = cfg.data
+    if d.path:
+        corpus = read_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                   image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
+        ds, channels, count, what = corpus.dataset, d.channels, None, f"{d.path} ({corpus.fmt})"
+    else:
+        split = load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"]
+        ds = split_dataset(split.images, d.corpus, label=split.labels)
+        channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} train records)"
+    views = recipe(cfg.method.name, size=d.image_size, **_optional(
+        crop_scale_min=d.crop_scale_min, jitter_strength=d.jitter_strength, jitter_prob=d.jitter_prob,
+        blur_prob=d.blur_prob, flip_prob=d.flip_prob))
+    # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
+    ds = _transform(ds.randomize_block_order(), TwoViewAugment(views), cfg)
+    return PretrainData(ds, {"in_channels": int(channels)}, what, count)
+
+
+# ----------------------------------------------------------------------------- image-caption (CLIP)
+
+def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
+    from ssl_platform.data.captions import CaptionTransform, read_caption_corpus
+    from ssl_platform.data.digit_captions import caption_split_dataset, load_digit_caption_splits
+
+    d = cfg.data
+    if d.path:
+        corpus = read_caption_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                     image_column=d.image_column, caption_column=d.caption_column)
+        ds, channels, count, what = corpus.dataset, d.channels, None, f"{d.path} ({corpus.fmt})"
+    else:
+        split = load_digit_caption_splits(d.image_size, d.val_fraction, cfg.train.seed)["train"]
+        ds = caption_split_dataset(split, d.corpus)
+        channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} pairs)"
+    transform = CaptionTransform(d.image_size, model["context_length"], **_optional(crop_scale_min=d.crop_scale_min,
+                                                                           flip_prob=d.flip_prob))
+    ds = _transform(ds.randomize_block_order(), transform, cfg)
+    return PretrainData(ds, {"in_channels": int(channels), "image_size": d.image_size}, what, count)
+
+
+# ----------------------------------------------------------------------------- text (BERT, GPT)
+
+def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
+    from ssl_platform.data.masking import BertBatcher, GptBlocks
+    from ssl_platform.data.text import open_text_corpus
+    from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
+
+    d = cfg.data
+    source = d.path or d.corpus
+    ds = open_text_corpus(source, reporter=reporter, split="train", val_fraction=d.val_fraction, seed=cfg.train.seed,
+                          unit=d.text_unit, text_field=d.text_field, fmt=d.format)
+    bert = cfg.method.name == "bert"
+    kind = d.tokenizer if d.tokenizer != "auto" else ("wordpiece" if bert else "bpe")
+    # Trained once per run on the training split and saved with it; a resumed run loads it.
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
+    if bert:
+        batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
+                              random_token_frac=d.random_token_frac, next_prob=d.next_prob)
+    else:
+        batcher = GptBlocks(tokenizer, d.max_len)
+    ds = _transform(ds.randomize_block_order(), batcher, cfg)
+    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
+    return PretrainData(ds, derived, what, artifacts={"tokenizer": tokenizer_dir})
+
+
+# ----------------------------------------------------------------------------- audio (CPC)
+
+def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
+    from ssl_platform.data.audio import AudioCrops, read_audio_corpus
+    from ssl_platform.data.spoken_digits import audio_to_dataset, load_spoken_digits_splits
+
+    d = cfg.data
+    if d.path:
+        ds = read_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, max_seconds=d.max_audio_seconds,
+                               fmt=d.format)
+        count, what = None, d.path
+    else:
+        split = load_spoken_digits_splits(d.sample_rate, d.val_fraction, cfg.train.seed)["train"]
+        ds = audio_to_dataset(split)
+        count, what = len(split), f"{d.corpus} ({len(split)} train clips)"
+    crops = AudioCrops(d.crop_seconds, d.sample_rate, normalize=d.normalize_audio)
+    ds = _transform(ds.randomize_block_order(), crops, cfg)
+    return PretrainData(ds, {"sample_rate": d.sample_rate}, what, count)
+
+
+BUILDERS: dict[str, Callable[[ExperimentConfig, Path, SkipReporter, dict], PretrainData]] = {
+    "image": image_data, "image-caption": caption_data, "text": text_data, "audio": audio_data,
+}

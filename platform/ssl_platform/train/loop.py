@@ -8,9 +8,11 @@ Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -86,7 +88,7 @@ def train_func(loop_config: dict) -> None:
                            {**logged, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch})
                 samples = 0
             if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
-                _report_checkpoint(rank, method, optimizer, scheduler, state, loop_config["config"], out)
+                _report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, out)
             if state.step >= t.max_steps:
                 break
         if state.step == epoch_start:
@@ -127,12 +129,15 @@ def _mean_over_workers(out: dict[str, torch.Tensor], world: int, device: torch.d
     return dict(zip(names, values.cpu().tolist()))
 
 
-def _report_checkpoint(rank, method, optimizer, scheduler, state, config, out) -> None:
-    """Every rank reports (it is a barrier); only rank 0 writes the files."""
+def _report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, out) -> None:
+    """Every rank reports (it is a barrier); only rank 0 writes the files, with the artifacts
+    (the tokenizer) a checkpoint needs to be used on its own."""
     metrics = {"step": state.step, "epoch": state.epoch, "loss": float(out["loss"].detach())}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_state(d, model=method, optimizer=optimizer, scheduler=scheduler, state=state, config=config)
+        save_state(d, model=method, optimizer=optimizer, scheduler=scheduler, state=state, config=loop_config["config"])
+        for name, path in loop_config["artifacts"].items():
+            shutil.copytree(path, Path(d) / name)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -16,14 +16,20 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
-from ssl_platform.data.pipeline import channels, load_splits, two_view_dataset
+from ssl_platform.data.pipeline import pretraining_data
+from ssl_platform.data.skips import SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
 from ssl_platform.train.checkpoint import load_payload
 from ssl_platform.train.loop import train_func
 
 
 class ResourceError(RuntimeError):
     """The cluster can never satisfy the request; the message says which key to change."""
+
+
+class DataError(RuntimeError):
+    """The corpus cannot be trained on (missing path, no usable record); the message names it."""
 
 
 def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
@@ -106,22 +112,25 @@ def fit(cfg: ExperimentConfig, max_failures: int = 0) -> Path:
     save_yaml(cfg, run_dir / "config.yaml")
 
     plan = plan_workers(cfg, alive_nodes())
-    splits = load_splits(cfg)
-    per_worker_rows = len(splits["train"]) // plan.num_workers
-    if per_worker_rows < cfg.train.batch_size // plan.num_workers:
+    skips = ledger_name(cfg.name)
+    ledger = get_or_create_ledger(skips)
+    try:
+        data = pretraining_data(cfg, run_dir, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
+    except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
+        raise DataError(str(e)) from None
+    local_batch = cfg.train.batch_size // plan.num_workers
+    if data.num_records is not None and data.num_records // plan.num_workers < local_batch:
         raise ResourceError(
-            f"train.batch_size={cfg.train.batch_size} needs {cfg.train.batch_size // plan.num_workers} rows per worker but "
-            f"each of the {plan.num_workers} workers gets {per_worker_rows}; lower train.batch_size"
+            f"train.batch_size={cfg.train.batch_size} needs {local_batch} records per worker but each of the "
+            f"{plan.num_workers} workers gets {data.num_records // plan.num_workers}; lower train.batch_size"
         )
-    print(
-        f"training {cfg.method.name} on {cfg.data.corpus} ({len(splits['train'])} train records): "
-        f"{plan.num_workers} workers x {plan.resources()} , global batch {cfg.train.batch_size}",
-        flush=True,
-    )
+    print(f"training {cfg.method.name} on {data.description}: {plan.num_workers} workers x {plan.resources()}, "
+          f"global batch {cfg.train.batch_size}", flush=True)
 
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "derived": {"in_channels": channels(splits["train"])}},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "derived": data.derived,
+                           "artifacts": {name: str(path) for name, path in data.artifacts.items()}},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
@@ -135,9 +144,14 @@ def fit(cfg: ExperimentConfig, max_failures: int = 0) -> Path:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
-        datasets={"train": two_view_dataset(cfg, splits["train"])},
+        datasets={"train": data.train},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        skipped = skip_summary(ledger)
+        ray.kill(ledger)  # detached so every data task finds it; it must not outlive the run
+        print(format_summary(skipped), flush=True)
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint in {run_dir}")
     path = Path(result.checkpoint.path)
