@@ -1,0 +1,49 @@
+"""Every shipped preset validates, and every local preset trains a few steps through the CLI on 2 workers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssl_platform import methods
+from ssl_platform.config import METHOD_KINDS, list_presets, load_config
+
+LOCAL = ["simclr-digits", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
+         "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"]
+CLUSTER = ["simclr-resnet50-imagenet", "byol-resnet50-imagenet", "clip-vitb32-webdataset", "bert-base-parquet",
+           "gpt2-small-parquet", "cpc-librispeech"]
+
+
+def test_presets_are_the_local_and_cluster_ones():
+    assert sorted(list_presets()) == sorted(LOCAL + CLUSTER)
+    assert {load_config(p).method.name for p in LOCAL} == set(METHOD_KINDS)  # every method has a local preset
+
+
+@pytest.mark.parametrize("preset", LOCAL + CLUSTER)
+def test_preset_validates_and_builds_its_method(preset):
+    cfg = methods.validate(load_config(preset))
+    assert cfg.train.batch_size % cfg.scaling.num_workers == 0
+    if preset in CLUSTER:  # placeholders a user overrides, GPUs, and no local-only evaluation
+        assert "YOUR-BUCKET" in cfg.data.path and cfg.scaling.use_gpu and not cfg.eval.enabled
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("preset", LOCAL)
+def test_local_preset_trains_through_the_cli(preset, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "ssl_platform.cli", "run", preset, f"runs_dir={tmp_path}", "train.max_steps=4",
+         "train.log_every=2", "train.checkpoint_every=2", "train.warmup_steps=1", "eval.enabled=false",
+         "--no-dashboard"],
+        cwd=tmp_path, env={**os.environ, "RAY_DEDUP_LOGS": "0"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    run_dir = tmp_path / preset
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    state = torch.load(newest / "state.pt", weights_only=True)
+    assert state["step"] == 4
+    if METHOD_KINDS[state["config"]["method"]["name"]] == "text":  # the tokenizer travels with the checkpoint
+        assert (newest / "tokenizer" / "tokenizer.json").is_file()
