@@ -1,17 +1,34 @@
-"""Batched two-view augmentation: shapes, randomness, and each op doing what it says."""
+"""Batched two-view augmentation: shapes, recipes, per-record determinism, each op doing what
+it says, and a smoke run of ``sslp bench data``."""
 
 import numpy as np
 import pytest
+import ray
 import torch
+import torchvision.transforms.v2.functional as TF
 
+from ssl_platform.bench import format_bench, run_data_bench
 from ssl_platform.data.builtin import load_digits_splits
-from ssl_platform.data.transforms import (AugmentConfig, TwoViewAugment, color_jitter, gaussian_blur,
-                                          random_grayscale, random_resized_crop, to_float)
+from ssl_platform.data.transforms import (DRAWS, AugmentConfig, TwoViewAugment, augment_view, color_transform,
+                                          gaussian_blur, random_draws, random_resized_crop, random_solarize, recipe,
+                                          record_uniforms, to_float, view_draws)
 
 
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_splits(image_size=32, val_fraction=0.2, seed=0)
+
+
+def draws(b: int, seed: int = 0, **fixed: float) -> dict[str, torch.Tensor]:
+    """Random draws for a batch of b, with some names pinned to a value for every image."""
+    r = random_draws(b, torch.Generator().manual_seed(seed))
+    return {**r, **{k: torch.full((b,), float(v)) for k, v in fixed.items()}}
+
+
+def colour_batch(n: int = 8, side: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, size=(n, 3, side, side), dtype=np.uint8),
+            "path": np.array([f"img/{i}.jpg" for i in range(n)], dtype=object)}
 
 
 def test_digits_corpus_splits(digits):
@@ -31,6 +48,9 @@ def test_two_views_shapes_and_independence(digits):
         assert v.shape == (64, 1, 24, 24) and v.dtype == np.float32
         assert -1.0 - 1e-5 <= v.min() and v.max() <= 1.0 + 1e-5
     assert not np.allclose(out["view1"], out["view2"])
+    colour = TwoViewAugment(recipe("simclr", size=16), seed=0)(colour_batch())
+    assert colour["view1"].shape == (8, 3, 16, 16)
+    assert all(not np.allclose(colour["view1"][i], colour["view2"][i]) for i in range(8))  # per image
 
 
 def test_seeded_augment_is_reproducible_and_unseeded_differs(digits):
@@ -43,41 +63,146 @@ def test_seeded_augment_is_reproducible_and_unseeded_differs(digits):
     assert not np.array_equal(c["view1"], d["view1"])
 
 
-def test_full_crop_without_flip_is_identity():
+def test_same_seed_and_epoch_give_same_views_whatever_the_batching():
+    batch = colour_batch(8)
+    augment = TwoViewAugment(recipe("byol", size=16), seed=7, epoch=2)
+    whole = augment(batch)
+    halves = [augment({k: v[s] for k, v in batch.items()}) for s in (slice(0, 4), slice(4, 8))]
+    shuffled_order = np.array([5, 1, 7, 3, 0, 6, 2, 4])
+    shuffled = augment({k: v[shuffled_order] for k, v in batch.items()})
+    for view in ("view1", "view2"):
+        assert np.allclose(whole[view], np.concatenate([h[view] for h in halves]), atol=1e-6)
+        assert np.allclose(whole[view][shuffled_order], shuffled[view], atol=1e-6)
+
+
+def test_other_epoch_or_seed_gives_other_views_and_epoch_column_overrides():
+    batch = colour_batch(8)
+    base = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=0)(batch)
+    next_epoch = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=1)(batch)
+    other_seed = TwoViewAugment(recipe("simclr", size=16), seed=8, epoch=0)(batch)
+    for other in (next_epoch, other_seed):
+        assert all(not np.allclose(base["view1"][i], other["view1"][i]) for i in range(8))
+    by_column = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=0)({**batch, "epoch": np.ones(8, np.int64)})
+    assert np.array_equal(by_column["view1"], next_epoch["view1"])
+    by_key = TwoViewAugment(recipe("simclr", size=16), seed=7)({"image": batch["image"], "key": batch["path"]})
+    assert np.array_equal(by_key["view2"], base["view2"])  # "key" stands in for "path"
+
+
+def test_record_uniforms_are_uniform_and_keyed():
+    keys = [f"k{i}" for i in range(4000)]
+    u = record_uniforms(keys, n=6, seed=0)
+    assert u.shape == (4000, 6) and u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12 ** -0.5) < 0.01
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05  # draws of one record are independent
+    assert torch.equal(record_uniforms(keys[10:20], n=6, seed=0), u[10:20])
+    assert not torch.equal(record_uniforms(keys[:5], n=6, seed=None), record_uniforms(keys[:5], n=6, seed=None))
+
+
+def test_recipes_are_the_papers_defaults():
+    s1, s2 = recipe("simclr")
+    assert s1 == s2 and s1.crop_scale_min == 0.08 and s1.flip_prob == 0.5
+    assert (s1.jitter_strength, s1.jitter_prob, s1.grayscale_prob, s1.blur_prob, s1.solarize_prob) == (1.0, 0.8, 0.2, 0.5, 0)
+    b1, b2 = recipe("byol", size=64, flip_prob=0.0)
+    assert (b1.blur_prob, b1.solarize_prob, b2.blur_prob, b2.solarize_prob) == (1.0, 0.0, 0.1, 0.2)
+    strengths = [b1.jitter_strength * a for a in (b1.jitter_brightness, b1.jitter_contrast, b1.jitter_saturation,
+                                                  b1.jitter_hue)]
+    assert np.allclose(strengths, [0.4, 0.4, 0.2, 0.1])  # BYOL table 6
+    assert b1.size == b2.size == 64 and b1.flip_prob == b2.flip_prob == 0.0  # overrides reach both views
+    assert recipe("barlow_twins") == recipe("vicreg") == recipe("byol")
+    with pytest.raises(ValueError, match="no augmentation recipe for method 'mae'"):
+        recipe("mae")
+    with pytest.raises(ValueError, match="unknown augmentation setting.*blur"):
+        recipe("simclr", blur=0.3)
+    with pytest.raises(ValueError, match="blur_prob is a probability"):
+        AugmentConfig(blur_prob=1.5)
+
+
+def test_byol_second_view_solarizes_sometimes_first_never():
+    n = 600
+    white = {"image": np.full((n, 3, 8, 8), 255, np.uint8), "id": np.arange(n)}
+    out = TwoViewAugment(recipe("byol", size=8), seed=0)(white)
+    # Jitter keeps a white image >= 0.6 (normalised >= 0.2); solarizing maps it to <= 0.4 (<= -0.2).
+    solarized = {v: (out[v].mean(axis=(1, 2, 3)) < 0).mean() for v in ("view1", "view2")}
+    assert solarized["view1"] == 0
+    assert 0.15 < solarized["view2"] < 0.25
+
+
+def test_blur_probability_is_per_record():
+    n = 800
+    x = torch.rand(n, 1, 16, 16)
+    r = view_draws(record_uniforms(list(range(n)), n=len(DRAWS), seed=0))
+    r["blur_sigma"] = torch.ones(n)  # the widest sigma: a sigma near 0.1 px leaves an image as it is
+    for prob in (0.1, 1.0):
+        changed = (gaussian_blur(x, prob, r) - x).abs().amax(dim=(1, 2, 3)) > 1e-4
+        assert abs(changed.float().mean().item() - prob) < 0.04
+    assert torch.equal(gaussian_blur(x, 0.0, r), x)
+
+
+def test_full_crop_without_flip_keeps_the_image_and_flip_mirrors_it():
     x = torch.rand(4, 3, 16, 16)
-    g = torch.Generator().manual_seed(0)
-    y = random_resized_crop(x, 16, scale_min=1.0, flip_prob=0.0, g=g)
-    # area 1 with aspect != 1 is clamped to the full image only along one axis; with ratio
-    # drawn around 1 the crop covers nearly everything, so compare centres loosely.
-    assert y.shape == x.shape
-    z = random_resized_crop(x, 16, scale_min=1.0, flip_prob=1.0, g=torch.Generator().manual_seed(0))
+    full = dict(crop_area=1.0, crop_ratio=0.5, crop_x=0.5, crop_y=0.5)  # area 1, aspect 1, centred
+    assert torch.allclose(random_resized_crop(x, 16, scale_min=0.5, flip_prob=0.0, r=draws(4, **full)), x, atol=1e-5)
+    y = random_resized_crop(x, 16, scale_min=0.2, flip_prob=0.0, r=draws(4, seed=1, flip=0.9))
+    z = random_resized_crop(x, 16, scale_min=0.2, flip_prob=1.0, r=draws(4, seed=1, flip=0.9))
     assert torch.allclose(z, y.flip(-1), atol=1e-5)  # the flip is a mirror of the same crop
 
 
-def test_color_jitter_off_is_identity_and_on_changes_intensity():
-    x = torch.rand(8, 1, 8, 8)
-    g = torch.Generator().manual_seed(0)
-    assert torch.allclose(color_jitter(x, strength=0.5, prob=0.0, g=g), x)
-    assert not torch.allclose(color_jitter(x, strength=0.5, prob=1.0, g=g), x)
+def test_colour_matrix_matches_torchvision_brightness_contrast_saturation():
+    x = torch.rand(6, 3, 8, 8)
+    cfg = AugmentConfig(jitter_strength=1.0, jitter_prob=1.0, grayscale_prob=0.0)
+    # Factors below 1 keep every intermediate inside [0, 1], so torchvision's per-step clamps do not bite.
+    r = draws(6, jitter=0.0, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.5, gray=0.9)
+    b, c, s = (1 - 0.8 + 1.6 * v for v in (0.3, 0.2, 0.1))
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
+    assert torch.allclose(color_transform(x, cfg, r), expected, atol=5e-4)  # torchvision's luma has 0.2989 for red
+    off = AugmentConfig(jitter_prob=0.0, grayscale_prob=0.0)
+    assert torch.allclose(color_transform(x, off, draws(6)), x, atol=1e-5)
+    assert not torch.allclose(color_transform(x, cfg, draws(6)), x, atol=1e-2)
+    gray_in = torch.rand(6, 1, 8, 8)
+    assert torch.allclose(color_transform(gray_in, off, draws(6)), gray_in, atol=1e-6)
+    assert not torch.allclose(color_transform(gray_in, cfg, draws(6)), gray_in, atol=1e-2)
+
+
+def test_hue_turns_colours_but_keeps_greys_and_luma():
+    x = torch.rand(6, 3, 8, 8) * 0.2 + 0.4  # weak colours: turning them never leaves [0, 1]
+    grey = x[:, :1].expand(-1, 3, -1, -1)
+    cfg = AugmentConfig(jitter_strength=1.0, jitter_prob=1.0, grayscale_prob=0.0, jitter_hue=0.5)
+    r = draws(6, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.9)  # hue only: +0.4 of a turn
+    turned = color_transform(x, cfg, r)
+    assert not torch.allclose(turned, x, atol=1e-2)
+    assert torch.allclose(color_transform(grey, cfg, r), grey, atol=1e-5)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((turned * luma).sum(1), (x * luma).sum(1), atol=1e-4)
 
 
 def test_grayscale_only_touches_colour_images():
-    g = torch.Generator().manual_seed(0)
-    rgb = torch.rand(6, 3, 4, 4)
-    gray = random_grayscale(rgb, prob=1.0, g=g)
-    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    cfg = AugmentConfig(jitter_prob=0.0, grayscale_prob=1.0)
+    gray = color_transform(torch.rand(6, 3, 4, 4), cfg, draws(6))
+    assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-6) and torch.allclose(gray[:, 1], gray[:, 2], atol=1e-6)
     one = torch.rand(6, 1, 4, 4)
-    assert random_grayscale(one, prob=1.0, g=g) is one
+    assert torch.allclose(color_transform(one, cfg, draws(6)), one)
 
 
 def test_blur_smooths_and_keeps_mean():
-    g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 32, 32)
-    y = gaussian_blur(x, prob=1.0, g=g)
+    y = gaussian_blur(x, prob=1.0, r=draws(4))
     assert y.shape == x.shape
     assert torch.allclose(y.mean(), x.mean(), atol=0.02)
     assert y.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()  # fewer sharp edges
-    assert torch.equal(gaussian_blur(x, prob=0.0, g=g), x)
+
+
+def test_solarize_inverts_bright_pixels_of_chosen_images():
+    x = torch.tensor([0.2, 0.7]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    y = random_solarize(x.clone(), 0.5, {"solarize": torch.tensor([0.1, 0.9])})
+    assert torch.allclose(y[0].flatten(), torch.tensor([0.2, 0.3])) and torch.equal(y[1], x[1])
+
+
+def test_augment_view_takes_a_generator_or_draws():
+    images = torch.from_numpy(colour_batch(4)["image"])
+    cfg = recipe("simclr", size=8)[0]
+    u = torch.rand(4, len(DRAWS), generator=torch.Generator().manual_seed(0))
+    via_generator = augment_view(images, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(via_generator, augment_view(images, cfg, u))
 
 
 def test_to_float_matches_augment_normalisation():
@@ -85,6 +210,27 @@ def test_to_float_matches_augment_normalisation():
     assert torch.allclose(to_float(img), torch.ones(2, 1, 4, 4))
 
 
-def test_rejects_non_image_batches():
+def test_rejects_non_image_batches_and_bad_configs():
     with pytest.raises(ValueError, match="uint8 images"):
         TwoViewAugment(AugmentConfig())({"image": np.zeros((2, 8, 8), np.float32)})
+    with pytest.raises(ValueError, match="same size"):
+        TwoViewAugment((AugmentConfig(size=8), AugmentConfig(size=16)))
+    with pytest.raises(ValueError, match="one AugmentConfig or a pair"):
+        TwoViewAugment([AugmentConfig()] * 3)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
+    yield
+    ray.shutdown()
+
+
+def test_bench_smoke(local_ray):
+    rows = run_data_bench(sizes=(16,), images=48, batch_size=16, cpus=1, repeats=1)
+    assert len(rows) == 1 and rows[0]["size"] == 16 and rows[0]["images"] == 48
+    for key in ("baseline_views_per_s", "platform_views_per_s", "baseline_core_views_per_s",
+                "platform_core_views_per_s", "ratio", "core_ratio"):
+        assert rows[0][key] > 0
+    table = format_bench(rows)
+    assert "platform (Ray Data)" in table and "16" in table

@@ -1,0 +1,126 @@
+"""Encoded image bytes -> fixed-size uint8 arrays, fast, never raising for a bad record.
+
+Decoding is the expensive half of an image pipeline at 224 px, so the common formats (JPEG,
+PNG, WebP, GIF) go through torchvision's libjpeg-turbo/libpng decoders straight into a uint8
+tensor, and only the rest (BMP, TIFF, ...) through PIL. Each image is centre-cropped to a
+square first and then resized once with an antialiased uint8 kernel: the same pixels as a
+short-side resize followed by a centre crop, for a fraction of the work.
+
+A blob that neither decoder can read (empty, truncated, corrupt, not an image) is not an
+error here: its index is returned so the caller can skip and count it (see ``skips.py``).
+
+    images, bad = decode_image_bytes([jpeg_bytes, b"", png_bytes], size=32, channels=3)
+    images.shape, bad  # (2, 3, 32, 32), [1]
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+# Leading bytes of the formats torchvision decodes natively; everything else goes to PIL.
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+_MODES = {1: (ImageReadMode.GRAY, "L"), 3: (ImageReadMode.RGB, "RGB")}
+
+
+def _is_torchvision_format(blob: bytes) -> bool:
+    return blob.startswith(_TORCHVISION_MAGIC) or (blob[:4] == b"RIFF" and blob[8:12] == b"WEBP")
+
+
+def _decode_torchvision(blob: bytes, channels: int) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # bytearray: frombuffer wants a writable buffer
+    image = decode_image(data, mode=_MODES[channels][0])
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _decode_pil(blob: bytes, channels: int) -> torch.Tensor:
+    with Image.open(io.BytesIO(blob)) as im:
+        im = im.convert(_MODES[channels][1])  # convert() loads, so truncation raises here
+        array = np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
+
+
+def _as_bytes(blob) -> bytes:
+    """Ray hands binary columns over as bytes, numpy bytes or uint8 arrays; None means missing."""
+    if blob is None:
+        return b""
+    return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def decode_one(blob: bytes, channels: int) -> torch.Tensor | None:
+    """uint8 (channels, H, W) at the image's own size, or None when the blob is not a readable image."""
+    if not blob:
+        return None
+    if _is_torchvision_format(blob):
+        try:
+            return _to_channels(_decode_torchvision(blob, channels), channels)
+        except (RuntimeError, ValueError):
+            pass  # a variant libjpeg/libpng rejects may still be readable by PIL
+    try:
+        return _decode_pil(blob, channels)
+    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return None
+
+
+def _to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Some decoders ignore the requested mode (torchvision's WebP stays RGB when asked for
+    grayscale): convert (C, H, W) uint8 to ``channels`` here so a batch never mixes shapes."""
+    if image.shape[0] == channels:
+        return image
+    rgb = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)  # drop alpha / widen gray
+    if channels == 3:
+        return rgb.contiguous()
+    luma = 0.299 * rgb[0].float() + 0.587 * rgb[1].float() + 0.114 * rgb[2].float()  # ITU-R 601, as PIL's "L"
+    return luma.round().clamp(0, 255).to(torch.uint8)[None]
+
+
+def center_square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, size, size): centre square crop, then one antialiased resize."""
+    _, h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[:, top:top + side, left:left + side]
+    if side == size:
+        return square
+    return TF.resize(square, [size, size], antialias=True)
+
+
+def decode_image_bytes(blobs: Sequence[bytes], size: int, channels: int) -> tuple[np.ndarray, list[int]]:
+    """Decode a batch of encoded images to uint8 ``(N_good, channels, size, size)``.
+
+    Args:
+        blobs: encoded images (JPEG, PNG, WebP, GIF natively; any format PIL reads otherwise).
+        size: output side in pixels (short-side resize + centre crop).
+        channels: 1 (grayscale) or 3 (RGB); images are converted whatever they were stored as.
+
+    Returns:
+        ``(images, failed)``: the decoded images in input order, and the indices of the blobs
+        that could not be decoded (they have no row in ``images``).
+    """
+    if channels not in _MODES:
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    out = np.empty((len(blobs), channels, size, size), np.uint8)
+    failed: list[int] = []
+    n = 0
+    with warnings.catch_warnings():
+        # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for i, blob in enumerate(blobs):
+            image = decode_one(_as_bytes(blob), channels)
+            if image is None or image.shape[1] == 0 or image.shape[2] == 0:
+                failed.append(i)
+                continue
+            out[n] = center_square_resize(image, size).numpy()
+            n += 1
+    return out[:n], failed
