@@ -2,8 +2,6 @@
 
 import collections
 import math
-import time
-import uuid
 
 import numpy as np
 import pytest
@@ -12,8 +10,9 @@ import soundfile
 from ssl_platform.data import spoken_digits
 from ssl_platform.data.audio import (AudioCrops, BadAudio, audio_class_names, decode_audio, inspect_audio,
                                      list_audio_files, read_audio_corpus, span_mask)
+from ssl_platform.data.inspect import InspectLedger
 from ssl_platform.data.make_spoken_digits import espeak_command, to_pcm16, trim_silence
-from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, skip_summary
+from ssl_platform.data.skips import SkipReporter
 
 SR = 16_000
 
@@ -184,18 +183,6 @@ def test_generator_helpers():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from ssl_platform.data.pipeline import quiet_progress
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
-    quiet_progress()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """yes/ and no/ class folders with wav, flac and ogg, a 44.1 kHz stereo clip, a clip at the
     root (unlabelled), one corrupt file, one empty file and a text file that is not audio."""
@@ -214,40 +201,31 @@ def corpus(tmp_path_factory):
 
 
 def read_with_ledger(source, strict=False, **kw):
-    name = f"sslp-skips-test-audio-{uuid.uuid4().hex[:8]}"
-    ledger = get_or_create_ledger(name)
-    rows = read_audio_corpus(source, reporter=SkipReporter(name, strict), **kw).take_all()
-    return rows, ledger
+    """Rows of a corpus and the skip summary of its own ledger."""
+    with InspectLedger(strict) as ledger:
+        rows = read_audio_corpus(source, reporter=ledger.reporter, **kw).take_all()
+    return rows, ledger.summary
 
 
-def wait_for_skips(ledger, total, timeout=10.0):
-    """The skip counts travel by fire-and-forget actor calls: wait until they have all landed."""
-    deadline = time.monotonic() + timeout
-    while (summary := skip_summary(ledger))["total"] < total and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return summary
-
-
-def test_folder_corpus_counts_good_and_skipped_files(ray_local, corpus):
-    rows, ledger = read_with_ledger(corpus)
+def test_folder_corpus_counts_good_and_skipped_files(ray_data, corpus):
+    rows, summary = read_with_ledger(corpus)
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
     assert sorted(by_name) == ["loose.flac", "n0.wav", "n1.flac", "n2.ogg", "stereo.wav", "y0.wav", "y1.flac", "y2.ogg"]
     assert audio_class_names(corpus) == ("no", "yes")
     assert [by_name[n]["label"] for n in ("y0.wav", "n2.ogg", "stereo.wav", "loose.flac")] == [1, 0, 0, -1]
     assert by_name["y2.ogg"]["audio"].shape == (8000,) and by_name["y2.ogg"]["audio"].dtype == np.float32
     assert by_name["stereo.wav"]["audio"].shape == (8000,)  # 0.5 s at 44.1 kHz stereo -> 16 kHz mono
-    summary = wait_for_skips(ledger, 2)
     assert summary["by_reason"] == {"corrupt audio": 1, "empty audio": 1}
     assert summary["examples"]["corrupt audio"][0].endswith("yes/corrupt.wav")
 
 
-def test_strict_fails_naming_the_file(ray_local, corpus):
+def test_strict_fails_naming_the_file(ray_data, corpus):
     with pytest.raises(Exception, match=r"corrupt\.wav: corrupt audio") as err:
         read_with_ledger(corpus / "yes", strict=True)
     assert "BadRecordError" in str(err.value)  # Ray wraps the worker's error; its type and message survive
 
 
-def test_format_filter_uri_and_long_recordings(ray_local, corpus, tmp_path):
+def test_format_filter_uri_and_long_recordings(ray_data, corpus, tmp_path):
     rows, _ = read_with_ledger(f"file://{corpus}", fmt="ogg")
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["n2.ogg", "y2.ogg"]
     soundfile.write(tmp_path / "long.wav", tone(2.5), SR)
@@ -256,7 +234,7 @@ def test_format_filter_uri_and_long_recordings(ray_local, corpus, tmp_path):
     assert sorted(r["path"][-2:] for r in rows) == ["#0", "#1", "#2"] and {r["label"] for r in rows} == {-1}
 
 
-def test_crops_stream_into_cpc(ray_local):
+def test_crops_stream_into_cpc(ray_data):
     import torch
 
     from ssl_models import build_method
@@ -270,7 +248,7 @@ def test_crops_stream_into_cpc(ray_local):
     assert torch.isfinite(out["loss"])
 
 
-def test_inspect_counts_skips_and_draws(ray_local, corpus, tmp_path):
+def test_inspect_counts_skips_and_draws(ray_data, corpus, tmp_path):
     report = inspect_audio(str(corpus), tmp_path, mask_prob=0.065, crop_seconds=0.5, num_examples=3)
     assert report["records"] == 8 and report["skipped"]["by_reason"] == {"corrupt audio": 1, "empty audio": 1}
     assert report["example"]["audio"] == "float32 (3, 8000)" and "masked" in report["example"]["mask"]
@@ -283,7 +261,7 @@ def test_inspect_counts_skips_and_draws(ray_local, corpus, tmp_path):
         assert spoken_digits.DIGIT_NAMES[label] == path.split("/")[-2]  # not the folders' sorted order
 
 
-def test_a_corpus_without_one_good_file_reports_zero_records(ray_local, tmp_path):
+def test_a_corpus_without_one_good_file_reports_zero_records(ray_data, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"nope")
     (tmp_path / "empty.ogg").write_bytes(b"")
     report = inspect_audio(str(tmp_path), tmp_path / "out")

@@ -15,7 +15,9 @@ from ssl_platform.data.captions import CaptionTransform, inspect_image_caption, 
 from ssl_platform.data.digit_captions import (CAPTION_TEMPLATES, caption_split_dataset, load_digit_caption_splits,
                                               zero_shot_prompts)
 from ssl_platform.data.skips import SkipReporter
-from test_data_images import encoded, ray_session, read_with_ledger, write_images  # noqa: F401 (the Ray fixture)
+from test_data_images import encoded, read_with_ledger, write_images
+
+pytestmark = pytest.mark.usefixtures("ray_data")
 
 
 @pytest.fixture(scope="module")

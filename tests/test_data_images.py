@@ -3,26 +3,21 @@ Data with bad records skipped and counted, plus ``sslp data inspect --kind image
 
 import io
 import tarfile
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
-from ssl_platform.data import images
+from ssl_platform.data import sources
+from ssl_platform.data.audio import list_audio_files
 from ssl_platform.data.images import inspect_image, read_image_corpus
-from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, skip_summary
+from ssl_platform.data.inspect import InspectLedger
+from ssl_platform.data.skips import SkipReporter
+from ssl_platform.data.text import list_text_files
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_data")
 
 
 def encoded(value: int, fmt: str = "PNG", shape=(20, 30, 3)) -> bytes:
@@ -43,13 +38,10 @@ def write_images(folder, values, corrupt: str | None = None, fmt: str = "PNG"):
 
 def read_with_ledger(reader, source, strict=False, **kwargs):
     """``reader(source, ...)`` with a fresh ledger of its own: (rows sorted by path, skip summary, corpus)."""
-    name = f"sslp-skips-test-{uuid.uuid4().hex[:8]}"
-    ledger = get_or_create_ledger(name)
-    corpus = reader(str(source), reporter=SkipReporter(name, strict=strict), **{"size": 16, "channels": 3, **kwargs})
-    rows = sorted(corpus.dataset.take_all(), key=lambda r: r["path"])
-    summary = skip_summary(ledger)
-    ray.kill(ledger)
-    return rows, summary, corpus
+    with InspectLedger(strict) as ledger:
+        corpus = reader(str(source), reporter=ledger.reporter, **{"size": 16, "channels": 3, **kwargs})
+        rows = sorted(corpus.dataset.take_all(), key=lambda r: r["path"])
+    return rows, ledger.summary, corpus
 
 
 def read(source, strict=False, **kwargs):
@@ -166,11 +158,35 @@ def test_bad_sources_fail_before_any_dataset(tmp_path):
         read_image_corpus(str(tmp_path), size=8, channels=3, reporter=SkipReporter())
 
 
-def test_unreachable_object_store_fails_instead_of_hanging(monkeypatch):
-    monkeypatch.setattr(images, "LOCATE_TIMEOUT_S", 3.0)
+def test_every_reader_lists_and_labels_files_by_the_same_rules(tmp_path):
+    for folder in ("cat", "dog", "_private", ".hidden"):
+        (tmp_path / folder).mkdir()
+        for name in ("a.png", "b.wav", "c.txt"):
+            (tmp_path / folder / name).write_bytes(b"")
+    (tmp_path / "notes").mkdir()  # holds no corpus file of any kind: no class
+    (tmp_path / "notes" / "x.csv").write_bytes(b"")
+    for name in ("root.png", "root.wav", "_skipped.wav", ".skipped.txt"):
+        (tmp_path / name).write_bytes(b"")
+    loc = sources.locate(str(tmp_path))
+    pngs = loc.files(("png",))
+    assert [p.removeprefix(str(tmp_path)) for p in pngs] == ["/cat/a.png", "/dog/a.png", "/root.png"]
+    assert sources.folder_classes(pngs, loc.root) == ("cat", "dog")
+    assert sources.folder_labels(pngs, loc.root, ("cat", "dog")).tolist() == [0, 1, -1]
+    wavs = list_audio_files(tmp_path)
+    assert [p.removeprefix(str(tmp_path)) for p in wavs.paths] == ["/cat/b.wav", "/dog/b.wav", "/root.wav"]
+    assert wavs.class_names == ("cat", "dog")
+    assert [f.removeprefix(str(tmp_path)) for f, _ in list_text_files(str(tmp_path))] == ["/cat/c.txt", "/dog/c.txt"]
+
+
+@pytest.mark.parametrize("list_corpus", [
+    lambda uri: read_image_corpus(uri, size=8, channels=3, reporter=SkipReporter()),
+    list_text_files, lambda uri: list_text_files(uri + "/*.txt"), list_audio_files],
+    ids=["image", "text", "text-glob", "audio"])
+def test_unreachable_object_store_fails_instead_of_hanging(monkeypatch, list_corpus):
+    monkeypatch.setattr(sources, "LOCATE_TIMEOUT_S", 3.0)
     # Offline this would retry for minutes; online it fails at once (no such bucket, no credentials).
-    with pytest.raises(ValueError, match="corpus 'gs://sslp-no-such-bucket-0/x'"):
-        read_image_corpus("gs://sslp-no-such-bucket-0/x", size=8, channels=3, reporter=SkipReporter())
+    with pytest.raises(ValueError, match="corpus 'gs://sslp-no-such-bucket-0/x"):
+        list_corpus("gs://sslp-no-such-bucket-0/x")
 
 
 def test_inspect_counts_skips_and_draws_view_pairs(tmp_path):

@@ -3,40 +3,27 @@ python-docs, the BERT/GPT batchers inside map_batches, and `sslp data inspect --
 
 import gzip
 import json
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
+from ssl_platform.data.inspect import InspectLedger
 from ssl_platform.data.masking import BertBatcher, GptBlocks
 from ssl_platform.data.python_docs import corpus_stats, load_python_docs, python_docs_dataset
-from ssl_platform.data.skips import BadRecordError, SkipReporter, get_or_create_ledger
-from ssl_platform.data.text import (inspect_text, list_text_files, read_text_corpus, select_split,
-                                    settled_skip_summary, split_sentences)
+from ssl_platform.data.skips import BadRecordError, SkipReporter
+from ssl_platform.data.text import inspect_text, list_text_files, read_text_corpus, select_split, split_sentences
 from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_data")
 
 
 def read(source, **kwargs):
-    """Rows of a corpus and the skip summary of its own ledger."""
-    name = f"sslp-skips-test-text-{uuid.uuid4().hex[:8]}"
-    ledger = get_or_create_ledger(name)
-    try:
-        rows = read_text_corpus(source, reporter=SkipReporter(name), **kwargs).take_all()
-        summary = settled_skip_summary(ledger)
-    finally:
-        ray.kill(ledger)
-    return sorted(rows, key=lambda r: r["source"]), summary["by_reason"]
+    """Rows of a corpus and the skip counts of its own ledger."""
+    with InspectLedger(strict=False) as ledger:
+        rows = read_text_corpus(source, reporter=ledger.reporter, **kwargs).take_all()
+    return sorted(rows, key=lambda r: r["source"]), ledger.summary["by_reason"]
 
 
 def write_txt_corpus(root):

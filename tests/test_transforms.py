@@ -3,15 +3,15 @@ it says, and a smoke run of ``sslp bench data``."""
 
 import numpy as np
 import pytest
-import ray
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_platform.bench import format_bench, run_data_bench
 from ssl_platform.data.builtin import load_digits_splits
+from ssl_platform.data.randomness import record_uniforms
 from ssl_platform.data.transforms import (DRAWS, AugmentConfig, TwoViewAugment, augment_view, color_transform,
                                           gaussian_blur, random_draws, random_resized_crop, random_solarize, recipe,
-                                          record_uniforms, to_float, view_draws)
+                                          to_float, view_draws)
 
 
 @pytest.fixture(scope="module")
@@ -219,14 +219,7 @@ def test_rejects_non_image_batches_and_bad_configs():
         TwoViewAugment([AugmentConfig()] * 3)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-    yield
-    ray.shutdown()
-
-
-def test_bench_smoke(local_ray):
+def test_bench_smoke(ray_data):
     rows = run_data_bench(sizes=(16,), images=48, batch_size=16, cpus=1, repeats=1)
     assert len(rows) == 1 and rows[0]["size"] == 16 and rows[0]["images"] == 48
     for key in ("baseline_views_per_s", "platform_views_per_s", "baseline_core_views_per_s",

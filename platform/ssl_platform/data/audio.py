@@ -3,7 +3,8 @@ wav2vec-style methods.
 
 A corpus is a folder tree of wav / flac / ogg files (local, or any URI pyarrow's filesystems
 take: ``s3://``, ``gs://``, ``file://``); class sub-folders give labels as in an image folder,
-files directly under the root get -1. The built-in name ``spoken-digits`` is accepted too.
+files directly under the root get -1 (the rules of :mod:`~ssl_platform.data.sources`). The
+built-in name ``spoken-digits`` is accepted too.
 
 Why not ``ray.data.read_audio``: it decodes inside the read task with ``soundfile.read`` and
 lets the first corrupt file fail the whole read, with no hook to skip and count it. So files
@@ -18,18 +19,17 @@ Rows: ``{"audio": float32 (T,), "label": int64, "path": str}``; T varies from ro
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, skip_summary
+from ssl_platform.data.inspect import InspectLedger, report, save, scan
 from ssl_platform.data.randomness import record_rng
+from ssl_platform.data.skips import SkipReporter
+from ssl_platform.data.sources import folder_classes, folder_labels, locate
 
 # data.format -> file extensions read; "auto" and "folder" (a folder tree) take all three.
 AUDIO_FORMATS = {"auto": ("wav", "flac", "ogg"), "folder": ("wav", "flac", "ogg"),
@@ -55,62 +55,25 @@ class AudioFiles:
     filesystem: object  # pyarrow.fs.FileSystem
     root: str
     paths: tuple[str, ...]
-    class_names: tuple[str, ...]  # sorted class sub-folders; empty when the corpus is unlabelled
-
-
-def _resolve(source: str):
-    """(filesystem, path, class names or None) for a local path, a pyarrow URI or a built-in name."""
-    import pyarrow.fs as pafs
-
-    if source == "spoken-digits":  # labels in word order (zero = 0), not the folders' sorted order
-        from ssl_platform.data.spoken_digits import DIGIT_NAMES, data_dir
-
-        return pafs.LocalFileSystem(), str(data_dir()), DIGIT_NAMES
-    if "://" in source:
-        try:
-            return (*pafs.FileSystem.from_uri(source), None)
-        except Exception as e:  # unknown scheme, missing credentials, bad bucket name
-            raise ValueError(f"cannot open audio corpus {source!r}: {e}") from e
-    return pafs.LocalFileSystem(), str(Path(source).expanduser().resolve()), None
+    class_names: tuple[str, ...]  # class sub-folders holding audio, sorted; empty when the corpus is unlabelled
 
 
 def list_audio_files(source: str | Path, fmt: str = "auto") -> AudioFiles:
     """List a corpus; raises ValueError naming ``source`` if it does not exist or holds no audio."""
-    import pyarrow.fs as pafs
-
     if fmt not in AUDIO_FORMATS:
         raise ValueError(f"data.format={fmt} does not apply to audio corpora; use one of {', '.join(AUDIO_FORMATS)}")
-    source = str(source)
-    fs, root, classes = _resolve(source)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"audio corpus {source!r} does not exist; point data.path at a folder of wav/flac/ogg files")
+    source, classes = str(source), None
+    if source == "spoken-digits":  # labels in word order (zero = 0), not the folders' sorted order
+        from ssl_platform.data.spoken_digits import DIGIT_NAMES, data_dir
+
+        source, classes = str(data_dir()), DIGIT_NAMES
+    loc = locate(source, what="audio corpus", hint="point data.path at a folder of wav/flac/ogg files")
     extensions = AUDIO_FORMATS[fmt]
-    if info.type == pafs.FileType.File:
-        entries = [info]
-        root = root.rsplit("/", 1)[0]
-    else:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    root = root.rstrip("/")
-    paths = sorted(e.path for e in entries if e.type == pafs.FileType.File
-                   and e.base_name.rsplit(".", 1)[-1].lower() in extensions
-                   and not any(part.startswith(".") for part in _relative(e.path, root).split("/")))
+    paths = loc.files(extensions)
     if not paths:
         raise ValueError(f"audio corpus {source!r} holds no {'/'.join(extensions)} files; "
                          f"point data.path at a folder of audio files or change data.format")
-    if classes is None:
-        classes = sorted({rel.split("/", 1)[0] for rel in (_relative(p, root) for p in paths) if "/" in rel})
-    return AudioFiles(fs, root, tuple(paths), tuple(classes))
-
-
-def _relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/") if path.startswith(root) else path
-
-
-def label_of(path: str, root: str, class_names: tuple[str, ...]) -> int:
-    """Index of the class sub-folder holding ``path``, -1 for files directly under the root."""
-    rel = _relative(path, root)
-    return class_names.index(rel.split("/", 1)[0]) if "/" in rel else -1
+    return AudioFiles(loc.fs, loc.root, tuple(paths), classes or folder_classes(paths, loc.root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +140,15 @@ class DecodeAudio:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         audios, labels, paths = [], [], []
-        for blob, path in zip(batch["bytes"], batch["path"]):
+        file_labels = folder_labels(batch["path"], self.root, self.class_names)
+        for blob, path, label in zip(batch["bytes"], batch["path"], file_labels):
             path = str(path)
             try:
                 audio = decode_audio(blob, self.sample_rate)
             except BadAudio as bad:
                 self.reporter.skip(path, bad.reason)
                 continue
-            pieces, label = split_long(audio, self.max_samples), label_of(path, self.root, self.class_names)
+            pieces = split_long(audio, self.max_samples)
             audios += pieces
             labels += [label] * len(pieces)
             paths += [path] if len(pieces) == 1 else [f"{path}#{k}" for k in range(len(pieces))]
@@ -309,17 +273,6 @@ class AudioCrops:
 # `sslp data inspect SOURCE --kind audio`
 
 
-def _settled_summary(ledger, wait_s: float = 2.0) -> dict:
-    """The ledger's totals once the last fire-and-forget ``record`` calls have landed."""
-    summary, deadline = skip_summary(ledger), time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        summary, previous = skip_summary(ledger), summary
-        if summary == previous:
-            break
-    return summary
-
-
 def inspect_audio(source: str, out_dir: Path, *, strict: bool = False, sample_rate: int = 16_000,
                   crop_seconds: float = 1.0, mask_prob: float = 0.0, mask_span: int = 10, fmt: str = "auto",
                   max_seconds: float | None = 30.0, num_examples: int = 4, seed: int = 0) -> dict:
@@ -328,40 +281,21 @@ def inspect_audio(source: str, out_dir: Path, *, strict: bool = False, sample_ra
     Returns ``{"records", "skipped", "example", "figure"}``; ``records == 0`` (and no figure)
     when no file decodes, for the caller to refuse the corpus. Ray must be initialised.
     """
-    import ray
-
-    name = f"sslp-skips-inspect-audio-{uuid.uuid4().hex[:8]}"
-    ledger = get_or_create_ledger(name)
-    try:
-        ds = read_audio_corpus(source, sample_rate=sample_rate, reporter=SkipReporter(name, strict),
-                               max_seconds=max_seconds, fmt=fmt)
-        records, rows, spare = 0, [], []
-        for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-            records += len(batch["label"])
-            for i, label in enumerate(batch["label"]):  # one example per class first, for a varied picture
-                row = {k: batch[k][i] for k in batch}
-                if len(rows) < num_examples and label not in {r["label"] for r in rows}:
-                    rows.append(row)
-                elif len(spare) < num_examples:
-                    spare.append(row)
-        rows = (rows + spare)[:num_examples]
-        skipped = _settled_summary(ledger)
-    finally:
-        ray.kill(ledger)
-    if not rows:
-        return {"records": 0, "skipped": skipped, "example": {}, "figure": None}
-    crops = AudioCrops(crop_seconds, sample_rate, seed=seed, mask_prob=mask_prob, mask_span=mask_span)(
-        {k: ragged([r[k] for r in rows]) for k in ("audio", "path")} | {"label": np.array([r["label"] for r in rows])})
+    with InspectLedger(strict) as ledger:
+        ds = read_audio_corpus(source, sample_rate=sample_rate, reporter=ledger.reporter, max_seconds=max_seconds,
+                               fmt=fmt)
+        records, batch = scan(ds, keep=num_examples, varied_by="label")  # one example per class first
+    if not records:
+        return report(0, ledger.summary)
+    crops = AudioCrops(crop_seconds, sample_rate, seed=seed, mask_prob=mask_prob, mask_span=mask_span)(batch)
     class_names = audio_class_names(source, fmt)
     names = [class_names[i] if i >= 0 else "unlabelled" for i in crops["label"]]
     example = {"audio": f"float32 {crops['audio'].shape}", "lengths": crops["lengths"].tolist(),
-               "label": crops["label"].tolist(), "class": names, "path": [str(r["path"]) for r in rows]}
+               "label": crops["label"].tolist(), "class": names, "path": [str(p) for p in batch["path"]]}
     if "mask" in crops:
         example["mask"] = f"bool {crops['mask'].shape}, {crops['mask'].mean():.0%} of frames masked"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure = plot_audio_crops(crops, names, sample_rate, out_dir / "audio_crops.png")
-    return {"records": records, "skipped": skipped, "example": example, "figure": str(figure)}
+    figure = save(audio_crops_figure(crops, names, sample_rate), out_dir, "audio_crops.png", dpi=90)
+    return report(records, ledger.summary, example, figure)
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -370,10 +304,9 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
 
 
-def plot_audio_crops(crops: dict[str, np.ndarray], names: list[str], sample_rate: int, path: Path,
-                     frame_hop: int = 160) -> Path:
-    """One row per crop: waveform and log-power spectrogram, masked spans shaded orange and
-    padding grey. Uses matplotlib's object-oriented API only (no pyplot state)."""
+def audio_crops_figure(crops: dict[str, np.ndarray], names: list[str], sample_rate: int, frame_hop: int = 160):
+    """A matplotlib Figure, one row per crop: waveform and log-power spectrogram, masked spans
+    shaded orange and padding grey. Uses matplotlib's object-oriented API only (no pyplot state)."""
     import torch
     from matplotlib.figure import Figure
 
@@ -404,5 +337,4 @@ def plot_audio_crops(crops: dict[str, np.ndarray], names: list[str], sample_rate
     for ax in axes[-1]:
         ax.set_xlabel("seconds")
     fig.suptitle("audio crops: waveform | log-power spectrogram (orange: span mask, grey: padding)", fontsize=10)
-    fig.savefig(path, dpi=90)
-    return path
+    return fig

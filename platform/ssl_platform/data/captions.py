@@ -25,9 +25,11 @@ import numpy as np
 import ray.data
 import torch
 
-from ssl_platform.data.images import (InspectLedger, Location, RecordSpec, decode_step, detect_format, locate,
-                                      read_shards, read_table, save, scan, show, suffix)
+from ssl_platform.data.images import RecordSpec, decode_step, read_table
+from ssl_platform.data.inspect import InspectLedger, report, save, scan, show
+from ssl_platform.data.randomness import batch_uniforms
 from ssl_platform.data.skips import SkipReporter
+from ssl_platform.data.sources import Location, detect_format, locate, read_shards
 
 CAPTION_FORMATS = {"parquet": ("parquet",), "csv": ("csv",), "tsv": ("tsv",), "webdataset": ("tar",)}
 
@@ -54,7 +56,7 @@ def read_caption_corpus(source: str, *, size: int, channels: int, reporter: Skip
         image_column: encoded image bytes, or an image path/URI (the only choice in CSV/TSV).
         caption_column: the caption text.
     """
-    loc = locate(source)
+    loc = locate(source, what="image-caption corpus")
     if fmt == "auto":
         fmt = detect_format(loc, source, CAPTION_FORMATS)
     if fmt not in CAPTION_FORMATS:
@@ -92,7 +94,7 @@ def read_delimited(loc: Location, source: str, fmt: str, columns: tuple[str, ...
     import pyarrow.csv as pacsv
 
     delimiter = "\t" if fmt == "tsv" else ","
-    first = next((f for f in loc.files() if suffix(f) == fmt), None)
+    first = next(iter(loc.files((fmt,))), None)
     if first is None:
         raise ValueError(f"no .{fmt} files found at {source!r}")
     with loc.fs.open_input_stream(first) as f:
@@ -139,16 +141,11 @@ class CaptionTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ssl_models.methods.clip import tokenize
-        from ssl_platform.data.transforms import (DRAWS, MEAN, STD, random_resized_crop, record_keys, record_uniforms,
-                                                  view_draws)
+        from ssl_platform.data.transforms import DRAWS, MEAN, STD, random_resized_crop, uint8_images, view_draws
 
         torch.set_num_threads(1)  # one data task per CPU; no oversubscription
-        # (B, C, H, W) uint8; copied only if read-only (as Ray hands them), which torch would warn about
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
-        if images.ndim != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images of shape (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
-        epoch = batch["epoch"] if "epoch" in batch else self.epoch
-        u = record_uniforms(record_keys(batch), len(DRAWS), self.seed, epoch, batch_size=images.shape[0])  # (B, D)
+        images = uint8_images(batch)  # (B, C, H, W)
+        u = batch_uniforms(batch, len(DRAWS), self.seed, self.epoch, rows=images.shape[0])  # (B, D)
         x = random_resized_crop(images.float() / 255.0, self.size, self.crop_scale_min, self.flip_prob, view_draws(u))
         text = tokenize([str(c) for c in batch["caption"]], self.context_length)  # (B, L) int64
         return {"image": ((x - MEAN) / STD).numpy(), "text": text.numpy()}
@@ -190,15 +187,14 @@ def inspect_image_caption(source: str, out_dir: Path, *, strict: bool = False, s
             ds = read_caption_corpus(source, size=size, channels=channels, reporter=ledger.reporter, fmt=fmt,
                                      **columns).dataset
         records, batch = scan(ds)
-    result = {"records": records, "skipped": ledger.summary, "example": {}, "figure": None}
     if not records:
-        return result
+        return report(0, ledger.summary)
     out = CaptionTransform(size, context_length, seed=seed)(batch)
-    result["example"] = {
+    example = {
         "image": f"float32 {tuple(out['image'].shape)} in [{out['image'].min():.2f}, {out['image'].max():.2f}]",
         "text": f"int64 {tuple(out['text'].shape)}; first row starts {out['text'][0, :8].tolist()}",
         "caption": [str(c) for c in batch["caption"][:4]],
         "path": [str(p) for p in batch["path"][:3]],
     }
-    result["figure"] = save(captions_figure(out["image"], batch["caption"]), out_dir, "image_captions.png")
-    return result
+    figure = save(captions_figure(out["image"], batch["caption"]), out_dir, "image_captions.png")
+    return report(records, ledger.summary, example, figure)

@@ -3,8 +3,8 @@
 Three formats, local or behind any URI pyarrow's filesystems take (``s3://``, ``gs://``):
 
 - ``folder``: a tree of .png/.jpg/.jpeg/.bmp/.webp files. Files inside a first-level
-  sub-folder are labelled by it (sorted folder names -> ids 0..K-1, torchvision's
-  ``ImageFolder`` rule); files directly in the root get label -1.
+  sub-folder are labelled by it (the sorted names of the folders holding images -> ids
+  0..K-1, see :mod:`~ssl_platform.data.sources`); files directly in the root get label -1.
 - ``parquet``: one row per image with an image-bytes column (plain binary, or the
   ``{"bytes", "path"}`` struct Hugging Face datasets write) or a path column (relative to the
   folder the corpus was named by, absolute, or a URI), and an optional integer label column.
@@ -24,9 +24,6 @@ contract: ``{"image": uint8 (C, S, S), "label": int64, "path": str}``.
 from __future__ import annotations
 
 import posixpath
-import tarfile
-import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,101 +32,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
-from ray.data.datasource import FileBasedDatasource
 
 from ssl_platform.data.decode import decode_image_bytes
+from ssl_platform.data.inspect import InspectLedger, report, save, scan, show
 from ssl_platform.data.skips import SkipReporter
+from ssl_platform.data.sources import (IMAGE_SUFFIXES, Location, detect_format, filesystem, folder_classes,
+                                       folder_labels, locate, read_shards)
 
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "bmp", "webp")
-SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error)  # a truncated or non-tar shard
 DECODE_BATCH_SIZE = 64  # records per decode task call: small, so one bad batch costs little
-SHARD_CHUNK = 64  # samples per block yielded while streaming a tar shard
 FETCH_THREADS = 8  # concurrent reads of path-referenced images (hides object-store latency)
-LOCATE_TIMEOUT_S = 60.0  # an object store that does not answer the first probe in this time is unreachable
-
-
-# ----------------------------------------------------------------------------- locations
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a corpus lives: a pyarrow filesystem, the path inside it, and the URI scheme."""
-
-    fs: pafs.FileSystem
-    path: str  # inside ``fs``: an absolute local path, or "bucket/key" for object stores
-    scheme: str  # "s3://", "gs://", ... or "" for local files; prefixed to paths users see
-    is_dir: bool
-
-    @property
-    def root(self) -> str:
-        """The folder that relative paths in a table and folder labels are taken from."""
-        return self.path if self.is_dir else posixpath.dirname(self.path)
-
-    def files(self) -> list[str]:
-        """All files under a folder (or the file itself), skipping hidden and ``_`` names as Ray does."""
-        if not self.is_dir:
-            return [self.path]
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and not any(p[:1] in "._" for p in i.path[len(self.path):].split("/") if p))
-
-
-def locate(source: str) -> Location:
-    """Resolve a local path or URI; raise ValueError naming it if it does not exist (before any Dataset)."""
-    if "://" in source:
-        try:
-            fs, path = pafs.FileSystem.from_uri(source)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"cannot open corpus {source!r}: {e}") from None
-        scheme = "" if isinstance(fs, pafs.LocalFileSystem) else source.split("://", 1)[0] + "://"
-    else:
-        fs, path, scheme = pafs.LocalFileSystem(), str(Path(source).expanduser().resolve()), ""
-    info = file_info(fs, path, source)
-    if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"corpus path {source!r} does not exist; check the path (or URI) and try again")
-    return Location(fs, path, scheme, info.type == pafs.FileType.Directory)
-
-
-def file_info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
-    """``fs.get_file_info(path)``, but an unreachable store fails within LOCATE_TIMEOUT_S instead of hanging.
-
-    Without network or credentials, object-store clients retry for many minutes (GCS's default
-    policy: 15), so the probe runs in a daemon thread that is abandoned at the deadline.
-    """
-    found: dict = {}
-
-    def probe() -> None:
-        try:
-            found["info"] = fs.get_file_info(path)
-        except Exception as e:  # pyarrow raises OSError and its own types; all mean "cannot open"
-            found["error"] = e
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(LOCATE_TIMEOUT_S)
-    if thread.is_alive():
-        raise ValueError(f"corpus {source!r} did not answer within {LOCATE_TIMEOUT_S:g} s; check the URI, "
-                         f"the network and credentials (for gs:// add ?retry_limit_seconds=15 to fail faster)")
-    if "error" in found:
-        raise ValueError(f"cannot open corpus {source!r}: {found['error']}")
-    return found["info"]
-
-
-def suffix(path: str) -> str:
-    return path.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(path) else ""
-
-
-def detect_format(loc: Location, source: str, rules: dict[str, tuple[str, ...]]) -> str:
-    """The first format in ``rules`` (format -> file suffixes, in priority order) with a file under ``loc``.
-
-    Priority, not majority: a parquet index of paths sits next to the images it names.
-    """
-    present = {suffix(f) for f in loc.files()}
-    for fmt, suffixes in rules.items():
-        if present.intersection(suffixes):
-            return fmt
-    wanted = ", ".join(f".{s}" for s in dict.fromkeys(s for ss in rules.values() for s in ss))
-    raise ValueError(f"no corpus files ({wanted}) found at {source!r}; point at a folder or file that holds them")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -146,9 +57,9 @@ class RecordSpec:
     key_column: str
     bytes_column: str | None = None
     ref_column: str | None = None
-    label_column: str | None = None  # integer ids (missing -> -1), or class names via class_ids
+    label_column: str | None = None  # integer ids (missing -> -1)
     caption_column: str | None = None  # set for image-caption corpora: rows carry "caption", not "label"
-    class_ids: tuple[tuple[str, int], ...] = ()  # folder format: first path part under root -> id
+    class_names: tuple[str, ...] = ()  # folder format: the first folder under root names the class
     root: str = ""  # folder labels and relative refs are taken from here
     scheme: str = ""  # prefixed to keys so reports show the user's URI
     row_suffix: str | None = None  # parquet bytes rows: a column (row hash) appended to the file key
@@ -207,10 +118,8 @@ class DecodeRecords:
 
     def _labels(self, batch, keys, keep) -> np.ndarray:
         s = self.spec
-        if s.class_ids:  # folder format: the first folder under the root names the class
-            ids = dict(s.class_ids)
-            parts = [str(p)[len(s.root) + 1:].split("/") for p in batch[s.key_column]]
-            return np.array([ids.get(p[0], -1) if len(p) > 1 else -1 for p in parts], np.int64)
+        if s.class_names:  # folder format
+            return folder_labels(batch[s.key_column], s.root, s.class_names)
         if not s.label_column or s.label_column not in batch:
             return np.full(len(keys), -1, np.int64)
         labels = np.full(len(keys), -1, np.int64)
@@ -250,7 +159,7 @@ class DecodeRecords:
 
     def _locate(self, ref: str) -> tuple[pafs.FileSystem, str]:
         if "://" in ref:
-            return pafs.FileSystem.from_uri(ref)
+            return filesystem(ref)[:2]
         return self.fs, ref if ref.startswith("/") else posixpath.join(self.spec.root, ref)
 
     def _display(self, ref) -> str:
@@ -263,7 +172,7 @@ class DecodeRecords:
             fs, path = self._locate(ref)
             with fs.open_input_file(path) as f:
                 return f.read()
-        except (OSError, pa.ArrowInvalid):
+        except (OSError, ValueError):  # ValueError: a URI that cannot be opened (pa.ArrowInvalid is one too)
             return None
 
 
@@ -271,77 +180,6 @@ def decode_step(ds: ray.data.Dataset, spec: RecordSpec, loc: Location, size: int
                 reporter: SkipReporter) -> ray.data.Dataset:
     return ds.map_batches(DecodeRecords(spec, size, channels, reporter, loc.fs), batch_size=DECODE_BATCH_SIZE,
                           batch_format="numpy", num_cpus=1)
-
-
-# ----------------------------------------------------------------------------- WebDataset shards
-
-
-def tar_samples(stream, shard: str):
-    """Group a tar stream's members into WebDataset samples: ``KEY.EXT`` files sharing KEY.
-
-    Yields ``{"path": "SHARD/KEY", "image": bytes | None, "cls": str | None, "txt": str | None}``.
-    """
-    key, members = None, {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            folder, base = posixpath.split(member.name)
-            if not member.isreg() or base.startswith("."):
-                continue
-            stem, _, ext = base.partition(".")
-            if posixpath.join(folder, stem) != key:
-                if members:
-                    yield sample_row(shard, key, members)
-                key, members = posixpath.join(folder, stem), {}
-            members[ext.lower()] = tar.extractfile(member).read()
-    if members:
-        yield sample_row(shard, key, members)
-
-
-def sample_row(shard: str, key: str, members: dict[str, bytes]) -> dict:
-    image = next((members[e] for e in IMAGE_SUFFIXES if e in members), None)
-
-    def text(*exts: str) -> str | None:
-        blob = next((members[e] for e in exts if e in members), None)
-        return None if blob is None else blob.decode("utf-8", "replace")
-
-    return {"path": f"{shard}/{key}", "image": image, "cls": text("cls", "label"), "txt": text("txt", "caption")}
-
-
-SAMPLE_SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary()), ("cls", pa.string()), ("txt", pa.string())])
-
-
-class WebDatasetShards(FileBasedDatasource):
-    """Streams WebDataset .tar shards as raw samples; a shard that is not a readable tar (or
-    ends early) is reported as one "unreadable shard", keeping the samples read before the fault.
-
-    Ray's ``read_webdataset`` raises on such a shard (and PIL-decodes inside the reader), which
-    would end the run; hence this reader plus :class:`DecodeRecords`.
-    """
-
-    _FILE_EXTENSIONS = ["tar"]
-
-    def __init__(self, paths, *, reporter: SkipReporter, scheme: str, **kwargs):
-        super().__init__(paths, **kwargs)
-        self.reporter, self.scheme = reporter, scheme
-
-    def _read_stream(self, f, path: str):
-        rows = []
-        try:
-            for row in tar_samples(f, self.scheme + path):
-                rows.append(row)
-                if len(rows) == SHARD_CHUNK:
-                    yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-                    rows = []
-        except SHARD_ERRORS:
-            self.reporter.skip(self.scheme + path, "unreadable shard")
-            self.reporter.flush()
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-
-
-def read_shards(loc: Location, reporter: SkipReporter) -> ray.data.Dataset:
-    return ray.data.read_datasource(WebDatasetShards(loc.path, reporter=reporter, scheme=loc.scheme,
-                                                     filesystem=loc.fs, file_extensions=["tar"]))
 
 
 # ----------------------------------------------------------------------------- image corpora
@@ -374,18 +212,18 @@ def read_image_corpus(source: str, *, size: int, channels: int, reporter: SkipRe
         image_column, path_column, label_column: parquet column names. The image column
             (bytes) is used when present, else the path column.
     """
-    loc = locate(source)
+    loc = locate(source, what="image corpus")
     if fmt == "auto":
         fmt = detect_format(loc, source, IMAGE_FORMATS)
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"unknown image corpus format {fmt!r}; use auto, {', '.join(IMAGE_FORMATS)}")
     class_names: tuple[str, ...] = ()
     if fmt == "folder":
-        class_names = folder_classes(loc)
+        class_names = folder_classes(loc.files(IMAGE_SUFFIXES), loc.root)
         raw = ray.data.read_binary_files(loc.path, filesystem=loc.fs, include_paths=True,
                                          file_extensions=list(IMAGE_SUFFIXES))
         spec = RecordSpec(key_column="path", bytes_column="bytes", root=loc.root, scheme=loc.scheme,
-                          class_ids=tuple((n, i) for i, n in enumerate(class_names)))
+                          class_names=class_names)
     elif fmt == "parquet":
         raw, spec = read_table(loc, source, image_column, path_column, extra=(label_column,))
         spec = replace(spec, label_column=label_column)
@@ -393,15 +231,6 @@ def read_image_corpus(source: str, *, size: int, channels: int, reporter: SkipRe
         raw = read_shards(loc, reporter)
         spec = RecordSpec(key_column="path", bytes_column="image", label_column="cls")
     return ImageCorpus(decode_step(raw, spec, loc, size, channels, reporter), class_names, fmt, source)
-
-
-def folder_classes(loc: Location) -> tuple[str, ...]:
-    """Sorted names of the first-level sub-folders (hidden ones left out): the class names."""
-    if not loc.is_dir:
-        return ()
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path))
-    return tuple(sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                        and i.base_name[:1] not in "._"))
 
 
 def read_table(loc: Location, source: str, image_column: str, ref_column: str, extra: tuple[str, ...] = (),
@@ -416,7 +245,7 @@ def read_table(loc: Location, source: str, image_column: str, ref_column: str, e
     """
     import pyarrow.parquet as pq
 
-    first = next((f for f in loc.files() if suffix(f) == "parquet"), None)
+    first = next(iter(loc.files(("parquet",))), None)
     if first is None:
         raise ValueError(f"no .parquet files found at {source!r}")
     schema = pq.read_schema(first, filesystem=loc.fs)
@@ -443,11 +272,6 @@ def read_table(loc: Location, source: str, image_column: str, ref_column: str, e
     return raw, spec
 
 
-# ----------------------------------------------------------------------------- inspection
-
-INSPECT_EXAMPLES = 8  # images shown in the inspect figure
-
-
 def split_dataset(images: np.ndarray, name: str, num_blocks: int = 8, **columns: np.ndarray) -> ray.data.Dataset:
     """In-memory uint8 images (N, C, S, S) of a built-in split as contract rows, paths ``NAME/000042``.
 
@@ -457,70 +281,7 @@ def split_dataset(images: np.ndarray, name: str, num_blocks: int = 8, **columns:
                                 for i, img in enumerate(images)], override_num_blocks=num_blocks)
 
 
-class InspectLedger:
-    """A throw-away skip ledger for one ``sslp data inspect`` call; ``summary`` is set on exit.
-
-        with InspectLedger(strict) as ledger:
-            records, batch = scan(read_image_corpus(..., reporter=ledger.reporter).dataset)
-        ledger.summary  # {"total": ..., "by_reason": ..., "examples": ...}
-    """
-
-    def __init__(self, strict: bool):
-        import uuid
-
-        from ssl_platform.data.skips import ledger_name
-
-        self.name = ledger_name(f"inspect-{uuid.uuid4().hex[:8]}")
-        self.reporter = SkipReporter(self.name, strict=strict)
-        self.summary: dict = {}
-
-    def __enter__(self) -> InspectLedger:
-        from ssl_platform.data.skips import get_or_create_ledger
-
-        self.actor = get_or_create_ledger(self.name)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ray
-
-        from ssl_platform.data.skips import skip_summary
-
-        self.summary = skip_summary(self.actor)
-        ray.kill(self.actor)  # detached: it would outlive the command otherwise
-
-
-def scan(ds: ray.data.Dataset, keep: int = INSPECT_EXAMPLES) -> tuple[int, dict[str, np.ndarray]]:
-    """Stream a whole Dataset once: (number of rows, the first ``keep`` rows as a numpy batch)."""
-    count, first = 0, None
-    for batch in ds.iter_batches(batch_size=DECODE_BATCH_SIZE, batch_format="numpy"):
-        n = len(next(iter(batch.values()))) if batch else 0
-        if first is None and n:
-            first = {k: v[:keep] for k, v in batch.items()}
-        elif first is not None and len(first["image"]) < keep and n:
-            first = {k: np.concatenate([first[k], batch[k][: keep - len(first[k])]]) for k in first}
-        count += n
-    return count, first or {}
-
-
-def show(ax, image: np.ndarray, title: str = "", fontsize: int = 7) -> None:
-    """Draw one image, uint8 (C, H, W) or normalised float (C, H, W), on a matplotlib axis."""
-    x = np.asarray(image)
-    if x.dtype != np.uint8:
-        from ssl_platform.data.transforms import MEAN, STD
-
-        x = np.clip((x * STD + MEAN) * 255, 0, 255).astype(np.uint8)
-    x = x.transpose(1, 2, 0)
-    ax.imshow(x[..., 0] if x.shape[-1] == 1 else x, cmap="gray", vmin=0, vmax=255)
-    ax.set_title(title, fontsize=fontsize)
-    ax.axis("off")
-
-
-def save(fig, out_dir: Path, name: str) -> str:
-    """Write a matplotlib Figure as OUT_DIR/NAME (a PNG) and return the path."""
-    path = Path(out_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return str(path)
+# ----------------------------------------------------------------------------- inspection
 
 
 def view_pairs_figure(batch: dict[str, np.ndarray], views: dict[str, np.ndarray], class_names):
@@ -561,18 +322,17 @@ def inspect_image(source: str, out_dir: Path, *, strict: bool = False, size: int
                                        **columns)
             ds, class_names = corpus.dataset, corpus.class_names
         records, batch = scan(ds)
-    result = {"records": records, "skipped": ledger.summary, "example": {}, "figure": None}
     if not records:
-        return result
+        return report(0, ledger.summary)
     augment = augment or AugmentConfig(size=size)
     # Keyed by path, so a seed shows the same views as training with that seed would draw.
     views = TwoViewAugment(augment, seed=seed)({"image": np.array(batch["image"]), "path": batch["path"]})
-    result["example"] = {
+    example = {
         "image": f"uint8 {tuple(batch['image'].shape)}",
         **{k: f"float32 {tuple(v.shape)} in [{v.min():.2f}, {v.max():.2f}]" for k, v in views.items()},
         "label": batch["label"].tolist(),
         "path": [str(p) for p in batch["path"][:3]],
         "class_names": list(class_names),
     }
-    result["figure"] = save(view_pairs_figure(batch, views, class_names), out_dir, "image_views.png")
-    return result
+    figure = save(view_pairs_figure(batch, views, class_names), out_dir, "image_views.png")
+    return report(records, ledger.summary, example, figure)

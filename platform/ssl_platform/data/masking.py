@@ -40,14 +40,13 @@ batch's last, partial block is padded (``attention_mask`` 0, so the loss skips i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from ssl_platform.data.randomness import record_rng
 from ssl_platform.data.text import split_sentences
 from ssl_platform.data.tokenizer import TextTokenizer, as_tokenizer
-from ssl_platform.data.randomness import record_rng
 
 IGNORE_INDEX = -100  # ssl_models.losses.tokens.IGNORE_INDEX (data does not import ssl_models)
 IS_NEXT, NOT_NEXT = 1, 0  # ssl_models' NSPHead: class 1 = "B follows A"
@@ -344,13 +343,10 @@ def describe_bert_batch(bert: dict[str, np.ndarray], tok, n: int) -> dict:
             "nsp_labels (1 = B follows A)": bert["nsp_labels"][:n].tolist(), "masked_text": shown}
 
 
-def plot_masked_text(bert: dict[str, np.ndarray], tok, n: int, path: Path, width: int = 150) -> Path:
-    """Tokens of the first ``n`` sequences as text; selected positions boxed by what masking did,
-    with the original token in small type underneath."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def masked_text_figure(bert: dict[str, np.ndarray], tok, n: int, width: int = 150):
+    """A matplotlib Figure of the first ``n`` sequences' tokens as text; selected positions boxed
+    by what masking did, with the original token in small type underneath."""
+    from matplotlib.figure import Figure
 
     colours = {1: "#f3a1a1", 2: "#f7cf7f", 3: "#a9dba9"}
     kinds = _mask_kinds(bert, tok.mask_id)
@@ -371,7 +367,8 @@ def plot_masked_text(bert: dict[str, np.ndarray], tok, n: int, path: Path, width
             lines.append((y, x, word, orig, int(k), int(seg)))
             x += cell
         y += 2
-    fig, ax = plt.subplots(figsize=(13, 0.42 * y + 0.9))
+    fig = Figure(figsize=(13, 0.42 * y + 0.9))
+    ax = fig.subplots()
     ax.set_xlim(0, width)
     ax.set_ylim(y, -1.5)
     ax.axis("off")
@@ -389,7 +386,4 @@ def plot_masked_text(bert: dict[str, np.ndarray], tok, n: int, path: Path, width
         ax.text(i * 22, -1.2, text, fontsize=9, va="center", bbox={"facecolor": colours[k], "edgecolor": "none"})
     ax.text(66, -1.2, "small grey: original token (the label)   black: segment A   blue: segment B",
             fontsize=9, va="center", color="0.3")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig

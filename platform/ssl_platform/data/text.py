@@ -21,22 +21,19 @@ be opened or parsed), "missing text column" (a parquet file without ``text_field
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import io
 import json
 import posixpath
 import re
-import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 
-from ssl_platform.data.skips import BadRecordError, SkipReporter, get_or_create_ledger, skip_summary
+from ssl_platform.data.inspect import InspectLedger, report, save, scan
+from ssl_platform.data.skips import BadRecordError, SkipReporter
+from ssl_platform.data.sources import filesystem, locate
 
 FORMATS = ("txt", "jsonl", "parquet")
 SUFFIX_FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -50,18 +47,6 @@ MAX_READ_BLOCKS = 200  # read tasks run in parallel over at most this many group
 # ----------------------------------------------------------------------------- listing files
 
 
-def _filesystem(source: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, scheme prefix to show users: "" or "s3://")."""
-    if "://" in source:
-        try:
-            fs, path = pafs.FileSystem.from_uri(source)
-        except Exception as e:  # ArrowInvalid (bad URI), OSError (no credentials), ...
-            raise ValueError(f"cannot open text corpus {source!r}: {e}") from None
-        scheme = "" if isinstance(fs, pafs.LocalFileSystem) else source.split("://", 1)[0] + "://"
-        return fs, path, scheme
-    return pafs.LocalFileSystem(), str(Path(source).expanduser().absolute()), ""
-
-
 def file_format(path: str, fmt: str = "auto") -> str | None:
     """"txt" | "jsonl" | "parquet" from the name (compression suffix ignored), or None if unknown."""
     if fmt != "auto":
@@ -72,31 +57,15 @@ def file_format(path: str, fmt: str = "auto") -> str | None:
     return SUFFIX_FORMATS.get(posixpath.splitext(name)[1])
 
 
-def _hidden(relative: str) -> bool:
-    return any(part[:1] in "._" for part in relative.split("/") if part)
-
-
 def list_text_files(source: str, fmt: str = "auto") -> list[tuple[str, str]]:
     """``[(file, format)]`` of a file, folder, glob or URI, sorted; ValueError naming ``source``
     when it does not exist or holds no text file. Runs on the driver, before any Dataset."""
     if fmt not in ("auto", *FORMATS):
         raise ValueError(f"unknown text format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
-    fs, path, scheme = _filesystem(source)
-    if any(c in path for c in "*?["):
-        paths = _glob(fs, path, scheme)
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"text corpus {source!r} does not exist; check the path (or URI)")
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            paths = [i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(path):])]
-        else:
-            if file_format(path, fmt) is None:
-                raise ValueError(f"cannot tell the format of {source!r} from its name; "
-                                 f"pass fmt= one of {', '.join(FORMATS)}")
-            paths = [path]
-    files = [(scheme + p, file_format(p, fmt)) for p in sorted(paths)]
+    loc = locate(source, what="text corpus", hint="check the path (or URI)", globs=True)
+    if not (loc.is_dir or loc.is_glob) and file_format(loc.path, fmt) is None:
+        raise ValueError(f"cannot tell the format of {source!r} from its name; pass fmt= one of {', '.join(FORMATS)}")
+    files = [(loc.scheme + p, file_format(p, fmt)) for p in loc.files()]
     files = [(p, f) for p, f in files if f is not None]
     if not files:
         raise ValueError(f"no text files (.txt, .jsonl, .parquet) at {source!r}; point at a file, folder or glob "
@@ -104,17 +73,8 @@ def list_text_files(source: str, fmt: str = "auto") -> list[tuple[str, str]]:
     return files
 
 
-def _glob(fs: pafs.FileSystem, pattern: str, scheme: str) -> list[str]:
-    if not scheme:
-        return [p for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
-    parts = pattern.split("/")
-    base = "/".join(parts[: next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))])
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
-
-
 def _open(file: str, random_access: bool = False):
-    fs, path, _ = _filesystem(file)
+    fs, path, _ = filesystem(file, "text file")
     if random_access:
         return fs.open_input_file(path)
     return io.BufferedReader(fs.open_input_stream(path, compression="detect"))
@@ -347,21 +307,9 @@ def open_text_corpus(source: str, *, reporter: SkipReporter, split: str | None =
 # ----------------------------------------------------------------------------- `sslp data inspect --kind text`
 
 
-def settled_skip_summary(ledger, wait_s: float = 2.0) -> dict:
-    """The ledger's totals once the reporters' last fire-and-forget ``record`` calls have landed."""
-    summary = skip_summary(ledger)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        again = skip_summary(ledger)
-        if again == summary:
-            break
-        summary = again
-    return summary
-
-
 def inspect_text(source: str, out_dir: Path, *, strict: bool = False, unit: str = "document",
-                 text_field: str = "text", fmt: str = "auto", vocab_size: int = 2000, max_len: int = 64, num_examples: int = 4, seed: int = 0, max_tokenizer_docs: int = 5000) -> dict:
+                 text_field: str = "text", fmt: str = "auto", vocab_size: int = 2000, max_len: int = 64,
+                 num_examples: int = 4, seed: int = 0, max_tokenizer_docs: int = 5000) -> dict:
     """Count a text corpus, report its skipped records, and show BERT masking on a few documents.
 
     Trains a throw-away WordPiece tokenizer on the first ``max_tokenizer_docs`` documents (saved
@@ -370,29 +318,17 @@ def inspect_text(source: str, out_dir: Path, *, strict: bool = False, unit: str 
     ``{"records", "skipped", "example", "figure"}``; ``records == 0`` (and no figure) when no
     document is readable, for the caller to refuse the corpus. Ray must be initialised.
     """
-    import ray
-
-    from ssl_platform.data.masking import BertBatcher, GptBlocks, describe_bert_batch, plot_masked_text
+    from ssl_platform.data.masking import BertBatcher, GptBlocks, describe_bert_batch, masked_text_figure
     from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 
-    name = f"sslp-skips-inspect-text-{uuid.uuid4().hex[:8]}"
-    ledger = get_or_create_ledger(name)
-    try:
-        ds = open_text_corpus(source, reporter=SkipReporter(name, strict), unit=unit, text_field=text_field, fmt=fmt)
-        records, texts, sources = 0, [], []
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            records += len(batch["text"])
-            keep = max_tokenizer_docs - len(texts)
-            texts += [str(t) for t in batch["text"][:keep]]
-            sources += [str(s) for s in batch["source"][:keep]]
-        skipped = settled_skip_summary(ledger)
-    finally:
-        ray.kill(ledger)
+    with InspectLedger(strict) as ledger:
+        ds = open_text_corpus(source, reporter=ledger.reporter, unit=unit, text_field=text_field, fmt=fmt)
+        records, batch = scan(ds, keep=max_tokenizer_docs, batch_size=256)
     if not records:
-        return {"records": 0, "skipped": skipped, "example": {}, "figure": None}
-    out_dir = Path(out_dir)
+        return report(0, ledger.summary)
+    texts, sources = [str(t) for t in batch["text"]], [str(s) for s in batch["source"]]
     tok = train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=vocab_size))
-    tok.save(out_dir / "tokenizer")
+    tok.save(Path(out_dir) / "tokenizer")
     docs = {"text": np.array(texts[:16], dtype=object), "source": np.array(sources[:16], dtype=object)}
     bert = BertBatcher(tok, max_len=max_len, seed=seed)(docs)
     gpt = GptBlocks(tok, block_size=max_len)(docs)
@@ -400,5 +336,5 @@ def inspect_text(source: str, out_dir: Path, *, strict: bool = False, unit: str 
                **describe_bert_batch(bert, tok, num_examples),
                "gpt_batch": {k: f"int64 {v.shape}" for k, v in gpt.items()},
                "gpt_block_0": tok.decode(gpt["input_ids"][0])[:300]}
-    figure = plot_masked_text(bert, tok, num_examples, out_dir / "text_masks.png")
-    return {"records": records, "skipped": skipped, "example": example, "figure": str(figure)}
+    figure = save(masked_text_figure(bert, tok, num_examples), out_dir, "text_masks.png", dpi=110, bbox_inches="tight")
+    return report(records, ledger.summary, example, figure)

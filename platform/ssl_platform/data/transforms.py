@@ -12,7 +12,8 @@ and VICReg reuse. Strengths come from :class:`AugmentConfig`, one per view.
 
 Randomness is per record: every random choice for a record is a counter-based hash of
 (seed, epoch, record key, view, draw), so a seed and an epoch give the same views however the
-records are batched, and a different epoch gives different views (see :func:`record_uniforms`).
+records are batched, and a different epoch gives different views (see
+:func:`ssl_platform.data.randomness.record_uniforms`).
 
 Notation: B = images in the batch, C = channels, H = W = side in pixels, D = draws per view.
 """
@@ -20,7 +21,6 @@ Notation: B = images in the batch, C = channels, H = W = side in pixels, D = dra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ssl_platform.data.randomness import batch_uniforms
 
 # Images are scaled to [0, 1] and then to [-1, 1]; a fixed normalisation keeps train-time and
 # eval-time inputs identical without a pass over the corpus to estimate statistics.
@@ -93,51 +95,11 @@ def recipe(method: str, **overrides) -> tuple[AugmentConfig, AugmentConfig]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-record randomness
+# Per-record randomness (the uniforms come from ssl_platform.data.randomness)
 
 # One uniform in [0, 1) per name and view: the columns of the (B, D) draws of one view.
 DRAWS = ("crop_area", "crop_ratio", "crop_x", "crop_y", "flip", "jitter", "brightness", "contrast",
          "saturation", "hue", "gray", "blur", "blur_sigma", "solarize")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection of uint64 that scatters nearby inputs (vectorised)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _key_hashes(keys: Sequence) -> np.ndarray:
-    """(B,) uint64: a stable 64-bit hash of each record key (str, bytes or int)."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") for k in keys),
-        dtype=np.uint64, count=len(keys))
-
-
-def record_uniforms(keys: Sequence | None, n: int, seed: int | None, epoch: int | np.ndarray = 0,
-                    batch_size: int | None = None) -> torch.Tensor:
-    """(B, n) float32 uniforms in [0, 1): row b depends only on (seed, epoch, keys[b]).
-
-    A counter-based generator (SplitMix64 of hash(seed, epoch, key) + counter), so the draws of
-    a record do not depend on which batch it lands in. ``epoch`` may be a (B,) array (an
-    ``epoch`` column). ``seed=None`` draws fresh entropy for every record (keys are ignored);
-    ``keys=None`` uses the position in the batch, which is then only reproducible for the same
-    batching.
-    """
-    with np.errstate(over="ignore"):
-        b = len(keys) if keys is not None else batch_size
-        if seed is None:
-            base = np.random.default_rng().integers(0, 2**64, size=b, dtype=np.uint64)
-        else:
-            hashed = _key_hashes(keys) if keys is not None else np.arange(b, dtype=np.uint64)
-            run = _mix64(np.uint64(seed % 2**64) * _GOLDEN)
-            epochs = np.broadcast_to(np.asarray(epoch, dtype=np.int64), (b,)).astype(np.uint64)
-            base = _mix64(hashed ^ _mix64(run ^ (epochs + np.uint64(1)) * _GOLDEN))
-        counters = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN  # (n,)
-        z = _mix64(base[:, None] + counters[None, :])  # (B, n)
-        u = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)  # 24 bits: exact in float32, < 1
-    return torch.from_numpy(u)
 
 
 def view_draws(u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -274,7 +236,8 @@ def random_solarize(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor], th
 def augment_view(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | torch.Tensor) -> torch.Tensor:
     """One random view of a uint8 batch (B, C, H, W) -> normalised float32 (B, C, size, size).
 
-    ``g`` is a torch generator, or the (B, D) uniforms of this view (see :func:`record_uniforms`).
+    ``g`` is a torch generator, or the (B, D) uniforms of this view (see
+    :func:`~ssl_platform.data.randomness.record_uniforms`).
     """
     b = images.shape[0]
     r = random_draws(b, g) if isinstance(g, torch.Generator) else view_draws(g)
@@ -286,12 +249,13 @@ def augment_view(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | 
     return x.sub_(MEAN).div_(STD)
 
 
-def record_keys(batch: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The stable per-record key of a batch: its ``path``, else its ``key`` or ``id`` column."""
-    for column in ("path", "key", "id"):
-        if column in batch:
-            return batch[column]
-    return None
+def uint8_images(batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """The batch's ``image`` column as a uint8 tensor (B, C, H, W); ValueError for anything else."""
+    # Copied only if read-only (as Ray hands arrays over), which torch.from_numpy would warn about.
+    images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images of shape (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
+    return images
 
 
 class TwoViewAugment:
@@ -326,12 +290,9 @@ class TwoViewAugment:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch.set_num_threads(1)  # one data task per CPU; no oversubscription
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # Ray hands read-only arrays
-        if images.ndim != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images of shape (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
+        images = uint8_images(batch)
         d = len(DRAWS)
-        epoch = batch["epoch"] if "epoch" in batch else self.epoch
-        u = record_uniforms(record_keys(batch), 2 * d, self.seed, epoch, batch_size=images.shape[0])  # (B, 2D)
+        u = batch_uniforms(batch, 2 * d, self.seed, self.epoch, rows=images.shape[0])  # (B, 2D)
         return {
             "view1": augment_view(images, self.cfgs[0], u[:, :d]).numpy(),
             "view2": augment_view(images, self.cfgs[1], u[:, d:]).numpy(),
