@@ -1,9 +1,12 @@
-"""Train-worker sizing: the data pipeline always keeps CPUs, infeasible requests fail fast."""
+"""Train-worker sizing: the data pipeline always keeps CPUs, infeasible requests fail fast, resources
+held by other jobs are waited for with a timeout; where a run lives."""
 
 import pytest
 
 from ssl_platform.config import load_config
-from ssl_platform.train.trainer import ResourceError, plan_workers
+from ssl_platform.train.trainer import (
+    ResourceError, StorageError, completed_run, plan_workers, run_paths, wait_for_free_resources,
+)
 
 
 def test_two_workers_on_two_cores_get_half_a_cpu_each():
@@ -26,3 +29,57 @@ def test_big_cluster_gives_one_cpu_per_worker_and_gpus_when_asked():
 def test_infeasible_requests_say_what_to_change(overrides, nodes, expected):
     with pytest.raises(ResourceError, match=expected.replace("(", r"\(")):
         plan_workers(load_config("simclr-digits", overrides), nodes)
+
+
+class FakeCluster:
+    """Free resources that other jobs release after ``busy_for`` seconds of a fake clock."""
+
+    def __init__(self, busy_for: float):
+        self.now, self.busy_for = 0.0, busy_for
+
+    def free(self) -> dict[str, float]:
+        return {"CPU": 0.0 if self.now < self.busy_for else 4.0}
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait(cluster: FakeCluster, timeout_s: float) -> None:
+    plan = plan_workers(load_config("simclr-digits"), [{"CPU": 4.0}])  # 2 workers x 1 CPU + 1 for data
+    wait_for_free_resources(plan, 1.0, timeout_s, free=cluster.free, sleep=cluster.sleep, clock=lambda: cluster.now)
+
+
+def test_resources_held_by_other_jobs_are_waited_for(capsys):
+    cluster = FakeCluster(busy_for=10)
+    wait(cluster, timeout_s=60)
+    assert 10 <= cluster.now < 13
+    assert "waiting up to 60 s for resources held by other jobs (CPU 3 needed, 0 free)" in capsys.readouterr().out
+
+
+def test_resources_held_too_long_are_refused_with_the_fix():
+    cluster = FakeCluster(busy_for=1000)
+    with pytest.raises(ResourceError, match=r"did not release them within scaling.wait_for_resources_s=30 s; "
+                                            r"wait for them, raise that timeout, or lower scaling.num_workers"):
+        wait(cluster, timeout_s=30)
+    assert cluster.now == 30
+
+
+def test_free_resources_start_at_once(capsys):
+    cluster = FakeCluster(busy_for=0)
+    wait(cluster, timeout_s=0)
+    assert cluster.now == 0 and capsys.readouterr().out == ""
+
+
+def test_run_paths_resolve_relative_dirs_on_the_driver_and_keep_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = run_paths(load_config("simclr-digits", ["runs_dir=runs", "name=a"]))
+    assert (local.storage, local.local, local.remote) == (str(tmp_path / "runs"), tmp_path / "runs" / "a", False)
+    remote = run_paths(load_config("simclr-digits", ["runs_dir=s3://bucket/runs/", "name=a"]))
+    assert (remote.uri, remote.remote) == ("s3://bucket/runs/a", True)
+    assert remote.local.is_absolute() and remote.local.name.startswith("a-")  # the driver's staging directory
+
+
+def test_run_storage_that_cannot_be_opened_says_what_to_change():
+    paths = run_paths(load_config("simclr-digits", ["runs_dir=nosuchstore://bucket/runs", "name=a"]))
+    with pytest.raises(StorageError, match=r"cannot open run storage 'nosuchstore://bucket/runs/a'.*check runs_dir"):
+        completed_run(paths, max_steps=10)

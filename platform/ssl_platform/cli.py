@@ -5,7 +5,9 @@
     sslp demo                                     SimCLR on digits, 2 workers, then the table
 
 Configs are validated before Ray starts: a bad key or value exits with status 2 and one line
-saying what to change.
+saying what to change. `sslp run` exits 0 when the run finished (or had already finished), 1 when
+training failed (one line on stderr, the full error in RUN_DIR/error.log), 2 for config, data and
+resource errors, 130 when interrupted with Ctrl-C (the newest checkpoint stays; re-run to resume).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import sys
 import time
 from datetime import datetime
 
-from ssl_platform.config import ConfigError, ExperimentConfig, describe_keys, list_presets, load_config
+from ssl_platform.config import (BUILTIN_KINDS, CORPUS_FORMATS, CORPUS_KINDS, ConfigError, ExperimentConfig, describe_keys,
+                                 list_presets, load_config)
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -27,7 +31,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--max-failures", type=int, default=0,
-                   help="restart the worker group from the newest checkpoint this many times if a worker dies")
+                   help="restart the worker group from the newest checkpoint this many times if a worker dies "
+                        "(-1: without limit). Tests kill rank 0 at step N once with SSLP_CRASH_AT_STEP=N "
+                        "(SSLP_* variables of the driver reach every worker)")
     p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
 
 
@@ -49,6 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Pretrain SimCLR on the built-in digits corpus with 2 Ray Train workers, "
                                       "evaluate the frozen encoder against baselines and print the table.")
     _add_run_args(demo)
+
+    data = sub.add_parser("data", help="look at a corpus before training on it",
+                          description="Tools for corpora: `sslp data inspect SOURCE --kind KIND`.")
+    inspect = data.add_subparsers(dest="data_command", required=True).add_parser(
+        "inspect", help="counts, skipped records with reasons, one example batch and a PNG",
+        description="Read a corpus through the platform's pipeline: count good and skipped records (with "
+                    "reasons), show one transformed batch, and draw a PNG (augmented view pairs, masked text, "
+                    "waveforms and spectrograms).")
+    inspect.add_argument("source", help="a path or URI (s3://, gs://), or a built-in corpus name")
+    inspect.add_argument("--kind", choices=CORPUS_KINDS, default=None,
+                         help="what SOURCE holds (default: the built-in corpus's kind, else image)")
+    inspect.add_argument("--format", default="auto", choices=CORPUS_FORMATS, help="file format (auto: from the path)")
+    inspect.add_argument("--out", default="inspect", help="folder for the PNG (default: ./inspect)")
+    inspect.add_argument("--strict", action="store_true", help="fail on the first bad record, naming it")
+    inspect.add_argument("--size", type=int, default=32, help="image side in pixels (image kinds)")
+    inspect.add_argument("--channels", type=int, default=3, choices=(1, 3), help="image channels (image kinds)")
+
+    from ssl_platform.bench import add_arguments as add_bench_arguments  # no torch at import
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks: `sslp bench data`.")
+    bench_data = bench.add_subparsers(dest="bench_command", required=True).add_parser(
+        "data", help="two-view augmentation throughput against a torchvision DataLoader",
+        description="Two-view augmentation throughput (views/s) of the platform's Ray Data pipeline against a "
+                    "torchvision-transforms DataLoader on the same JPEGs and cores, at 32 and 224 px.")
+    add_bench_arguments(bench_data)
     return parser
 
 
@@ -67,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, description in list_presets().items():
                 print(f"{name:<24} {description}")
             return 0
+        if args.command == "data":
+            return _inspect(args)
+        if args.command == "bench":
+            from ssl_platform.bench import run_from_args
+
+            return run_from_args(args)
         from ssl_platform import methods  # ssl_models and torch, not Ray
 
         if args.command == "demo":
@@ -86,6 +123,39 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    """`sslp data inspect`: the kind's inspect function on a local Ray instance (or --address)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    from ssl_platform.data.skips import format_summary
+    from ssl_platform.train.trainer import init_ray
+
+    kind = args.kind or BUILTIN_KINDS.get(args.source, "image")
+    module, function, options = {
+        "image": ("images", "inspect_image", {"size": args.size, "channels": args.channels}),
+        "image-caption": ("captions", "inspect_image_caption", {"size": args.size, "channels": args.channels}),
+        "text": ("text", "inspect_text", {}),
+        "audio": ("audio", "inspect_audio", {}),
+    }[kind]
+    inspect = getattr(importlib.import_module(f"ssl_platform.data.{module}"), function)
+    init_ray(None, dashboard=False)
+    try:
+        report = inspect(args.source, Path(args.out), strict=args.strict, fmt=args.format, **options)
+    except (ValueError, FileNotFoundError) as e:  # a missing path, a wrong format, a strict-mode bad record
+        print(f"sslp: data: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.source} ({kind}): {report['records']} usable records; {format_summary(report['skipped'])}")
+    print("example batch:", json.dumps(report["example"], indent=2, default=str))
+    if not report["records"]:
+        print(f"sslp: data: {args.source}: no usable {kind} record; check the path, --kind and --format",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(f"figure: {report['figure']}")
+    return 0
+
+
 def _dry_run(cfg: ExperimentConfig) -> int:
     import yaml
 
@@ -101,34 +171,72 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.train.checkpoint import load_payload
-    from ssl_platform.train.trainer import DataError, ResourceError, fit, init_ray
+    from ssl_platform.train.trainer import StorageError, completed_run, copy_to_storage, local_checkpoint, run_paths
 
     t0 = time.perf_counter()
-    run_dir = cfg.run_dir()
+    paths = run_paths(cfg)
+    try:
+        done = completed_run(paths, cfg.train.max_steps)
+    except StorageError as e:
+        print(f"sslp: storage: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if done:
+        # Resuming would restore the final checkpoint and stop at once; say so instead of starting Ray.
+        print(f"run {cfg.name} is already complete: step {done['steps']} of train.max_steps={cfg.train.max_steps}, "
+              f"checkpoint {done['checkpoint']}; raise train.max_steps to train further or set a new name=",
+              flush=True)
+        checkpoint = done["checkpoint"]
+        if not cfg.eval.enabled or (paths.local / "results.json").is_file():
+            return 0
+    else:
+        summary = _train(cfg, args, paths)
+        if isinstance(summary, int):
+            return summary
+        print(summary.text(), flush=True)
+        checkpoint = summary.checkpoint
+    if cfg.eval.enabled:
+        from ssl_platform.evaluate.frozen import evaluate_image_encoder
+        from ssl_platform.train.checkpoint import load_payload
+
+        try:
+            evaluate_image_encoder(cfg, load_payload(local_checkpoint(paths, checkpoint))["model"], paths.local)
+        except KeyboardInterrupt:  # training is complete; a re-run only evaluates
+            print(f"\nsslp: interrupted during evaluation; run the same command again to evaluate the finished "
+                  f"checkpoint {checkpoint}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        copy_to_storage(paths, "results.json", "results.md", "report.png")
+    print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+def _train(cfg: ExperimentConfig, args: argparse.Namespace, paths):
+    """Start or join Ray, train, leave Ray. Returns the run summary, or the exit status after
+    printing one line for what a user can cause or do (printed once Ray is down, so that no
+    late worker log line follows it)."""
+    import ray
+
+    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, fit, init_ray
+
+    failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
+                StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
     try:
         url = init_ray(args.address, dashboard=not args.no_dashboard)
         if url:
             print(f"Ray dashboard: {url}", flush=True)
-        print(f"run directory: {run_dir}", flush=True)
-        checkpoint = fit(cfg, max_failures=args.max_failures)
-    except ResourceError as e:
-        print(f"sslp: resources: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataError as e:
-        print(f"sslp: data: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"run directory: {paths.uri}", flush=True)
+        return fit(cfg, paths, max_failures=args.max_failures)
     except KeyboardInterrupt:
-        print(f"\nsslp: interrupted; the newest checkpoint stays in {run_dir}. "
-              f"Run the same command again to resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"checkpoint: {checkpoint}", flush=True)
-    if cfg.eval.enabled:
-        from ssl_platform.evaluate.frozen import evaluate_image_encoder
-
-        evaluate_image_encoder(cfg, load_payload(checkpoint)["model"], run_dir)
-    print(f"run directory: {run_dir} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
-    return 0
+        message = (f"\nsslp: interrupted; the newest checkpoint stays in {paths.uri}. "
+                   f"Run the same command again to resume.", EXIT_INTERRUPTED)
+    except tuple(failures) as e:
+        what, status = failures[type(e)]
+        message = (f"sslp: {what}: {e}", status)
+    finally:
+        # A local cluster started here goes down with its workers; a joined one is only left.
+        if ray.is_initialized():
+            ray.shutdown()
+    print(message[0], file=sys.stderr)
+    return message[1]
 
 
 if __name__ == "__main__":

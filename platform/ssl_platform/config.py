@@ -89,6 +89,10 @@ class DataConfig:
     crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)", min=0.05, max=60.0)
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
     max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
+    # --- driver (issue 5, train/trainer.py) ---
+    seed: Optional[int] = _f(None, "seed of the image augmentations and the block order: every record gets the same "
+                                   "views in every epoch and each worker the same rows (reproducibility checks); "
+                                   "empty = fresh randomness on every pass", min=0)
 
 
 @dataclass
@@ -123,6 +127,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "newest checkpoints kept on storage", min=1)
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl rows", min=1)
     seed: int = _f(0, "seed for model init, splits and the supervised baseline", min=0)
+    # --- per-worker loop (issue 5, train/loop.py) ---
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "
+                                  "(contrastive methods then see only their micro-batch's negatives)", min=1)
+    precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none",
+                        choices=("auto", "bf16", "fp32"))
+    compile: bool = _f(False, "torch.compile the wrapped model (the first steps are slow while it compiles)")
 
 
 @dataclass
@@ -132,6 +142,12 @@ class ScalingConfig:
     cpus_per_worker: Optional[float] = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
     data_cpus: float = _f(1.0, "CPUs always left free for the Ray Data pipeline", min=0.0)
     placement_strategy: str = _f("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    # --- per-worker loop (issue 5, train/loop.py) ---
+    strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
+                              "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
+    # --- driver (issue 5, train/trainer.py) ---
+    wait_for_resources_s: float = _f(300.0, "seconds to wait for CPUs/GPUs that other jobs hold before giving up",
+                                     min=0.0)
 
 
 @dataclass
@@ -379,6 +395,10 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
             f"train.batch_size={t.batch_size} does not split evenly over scaling.num_workers={s.num_workers}; "
             f"use a multiple of {s.num_workers}"
         )
+    if t.batch_size % (s.num_workers * t.grad_accum_steps):
+        raise ConfigError(f"train.batch_size={t.batch_size} does not split into scaling.num_workers={s.num_workers} x "
+                          f"train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; use a multiple of "
+                          f"{s.num_workers * t.grad_accum_steps}")
     wanted = METHOD_KINDS[cfg.method.name]
     d = cfg.data
     if d.mask_token_frac + d.random_token_frac > 1:

@@ -1,39 +1,100 @@
 """Training state <-> a checkpoint directory, loaded safely.
 
-One file, ``state.pt``, holds model, optimizer and scheduler state, the step and epoch, the
-torch RNG state and the resolved config. It is written with ``torch.save`` and read with
+One file, ``state.pt``, holds the full (unsharded) model and optimizer state, the scheduler,
+the step and epoch, every rank's RNG states (torch, CUDA, Python ``random``, NumPy) and the
+resolved config. It is written with ``torch.save`` and read with
 ``torch.load(weights_only=True)``: only tensors and plain containers, so loading a checkpoint
-can never execute code.
+can never execute code (the NumPy and Python RNG states are stored as tensors and ints for
+that reason).
+
+Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``, which gives
+the same layout for a plain module, DDP and FSDP: parameter names as in ``method.state_dict()``
+(so evaluation loads ``payload["model"]`` into a fresh method) and optimizer state keyed by
+parameter name, so a run checkpointed with one strategy resumes with the other.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 STATE_FILE = "state.pt"
+# Full, unsharded tensors, gathered to rank 0's CPU memory (other ranks get empty dicts).
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
 class TrainState:
-    step: int = 0
-    epoch: int = 0
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # completed passes over the data shard
 
 
-def save_state(directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: Any, state: TrainState, config: dict) -> Path:
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state with full tensors, complete on rank 0 only.
+
+    A collective under FSDP (shards are gathered): every rank must call it. ``model`` is the
+    method itself (not a DDP wrapper), so names carry no ``module.`` prefix.
+    """
+    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (``weights_only`` loadable)."""
+    version, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective when a process group exists)."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dict, scheduler: Any,
+               state: TrainState, rng: list[dict], config: dict) -> Path:
+    """Write ``state.pt`` (rank 0, with the output of :func:`full_state_dicts` and :func:`all_rng_states`)."""
     path = Path(directory) / STATE_FILE
     payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "step": state.step,
         "epoch": state.epoch,
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng": rng,
         "config": config,
     }
     torch.save(payload, path)
@@ -48,12 +109,16 @@ def load_payload(directory: str | Path) -> dict:
 
 
 def restore_state(directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: Any) -> TrainState:
+                  scheduler: Any, rank: int = 0) -> TrainState:
+    """Load a checkpoint into ``model`` (the method, plain or FSDP-sharded), ``optimizer`` and
+    ``scheduler``, and this rank's RNG states. Every rank calls it; each loads the full state
+    and keeps its own shard. A rank that did not exist when the checkpoint was written (more
+    workers now) keeps the RNG state it was seeded with."""
     payload = load_payload(directory)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    load = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, payload["model"], options=load)
+    set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=load)
     scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["rng_torch"])
-    if payload["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    if rank < len(payload["rng"]):
+        set_rng_state(payload["rng"][rank])
     return TrainState(step=int(payload["step"]), epoch=int(payload["epoch"]))

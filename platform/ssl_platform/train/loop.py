@@ -1,28 +1,55 @@
 """The per-worker training function that Ray Train runs on every rank.
 
-Read it top to bottom: build the method, wrap it for DDP, restore the newest checkpoint if the
-run is being resumed, then stream augmented batches from this worker's shard of the Ray
-Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
+Read it top to bottom: build the method, wrap it for data parallelism, restore the newest
+checkpoint if the run is being resumed, then stream batches from this worker's shard of the
+Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
+
+- ``scaling.strategy=ddp``: Ray's ``prepare_model`` (DistributedDataParallel, gloo on CPU, NCCL
+  on GPU). ``fsdp``: torch's FSDP2 ``fully_shard`` on every block of the method's
+  ``nn.ModuleList``s (transformer layers) and on the method itself, so parameters, gradients and
+  optimizer state are sharded. Ray's own ``parallel_strategy="fsdp"`` wraps in the older FSDP1
+  and refuses to run without a GPU; FSDP2 runs on gloo too, so the same code is tested here.
+  Checkpoints hold the full, unsharded state either way (see ``train.checkpoint``).
+- ``train.grad_accum_steps=k``: the global batch stays ``train.batch_size``; each worker reads
+  micro-batches of ``batch_size / (workers * k)`` and takes one optimizer step per ``k`` of
+  them, each loss scaled by ``1/k``, gradients synced across workers only in the last
+  backward. Steps count optimizer steps. For a loss that is a mean over independent examples
+  (GPT, BERT, CPC's frame predictions) with equally sized micro-batches this is exactly one
+  big batch. Contrastive methods (SimCLR, CLIP, and CPC's negatives) see only their own
+  micro-batch's negatives, and batch statistics (BatchNorm, Barlow Twins' cross-correlation,
+  VICReg's variance and covariance) are taken per micro-batch, as in every framework that
+  accumulates gradients: it saves memory but changes the objective.
+- ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
+  float32 regardless.
+- ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
+  DDP (its DDPOptimizer splits the graph at the gradient buckets so communication overlaps
+  the backward) and the one Ray's guides use.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
-import time
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ssl_platform import methods
 from ssl_platform.config import from_dict
-from ssl_platform.train.checkpoint import TrainState, restore_state, save_state
-from ssl_platform.train.metrics import MetricsLogger
+from ssl_platform.train.checkpoint import TrainState, all_rng_states, full_state_dicts, restore_state, save_state
+from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
 from ssl_platform.train.optim import build_optimizer, scaled_lr, warmup_cosine
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
@@ -35,60 +62,65 @@ def train_func(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     t = cfg.train
+    local_batch = t.batch_size // world
+    micro_batch = micro_batch_size(t.batch_size, world, t.grad_accum_steps)
 
-    # 1. Model, optimizer and schedule. Same seed on every rank; DDP also broadcasts rank 0's weights.
-    torch.manual_seed(t.seed)
+    # 1. Model, optimizer and schedule. The same seed on every rank gives every replica the
+    #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
+    seed_everything(t.seed)
     method = methods.build(cfg, **loop_config["derived"])
-    model = ray.train.torch.prepare_model(method)  # DDP (gloo on CPU, NCCL on GPU)
+    model = wrap_model(method, cfg.scaling.strategy, device, world)  # DDP wrapper, or `method` sharded in place
+    # Built after wrapping: FSDP replaces the parameters with sharded ones.
     optimizer = build_optimizer(method, t.optimizer, scaled_lr(t.lr, t.batch_size), t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.max_steps, t.warmup_steps))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if t.compile:
+        model = torch.compile(model)
+    autocast = autocast_context(t.precision, device)
+    seed_everything(t.seed + 1 + rank)  # each rank its own stream from here on (dropout)
 
     # 2. Resume: Ray hands back the newest checkpoint of this run name, if any.
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler)
+            state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
         if rank == 0:
             print(f"resumed from step {state.step} (epoch {state.epoch})", flush=True)
     start_step = state.step
+    if rank == 0:
+        print(f"{world} x {cfg.scaling.strategy}, {t.grad_accum_steps} x {micro_batch} samples per worker and step, "
+              f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
+              f"{', torch.compile' if t.compile else ''}", flush=True)
 
-    # 3. Stream batches from this worker's shard until max_steps.
-    local_batch = t.batch_size // world
+    # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
+    #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.
     shard = ray.train.get_dataset_shard("train")
-    logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, enabled=rank == 0)
+    logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0)
+    meter = StepMeter()
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
-    wait = WaitTimer()
-    samples = 0
     while state.step < t.max_steps:  # one pass over the shard = one epoch of fresh augmentations
-        batches = shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, device=device,
+        micro_batches = shard.iter_torch_batches(
+            batch_size=micro_batch, drop_last=True, device=device,
             prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
         )
         epoch_start = state.step
-        for batch in wait.timed(batches):
-            with autocast:
-                out = model(batch)
+        for batches in groups_of(meter.timed(micro_batches), t.grad_accum_steps):
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), t.grad_clip)
+            out = accumulate_gradients(model, batches, autocast)  # forward + backward, synced on the last
+            out["grad_norm"] = clip_gradients(method, t.grad_clip)  # the worker-averaged gradient
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used; the scheduler moves on to the next
             scheduler.step()
-            method.on_train_step_end(state.step, t.max_steps)
+            method.on_train_step_end(state.step, t.max_steps)  # 0-based index of the step just taken
             state.step += 1
-            samples += local_batch * world
+            meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 
             if state.step == crash_at and start_step < crash_at and rank == 0:
                 os._exit(1)  # a real process death, not an exception Ray could catch in Python
             if state.step % t.log_every == 0 or state.step == t.max_steps:
-                logged = _mean_over_workers(out, world, device)
-                logger.log(state.step, start_step, samples, wait.pop(),
-                           {**logged, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch})
-                samples = 0
+                logger.log(state.step, meter.pop(world, device), lr=lr, epoch=state.epoch)
             if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
-                _report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, out)
+                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, logger.summary())
             if state.step >= t.max_steps:
                 break
         if state.step == epoch_start:
@@ -96,48 +128,130 @@ def train_func(loop_config: dict) -> None:
         state.epoch += 1
 
 
-class WaitTimer:
-    """Accumulates the time the loop spends blocked on the data pipeline."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def timed(self, iterable):
-        it = iter(iterable)
-        while True:
-            tic = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.seconds += time.perf_counter() - tic
-            yield item
-
-    def pop(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:
+    """Samples per forward pass on one worker: the global batch split over workers and micro-steps."""
+    if batch_size % (world * accum_steps):
+        raise ValueError(f"train.batch_size={batch_size} does not split into {world} workers x "
+                         f"train.grad_accum_steps={accum_steps} equal micro-batches; use a multiple of {world * accum_steps}")
+    return batch_size // (world * accum_steps)
 
 
-def _mean_over_workers(out: dict[str, torch.Tensor], world: int, device: torch.device) -> dict[str, float]:
-    """Scalar outputs averaged over ranks (every rank calls this at the same steps)."""
-    names = [k for k, v in out.items() if v.ndim == 0]
-    values = torch.stack([out[k].detach().float() for k in names]).to(device)  # NCCL needs GPU tensors
-    if world > 1 and dist.is_initialized():
-        dist.all_reduce(values)
-        values /= world
-    return dict(zip(names, values.cpu().tolist()))
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def _report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, out) -> None:
-    """Every rank reports (it is a barrier); only rank 0 writes the files, with the artifacts
-    (the tokenizer) a checkpoint needs to be used on its own."""
-    metrics = {"step": state.step, "epoch": state.epoch, "loss": float(out["loss"].detach())}
+def wrap_model(method: nn.Module, strategy: str, device: torch.device, world: int) -> nn.Module:
+    """The module the loop calls: a DDP wrapper of ``method`` ("ddp"; ``method`` itself with one
+    worker) or ``method`` sharded in place with FSDP2 ("fsdp"). Either way the optimizer, the
+    checkpoint and ``on_train_step_end`` use ``method``."""
+    if strategy == "ddp":
+        return ray.train.torch.prepare_model(method)
+    method = ray.train.torch.prepare_model(method, parallel_strategy=None)  # only moves it to the device
+    return shard_model(method, init_device_mesh(device.type, (world,)))
+
+
+def shard_model(method: nn.Module, mesh) -> nn.Module:
+    """FSDP2 in place: each block of every ``nn.ModuleList`` (a transformer layer) is its own
+    unit, all-gathered just before it runs and freed after; the rest belongs to the root unit.
+    Tied weights (GPT's embedding and LM head) live outside the blocks, in the root."""
+    # Reversed pre-order: inner blocks are sharded before the blocks that contain them.
+    for blocks in [m for m in reversed(list(method.modules())) if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block, mesh=mesh)
+    fully_shard(method, mesh=mesh)
+    return method
+
+
+def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for "bf16", and for "auto" on a GPU; nothing for "fp32", or "auto" on a CPU
+    (where bf16 is slower than fp32 on most processors)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def groups_of(iterable: Iterable, n: int) -> Iterator[list]:
+    """Consecutive lists of ``n`` items; an incomplete last group is dropped, like drop_last."""
+    group = []
+    for item in iterable:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Whether the backward inside syncs gradients across workers (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync``); a plain module (one worker) has nothing to sync."""
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile
+    if isinstance(inner, DistributedDataParallel) and not enabled:
+        with inner.no_sync():
+            yield
+    elif isinstance(inner, FSDPModule) and not enabled:
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                         autocast: AbstractContextManager = nullcontext()) -> dict[str, torch.Tensor]:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each loss is scaled by ``1 / len(micro_batches)``, so the accumulated gradient is the mean
+    over micro-batches: that of one batch of all of them when the loss is a mean over equally
+    many independent terms per micro-batch. Gradients are synced across workers in the last
+    backward only. Returns each scalar output's mean over the micro-batches (detached).
+    """
+    n = len(micro_batches)
+    means: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        with gradient_sync(model, enabled=i == n - 1):
+            with autocast:
+                out = model(batch)
+            (out["loss"] / n).backward()
+        for name, value in out.items():
+            if value.ndim == 0:
+                value = value.detach().float() / n
+                means[name] = means[name] + value if name in means else value
+    return means
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The total gradient norm, measured before clipping to ``max_norm`` (no clipping when 0).
+
+    Called after the last backward, so under DDP and FSDP it sees the gradient already averaged
+    over workers and every worker clips by the same factor.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def report_checkpoint(rank: int, method: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
+                      loop_config: dict, summary: dict[str, float]) -> None:
+    """Every rank takes part (FSDP shards and RNG states are gathered, and ``ray.train.report``
+    is a barrier); rank 0 writes the files, with the artifacts (the tokenizer) a checkpoint
+    needs to be used on its own. The metrics carry the run summary (last loss, seconds,
+    throughput), so the final report is all the driver needs for its summary."""
+    model_state, optimizer_state = full_state_dicts(method, optimizer)
+    rng = all_rng_states()
+    metrics = {"step": state.step, "epoch": state.epoch, **summary}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        save_state(d, model=method, optimizer=optimizer, scheduler=scheduler, state=state, config=loop_config["config"])
-        for name, path in loop_config["artifacts"].items():
-            shutil.copytree(path, Path(d) / name)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler, state=state,
+                       rng=rng, config=loop_config["config"])
+            for name, path in loop_config["artifacts"].items():
+                shutil.copytree(path, Path(d) / name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    # The controller registers a reported checkpoint at its next poll (~2 s); a worker dying in
+    # between would restart from the previous one and repeat more than checkpoint_every steps.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

@@ -1,26 +1,115 @@
-"""The platform's training metrics: one place that names them, writes them and prints them.
+"""The platform's training metrics: one place that names them, measures them, writes them and prints them.
 
-Rank 0 appends one JSON object per ``log_every`` steps to ``RUN_DIR/metrics.jsonl`` (Ray keeps
-only metrics reported with a checkpoint), prints a progress line, and sets ``ray.util.metrics``
-gauges so Prometheus / the Ray dashboard can plot the run.
+Every rank accumulates its steps in a :class:`StepMeter` (no host sync per step); at each
+``log_every`` step the meter is reduced over the ranks and rank 0's :class:`MetricsLogger`
+appends one JSON row to ``RUN_DIR/metrics.jsonl`` (Ray keeps only metrics reported with a
+checkpoint), prints the progress line and sets the ``ray.util.metrics`` gauges that Prometheus
+and the Ray dashboard plot. A resumed run first drops the rows of the steps it will redo, so
+the file holds every logged step exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-# Metric names exported to Prometheus (prefixed "ray_" by Ray's exporter). Dashboards and their
-# tests read this dict; it is the single place these names are defined.
-GAUGES = {
-    "sslp_train_loss": "training loss (mean over workers)",
-    "sslp_train_samples_per_second": "global training throughput",
-    "sslp_train_learning_rate": "current learning rate",
-    "sslp_train_data_wait_fraction": "fraction of step time spent waiting for the data pipeline",
-    "sslp_train_step": "optimizer steps taken",
+import torch
+import torch.distributed as dist
+
+from ssl_platform.data.skips import SKIPPED_METRIC
+
+# Every ray.util.metrics name the platform emits: name -> (kind, description). Prometheus sees
+# them prefixed "ray_" (counters also suffixed "_total"); the README and the Grafana dashboards
+# read this dict, the single place these names are defined. Gauges carry the tag "run".
+METRICS: dict[str, tuple[str, str]] = {
+    "sslp_train_loss": ("gauge", "training loss, mean over workers and the steps since the last log row"),
+    "sslp_train_samples_per_second": ("gauge", "global training throughput in samples (pairs, images, clips)"),
+    "sslp_train_tokens_per_second": ("gauge", "text methods: global throughput in non-padding tokens"),
+    "sslp_train_step_seconds": ("gauge", "mean seconds per optimizer step since the last log row"),
+    "sslp_train_data_wait_seconds": ("gauge", "seconds the slowest worker waited for data since the last log row"),
+    "sslp_train_data_wait_fraction": ("gauge", "fraction of the time since the last log row spent waiting for data"),
+    "sslp_train_learning_rate": ("gauge", "current learning rate"),
+    "sslp_train_grad_norm": ("gauge", "global gradient norm before clipping, mean since the last log row"),
+    "sslp_train_step": ("gauge", "optimizer steps taken"),
+    SKIPPED_METRIC: ("counter", "records skipped by the data pipeline, tagged by reason (ssl_platform.data.skips)"),
 }
+GAUGES = {name: description for name, (kind, description) in METRICS.items() if kind == "gauge"}
+
+# metrics.jsonl field -> the gauge it sets.
+_GAUGE_OF_FIELD = {
+    "loss": "sslp_train_loss", "samples_per_s": "sslp_train_samples_per_second",
+    "tokens_per_s": "sslp_train_tokens_per_second", "step_time_s": "sslp_train_step_seconds",
+    "data_wait_s": "sslp_train_data_wait_seconds", "data_wait_fraction": "sslp_train_data_wait_fraction",
+    "lr": "sslp_train_learning_rate", "grad_norm": "sslp_train_grad_norm", "step": "sslp_train_step",
+}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+    """Non-padding tokens of a text batch (BERT pairs, GPT blocks); 0 for other kinds of batch.
+
+    Stays a tensor on the batch's device, so counting costs no host sync.
+    """
+    if "input_ids" not in batch:
+        return 0
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+class StepMeter:
+    """What one rank accumulates between two log rows: the method's scalar outputs, the
+    gradient norm, samples, tokens and the time spent waiting for data."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self.steps = self.samples = 0
+        self.tokens: torch.Tensor | int = 0
+        self.data_wait_s = 0.0
+
+    def timed(self, iterable: Iterable) -> Iterator:
+        """Yield from ``iterable``, adding the time blocked in ``next()`` to the data wait."""
+        it = iter(iterable)
+        while True:
+            tic = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.data_wait_s += time.perf_counter() - tic
+            yield item
+
+    def add(self, outputs: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor | int) -> None:
+        """One optimizer step: ``outputs`` are scalar tensors (loss, grad_norm, method metrics)."""
+        for name, value in outputs.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self.steps += 1
+        self.samples += samples
+        self.tokens = self.tokens + tokens
+
+    def pop(self, world: int, device: torch.device) -> dict[str, float]:
+        """Means of the outputs over steps and ranks, global samples/tokens, the slowest rank's
+        data wait; then start a new interval. Every rank must call it at the same step."""
+        names = sorted(self._sums)  # the same method on every rank: the same names
+        counts = torch.tensor([float(self.samples), float(self.tokens)], device=device)
+        sums = torch.cat([torch.stack([self._sums[n] for n in names]).to(device), counts])
+        wait = torch.tensor([self.data_wait_s], device=device)  # NCCL needs GPU tensors
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank holds up the others
+        values = sums.cpu().tolist()
+        out = {n: v / (self.steps * world) for n, v in zip(names, values)}
+        out.update(samples=values[-2], tokens=values[-1], steps=self.steps, data_wait_s=float(wait.item()))
+        self._reset()
+        return out
 
 
 def format_duration(seconds: float) -> str:
@@ -33,56 +122,91 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank-0 sink for step metrics; a no-op on other ranks."""
+    """Turns reduced :class:`StepMeter` intervals into metrics.jsonl rows, gauges and the
+    progress line (rank 0 only, ``enabled``), and keeps the run's summary on every rank.
 
-    def __init__(self, run_dir: str | Path, run_name: str, max_steps: int, enabled: bool):
+    Args:
+        start_step: the step this session starts from (the checkpoint's, 0 for a new run);
+            rows after it are removed from metrics.jsonl because those steps are done again.
+    """
+
+    def __init__(self, run_dir: str | Path, run_name: str, max_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.max_steps = max_steps
+        self.start_step = start_step
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._t0 = time.perf_counter()
-        self._last_t = self._t0
+        self._t0 = self._last_t = time.perf_counter()
+        self._samples = self._tokens = 0.0
+        self._last: dict[str, float] = {}
         self._gauges = {}
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from ray.util.metrics import Gauge
+            drop_rows_after(self.path, start_step)
+            self._gauges = _make_gauges(run_name)
 
-                self._gauges = {name: Gauge(name, description=desc, tag_keys=("run",)) for name, desc in GAUGES.items()}
-                for g in self._gauges.values():
-                    g.set_default_tags({"run": run_name})
-            except Exception:  # outside a Ray worker (unit tests) there is nothing to export to
-                self._gauges = {}
-
-    def log(self, step: int, start_step: int, samples: int, data_wait_s: float, values: dict[str, float]) -> None:
-        """Record ``values`` at ``step``; ``samples``/``data_wait_s`` accumulate since the last call."""
-        if not self.enabled:
-            return
+    def log(self, step: int, interval: dict[str, float], **values: float) -> dict[str, Any]:
+        """Record the interval ending at ``step`` (from :meth:`StepMeter.pop`) plus ``values``
+        (lr, epoch, ...); returns the row."""
         now = time.perf_counter()
-        interval = max(now - self._last_t, 1e-9)
+        seconds = max(now - self._last_t, 1e-9)
         self._last_t = now
-        throughput = samples / interval
+        self._samples += interval["samples"]
+        self._tokens += interval["tokens"]
         elapsed = now - self._t0
-        done = step - start_step
-        eta = elapsed / done * (self.max_steps - step) if done > 0 else float("nan")
-        row = {"step": step, **{k: float(v) for k, v in values.items()}, "samples_per_s": throughput,
-               "data_wait_fraction": min(1.0, data_wait_s / interval), "elapsed_s": elapsed, "time": time.time()}
+        steps = interval["steps"]
+        row = {"step": step, **{k: float(v) for k, v in values.items()},
+               **{k: v for k, v in interval.items() if k not in ("samples", "tokens", "steps", "data_wait_s")},
+               "samples_per_s": interval["samples"] / seconds, "step_time_s": seconds / steps,
+               "data_wait_s": interval["data_wait_s"], "data_wait_fraction": min(1.0, interval["data_wait_s"] / seconds),
+               "elapsed_s": elapsed, "time": time.time()}
+        if interval["tokens"]:
+            row["tokens_per_s"] = interval["tokens"] / seconds
+        self._last = row
+        if not self.enabled:
+            return row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for name, value in (("sslp_train_loss", row.get("loss")), ("sslp_train_samples_per_second", throughput),
-                            ("sslp_train_learning_rate", row.get("lr")), ("sslp_train_step", step),
-                            ("sslp_train_data_wait_fraction", row["data_wait_fraction"])):
-            if name in self._gauges and value is not None:
-                self._gauges[name].set(value)
+        for field, gauge in _GAUGE_OF_FIELD.items():
+            if gauge in self._gauges and field in row:
+                self._gauges[gauge].set(row[field])
+        done = step - self.start_step
+        eta = elapsed / done * (self.max_steps - step) if done > 0 else float("nan")
+        rate = (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
+                else f"{row['samples_per_s']:,.0f} samples/s")
         print(
             f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {row.get('loss', float('nan')):.4f} | "
-            f"lr {row.get('lr', 0):.4g} | {throughput:,.0f} samples/s | data wait {row['data_wait_fraction']:.0%} | "
-            f"ETA {format_duration(eta)}",
+            f"lr {row.get('lr', 0):.4g} | {rate} | {row['step_time_s']:.3g} s/step | "
+            f"data wait {row['data_wait_fraction']:.0%} | ETA {format_duration(eta)}",
             flush=True,
         )
+        return row
+
+    def summary(self) -> dict[str, float]:
+        """This session's totals for the run summary: the last logged loss, seconds of training
+        and mean throughput (samples/s, and tokens/s for text)."""
+        elapsed = self._last_t - self._t0
+        out = {"train_seconds": elapsed, "samples_per_s": self._samples / elapsed if elapsed > 0 else 0.0}
+        if self._tokens:
+            out["tokens_per_s"] = self._tokens / elapsed
+        if "loss" in self._last:
+            out["loss"] = self._last["loss"]
+        return out
+
+
+def _make_gauges(run_name: str) -> dict:
+    try:
+        from ray.util.metrics import Gauge
+
+        gauges = {name: Gauge(name, description=desc, tag_keys=("run",)) for name, desc in GAUGES.items()}
+    except Exception:  # outside a Ray worker (unit tests) there is nothing to export to
+        return {}
+    for g in gauges.values():
+        g.set_default_tags({"run": run_name})
+    return gauges
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a killed run) is ignored."""
+    """Rows of a metrics.jsonl; a torn line (a killed run) is ignored."""
     rows = []
     p = Path(path)
     if not p.exists():
@@ -93,3 +217,23 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def drop_rows_after(path: str | Path, step: int) -> None:
+    """Keep only the rows of metrics.jsonl with ``step <= step`` (and no torn line).
+
+    A run resumed from the checkpoint at ``step`` (a re-run, or Ray restarting a dead worker
+    group) trains the later steps again and logs them again; without this they would appear
+    twice. Written to a temporary file and renamed, so a crash here cannot lose the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        return
+    text = p.read_text()
+    rows = read_metrics(p)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) == len(rows) and (not text or text.endswith("\n")) and len(rows) == len(text.splitlines()):
+        return  # nothing to drop and no torn line
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, p)
