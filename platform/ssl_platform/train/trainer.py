@@ -89,7 +89,9 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
     if address:
         ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+        # address="local": start our own cluster even when another one runs on this machine
+        # (plain ray.init() would silently join it); joining is what --address is for.
+        ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
                        runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
