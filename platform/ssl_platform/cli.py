@@ -165,7 +165,7 @@ def _dry_run(cfg: ExperimentConfig) -> int:
     print(f"# workers: {s.num_workers} x (CPU={cpus}{', GPU=1' if s.use_gpu else ''}), "
           f"data pipeline keeps {s.data_cpus:g} CPUs")
     print(f"# global batch {cfg.train.batch_size} = {s.num_workers} x {cfg.train.batch_size // s.num_workers} per worker")
-    print(f"# run directory: {cfg.run_dir()}")
+    print(f"# run directory: {cfg.run_location()}")
     return 0
 
 

@@ -161,7 +161,7 @@ class EvalConfig:
 @dataclass
 class ExperimentConfig:
     name: str = _f("simclr-digits", "run name: the run directory is RUNS_DIR/NAME; re-using it resumes")
-    runs_dir: str = _f("runs", "where run directories are written (local path)")
+    runs_dir: str = _f("runs", "where run directories are written: a local path or a URI (s3://, gs://, file://)")
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     model: dict = field(default_factory=dict)  # architecture: keyword arguments of the method's constructor
@@ -174,9 +174,12 @@ class ExperimentConfig:
         out["method"] = {"name": self.method.name, **self.method.options}
         return out
 
-    def run_dir(self) -> Path:
-        """Where this run's config, metrics, checkpoints and report live: RUNS_DIR/NAME."""
-        return Path(self.runs_dir).expanduser().resolve() / self.name
+    def run_location(self) -> str:
+        """Where this run's config, metrics, checkpoints and report live: RUNS_DIR/NAME, an
+        absolute local path or a URI (s3://, gs://, file://)."""
+        if "://" in self.runs_dir:
+            return f"{self.runs_dir.rstrip('/')}/{self.name}"
+        return str(Path(self.runs_dir).expanduser().resolve() / self.name)
 
     def method_kwargs(self, **derived: Any) -> dict:
         """Keyword arguments of ``ssl_models.build_method(self.method.name, ...)``: the values the
