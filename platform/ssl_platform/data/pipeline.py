@@ -91,7 +91,7 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
         crop_scale_min=d.crop_scale_min, jitter_strength=d.jitter_strength, jitter_prob=d.jitter_prob,
         blur_prob=d.blur_prob, flip_prob=d.flip_prob))
     # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
-    # data.seed (issue 5, driver helper): a fixed block order and fixed views per record.
+    # data.seed: a fixed block order and fixed views per record (reproducibility checks).
     ds = _transform(ds.randomize_block_order(seed=d.seed), TwoViewAugment(views, seed=d.seed), cfg)
     return PretrainData(ds, {"in_channels": int(channels)}, what, count)
 
