@@ -116,6 +116,13 @@ def test_user_corpus_keys():
                                                                                  "webdataset", True)
 
 
-def test_end_of_run_evaluation_is_refused_where_it_does_not_exist_yet():
-    with pytest.raises(ConfigError, match="set eval.enabled=false"):
+def test_evaluation_needs_a_labelled_split():
+    # An image folder has no labelled held-out split: refused up front, at either evaluation.
+    with pytest.raises(ConfigError, match="eval.enabled: .*set eval.enabled=false eval.online_every=0"):
         load_config("simclr-digits", ["data.path=/data/images"])
+    with pytest.raises(ConfigError, match="eval.online_every: "):
+        load_config("simclr-digits", ["data.path=/data/images", "eval.enabled=false", "eval.online_every=10"])
+    # Every method evaluates on its built-in corpus, and text methods on a user corpus's held-out split.
+    for preset in ("clip-digit-captions", "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"):
+        assert load_config(preset, ["eval.enabled=true", "eval.online_every=10"]).eval.enabled
+    assert load_config("gpt-python-docs", ["data.path=/data/text", "data.kind=text", "eval.enabled=true"]).eval.enabled

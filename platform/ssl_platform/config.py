@@ -156,6 +156,12 @@ class EvalConfig:
     knn_k: int = _f(20, "neighbours of the weighted kNN classifier", min=1)
     knn_temperature: float = _f(0.07, "temperature of the kNN vote weights", min=1e-4)
     supervised_epochs: int = _f(15, "epochs of the supervised baseline (0 skips it)", min=0)
+    batch_size: int = _f(256, "examples per batch of feature extraction (Ray Data batch inference)", min=1)
+    actors: int = _f(1, "model replicas (Ray actors) extracting features in parallel", min=1)
+    sample_tokens: int = _f(40, "tokens generated per prompt for GPT's samples", min=1)
+    online_every: int = _f(0, "steps between online evaluations on rank 0 (and at every checkpoint); 0: off",
+                           min=0)
+    online_examples: int = _f(512, "held-out examples of the online evaluation", min=16)
 
 
 @dataclass
@@ -414,10 +420,13 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         fits = [c for c, k in BUILTIN_KINDS.items() if k == wanted]
         raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but method.name={cfg.method.name} "
                           f"trains on {wanted}; use data.corpus={' or '.join(fits)} or data.path=...")
-    if cfg.eval.enabled and (wanted != "image" or d.path):
-        raise ConfigError(f"eval.enabled=true: the end-of-run evaluation covers image methods on a built-in corpus; "
-                          f"for method {cfg.method.name}{' on data.path' if d.path else ''} it is not built yet, "
-                          f"set eval.enabled=false")
+    # Text corpora hold their own held-out split; the image, caption and audio protocols need the
+    # labels (or held-out pairs) of a built-in corpus.
+    evaluating = [key for key, on in (("eval.enabled", cfg.eval.enabled), ("eval.online_every", cfg.eval.online_every))
+                  if on]
+    if evaluating and d.path and wanted != "text":
+        raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs the labelled held-out split of a built-in "
+                          f"corpus, and data.path={d.path} has none; set eval.enabled=false eval.online_every=0")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 

@@ -386,9 +386,13 @@ class RunSummary:
         ])
 
 
-def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0) -> RunSummary:
+def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
+        callbacks: list[ray.train.UserCallback] | None = None) -> RunSummary:
     """Pretrain with Ray Train (Ray must be initialised); returns the summary, also written to
-    ``summary.json``. Ctrl-C raises KeyboardInterrupt after Ray has stopped the workers."""
+    ``summary.json``. Ctrl-C raises KeyboardInterrupt after Ray has stopped the workers.
+
+    ``callbacks`` go to the trainer's RunConfig: a Tune trial passes ``TuneReportCallback`` so
+    that each report of rank 0 (step, loss, online metrics) reaches Tune."""
     t0 = time.time()
     paths.local.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, paths.local / CONFIG_FILE)
@@ -416,7 +420,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0) -> RunSum
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
-    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures)
+    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [])
     try:
         with _ray_sigint_as_keyboard_interrupt():
             result = trainer.fit()
@@ -439,7 +443,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0) -> RunSum
 
 
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
-             max_failures: int) -> TorchTrainer:
+             max_failures: int, callbacks: list) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -458,6 +462,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=paths.storage,
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures,
