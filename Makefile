@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# Evaluation protocols trained long enough to beat random init (minutes each on 2 cores).
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info

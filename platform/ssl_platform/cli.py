@@ -2,6 +2,8 @@
 
     sslp presets                                  list the shipped presets
     sslp run PRESET_OR_YAML [key=value ...]       pretrain (and evaluate) on Ray
+    sslp eval RUN_DIR_OR_CHECKPOINT [eval.k=v]    the method's evaluation table against baselines
+    sslp sweep SWEEP_OR_YAML [key=value ...]      a Ray Tune sweep (ASHA on the online metric)
     sslp demo                                     SimCLR on digits, 2 workers, then the table
 
 Configs are validated before Ray starts: a bad key or value exits with status 2 and one line
@@ -18,23 +20,27 @@ import time
 from datetime import datetime
 
 from ssl_platform.config import (BUILTIN_KINDS, CORPUS_FORMATS, CORPUS_KINDS, ConfigError, ExperimentConfig, describe_keys,
-                                 list_presets, load_config)
+                                 list_presets, load_config, with_overrides)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_steps=200 method.temperature=0.2 (see --help-config)")
-    p.add_argument("--address", default=None,
-                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    _add_ray_args(p)
     p.add_argument("--max-failures", type=int, default=0,
                    help="restart the worker group from the newest checkpoint this many times if a worker dies "
                         "(-1: without limit). Tests kill rank 0 at step N once with SSLP_CRASH_AT_STEP=N "
                         "(SSLP_* variables of the driver reach every worker)")
-    p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(run)
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the worker layout, do not train")
     run.add_argument("--help-config", action="store_true", help="list every config key with its default and allowed values")
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a run's (or a checkpoint's) encoder against baselines",
+        description="Evaluate the newest checkpoint of RUN_DIR (or the checkpoint directory given) with its method's "
+                    "protocol: linear probe and kNN (SimCLR, BYOL, Barlow Twins, VICReg), zero-shot and retrieval (CLIP), "
+                    "spoken-digit probe (CPC), MLM/NSP accuracy (BERT), perplexity and samples (GPT), each beside its "
+                    "baselines. Features are extracted with Ray Data batch inference. Writes results.json, results.md "
+                    "and report.png.")
+    evaluate.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or one of its checkpoint_* dirs")
+    evaluate.add_argument("overrides", nargs="*", metavar="eval.key=value",
+                          help="evaluation settings, e.g. eval.knn_k=10 eval.supervised_epochs=0 eval.actors=2")
+    evaluate.add_argument("--out", default=None, help="folder for the results (default: the run directory)")
+    _add_ray_args(evaluate)
+
+    sweep = sub.add_parser(
+        "sweep", help="a Ray Tune sweep over a preset's config keys",
+        description="Run a Ray Tune sweep: a shipped sweep name (see `sslp presets`) or a sweep YAML (a base preset, "
+                    "a search space over config keys, the metric and ASHA settings). Overrides: sweep keys "
+                    "(num_samples=4, scheduler.grace_period=10) or config keys applied to every trial "
+                    "(train.max_steps=100). Running the same command again resumes an interrupted sweep.")
+    sweep.add_argument("sweep", metavar="SWEEP_OR_YAML", help="shipped sweep name or path to a sweep YAML")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep or trial-config overrides")
+    _add_ray_args(sweep)
 
     demo = sub.add_parser("demo", help="SimCLR on the built-in digits with 2 workers, then the results table",
                           description="Pretrain SimCLR on the built-in digits corpus with 2 Ray Train workers, "
@@ -95,9 +124,20 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "presets":
+            from ssl_platform.tune.sweep import list_sweeps
+
             for name, description in list_presets().items():
                 print(f"{name:<24} {description}")
+            print("\nsweeps (sslp sweep NAME):")
+            for name, description in list_sweeps().items():
+                print(f"{name:<24} {description}")
             return 0
+        if args.command == "sweep":
+            from ssl_platform.tune.sweep import run_sweep
+
+            return run_sweep(args.sweep, args.overrides, address=args.address, dashboard=not args.no_dashboard)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "data":
             return _inspect(args)
         if args.command == "bench":
@@ -171,7 +211,7 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.train.trainer import StorageError, completed_run, copy_to_storage, local_checkpoint, run_paths
+    from ssl_platform.train.trainer import StorageError, completed_run, copy_to_storage, fit, local_checkpoint, run_paths
 
     t0 = time.perf_counter()
     paths = run_paths(cfg)
@@ -185,37 +225,44 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print(f"run {cfg.name} is already complete: step {done['steps']} of train.max_steps={cfg.train.max_steps}, "
               f"checkpoint {done['checkpoint']}; raise train.max_steps to train further or set a new name=",
               flush=True)
-        checkpoint = done["checkpoint"]
         if not cfg.eval.enabled or (paths.local / "results.json").is_file():
             return 0
-    else:
-        summary = _train(cfg, args, paths)
-        if isinstance(summary, int):
-            return summary
-        print(summary.text(), flush=True)
-        checkpoint = summary.checkpoint
-    if cfg.eval.enabled:
-        from ssl_platform.evaluate.frozen import evaluate_image_encoder
-        from ssl_platform.train.checkpoint import load_payload
 
-        try:
-            evaluate_image_encoder(cfg, load_payload(local_checkpoint(paths, checkpoint))["model"], paths.local)
-        except KeyboardInterrupt:  # training is complete; a re-run only evaluates
-            print(f"\nsslp: interrupted during evaluation; run the same command again to evaluate the finished "
-                  f"checkpoint {checkpoint}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        copy_to_storage(paths, "results.json", "results.md", "report.png")
-    print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
-    return 0
+    def train_and_evaluate() -> None:
+        print(f"run directory: {paths.uri}", flush=True)
+        checkpoint = done["checkpoint"] if done else None
+        if not done:
+            summary = fit(cfg, paths, max_failures=args.max_failures)
+            print(summary.text(), flush=True)
+            checkpoint = summary.checkpoint
+        if cfg.eval.enabled:
+            from ssl_platform.evaluate import evaluate_run
+
+            try:
+                evaluate_run(cfg, local_checkpoint(paths, checkpoint), paths.local)
+            except KeyboardInterrupt:  # training is complete; a re-run only evaluates
+                raise _Interrupted(f"interrupted during evaluation; run the same command again to evaluate the "
+                                   f"finished checkpoint {checkpoint}") from None
+            copy_to_storage(paths, "results.json", "results.md", "report.png")
+
+    status = _on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
+                                                          f"Run the same command again to resume.")
+    if status == 0:
+        print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
+    return status
 
 
-def _train(cfg: ExperimentConfig, args: argparse.Namespace, paths):
-    """Start or join Ray, train, leave Ray. Returns the run summary, or the exit status after
-    printing one line for what a user can cause or do (printed once Ray is down, so that no
-    late worker log line follows it)."""
+class _Interrupted(Exception):
+    """Ctrl-C at a point with its own advice (the message)."""
+
+
+def _on_ray(args: argparse.Namespace, work, interrupted: str) -> int:
+    """Start or join Ray, do ``work()``, leave Ray. Returns the exit status, after printing one
+    line for what a user can cause or do (printed once Ray is down, so that no late worker log
+    line follows it)."""
     import ray
 
-    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, fit, init_ray
+    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, init_ray
 
     failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
                 StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
@@ -223,11 +270,12 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace, paths):
         url = init_ray(args.address, dashboard=not args.no_dashboard)
         if url:
             print(f"Ray dashboard: {url}", flush=True)
-        print(f"run directory: {paths.uri}", flush=True)
-        return fit(cfg, paths, max_failures=args.max_failures)
+        work()
+        return 0
     except KeyboardInterrupt:
-        message = (f"\nsslp: interrupted; the newest checkpoint stays in {paths.uri}. "
-                   f"Run the same command again to resume.", EXIT_INTERRUPTED)
+        message = (f"\nsslp: {interrupted}", EXIT_INTERRUPTED)
+    except _Interrupted as e:
+        message = (f"\nsslp: {e}", EXIT_INTERRUPTED)
     except tuple(failures) as e:
         what, status = failures[type(e)]
         message = (f"sslp: {what}: {e}", status)
@@ -237,6 +285,74 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace, paths):
             ray.shutdown()
     print(message[0], file=sys.stderr)
     return message[1]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """`sslp eval`: the run's config (with eval.* overrides) and newest checkpoint -> the table."""
+    from pathlib import Path
+
+    try:
+        checkpoint, raw = resolve_checkpoint(Path(args.target))
+    except FileNotFoundError as e:
+        print(f"sslp: eval: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    bad = [o for o in args.overrides if not o.startswith("eval.")]
+    if bad:
+        print(f"sslp: config error: {bad[0]}: `sslp eval` takes eval.* settings only; the model and data are the "
+              f"run's own", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = with_overrides(raw, ["eval.enabled=true", *args.overrides])
+    except ConfigError as e:
+        print(f"sslp: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out) if args.out else (checkpoint.parent if (checkpoint.parent / "config.yaml").is_file()
+                                           else checkpoint)
+    print(f"evaluating {cfg.method.name} checkpoint {checkpoint}", flush=True)
+
+    def evaluate() -> None:
+        from ssl_platform.evaluate import evaluate_run
+
+        try:
+            evaluate_run(cfg, checkpoint, out)
+        except (ValueError, FileNotFoundError) as e:
+            from ssl_platform.train.trainer import DataError
+
+            raise DataError(str(e)) from None
+        print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)
+
+    return _on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written")
+
+
+def resolve_checkpoint(target) -> tuple["Path", dict]:
+    """(checkpoint directory, its run's raw config) for a run directory or a checkpoint directory.
+
+    A run directory's checkpoint is the one its summary.json names (the finished run's), else
+    its newest ``checkpoint_*`` (a run that was stopped early); the config is the one saved in
+    the checkpoint itself, so a checkpoint copied elsewhere evaluates on its own.
+    """
+    import json
+    from pathlib import Path
+
+    from ssl_platform.train.checkpoint import STATE_FILE, load_payload
+
+    target = Path(target)
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target} does not exist; give a run directory (RUNS_DIR/NAME) or a checkpoint in it")
+    if (target / STATE_FILE).is_file():
+        checkpoint = target
+    else:
+        summary = target / "summary.json"
+        named = Path(json.loads(summary.read_text())["checkpoint"]) if summary.is_file() else None
+        candidates = sorted(p for p in target.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+        if named is not None and named.is_dir():
+            checkpoint = named
+        elif candidates:
+            checkpoint = candidates[-1]  # Ray names them checkpoint_<date>_<time>: the newest sorts last
+        else:
+            raise FileNotFoundError(f"{target} holds no checkpoint (no {STATE_FILE} in it or in a checkpoint_* "
+                                    f"directory); train first with `sslp run`")
+    return checkpoint, load_payload(checkpoint)["config"]
 
 
 if __name__ == "__main__":

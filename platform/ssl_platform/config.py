@@ -17,6 +17,7 @@ string; ``sslp run --help-config`` prints them.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import difflib
 import types
@@ -440,7 +441,12 @@ def from_dict(raw: dict) -> ExperimentConfig:
 
 def load_config(preset: str, overrides: list[str] = ()) -> ExperimentConfig:
     """Preset name or YAML path + ``key=value`` overrides -> a validated ExperimentConfig."""
-    raw = _read_preset(preset)
+    return with_overrides(_read_preset(preset), overrides)
+
+
+def with_overrides(raw: dict, overrides: list[str] = ()) -> ExperimentConfig:
+    """A raw mapping (a preset, a checkpoint's config) + ``key=value`` overrides -> a validated config."""
+    raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
