@@ -1,0 +1,167 @@
+"""Batch inference with Ray Data: a frozen method's features for every row of a Dataset.
+
+Every evaluation protocol (image probes, CLIP zero-shot and retrieval, CPC probes, BERT/GPT
+scores) first turns a held-out split into arrays of features. :func:`extract` does it the way
+Ray's batch-inference guide does: ``map_batches`` over an actor pool, where each actor builds
+the method once, loads the weights from the object store (one copy per node, not one per
+batch), and then only runs forward passes, in eval mode and without gradients, on a GPU when
+the actor was given one. The same call scales from a laptop to a cluster by raising
+``eval.actors``; the driver only concatenates the results.
+
+``encode`` says what a feature is for a method: a module-level (so picklable) function
+``(method, batch) -> Tensor | dict[str, Tensor]``, e.g. ``lambda m, b: m.embed(b)`` written as a
+``def``. It receives the batch's numeric columns as tensors on the actor's device and its other
+columns (strings) as numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from torch import Tensor, nn
+
+from ssl_platform import methods
+from ssl_platform.config import ExperimentConfig
+
+Encode = Callable[[nn.Module, dict[str, Any]], Tensor | dict[str, Tensor]]
+
+
+def build_method(cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str, Tensor] | None,
+                 seed: int = 0) -> nn.Module:
+    """The method of ``cfg`` in eval mode: random init under ``torch.manual_seed(seed)``, then
+    ``state`` (a method state_dict, e.g. ``load_payload(dir)["model"]``) loaded if given.
+
+    The seeded build is also what a caller reproduces to get the same random-init baseline.
+    """
+    torch.manual_seed(seed)
+    method = methods.build(cfg, **derived)
+    if state is not None:
+        try:
+            method.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise ValueError(f"the checkpoint does not fit method {cfg.method.name} with model={cfg.model} "
+                             f"({first}); evaluate with the config the run was trained with") from None
+    return method.eval()
+
+
+def _to_numpy(value: Tensor) -> np.ndarray:
+    value = value.detach()
+    if value.is_floating_point() and value.dtype != torch.float64:
+        value = value.float()  # bf16/fp16 have no numpy dtype
+    return value.cpu().numpy()
+
+
+class EncodeBatches:
+    """``map_batches`` actor: builds the method once, then encodes batch after batch.
+
+    Args:
+        cfg, derived, seed: what :func:`build_method` needs.
+        state_ref: ``[ObjectRef]`` of the state_dict (in a list so Ray hands the reference over
+            unresolved and the actor fetches it once), or ``None`` for random init.
+        encode: ``(method, batch) -> Tensor | dict[str, Tensor]``.
+        keep: columns copied through to the output, row-aligned with the features.
+        threads: torch intra-op threads for this actor (its CPU share).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, derived: dict[str, Any], state_ref: list | None, encode: Encode,
+                 keep: Sequence[str], seed: int, threads: int):
+        torch.set_num_threads(threads)
+        state = ray.get(state_ref[0]) if state_ref is not None else None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.method = build_method(cfg, derived, state, seed).to(self.device)
+        self.encode, self.keep = encode, tuple(keep)
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, np.ndarray) and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+                # Ray hands read-only arrays over; copy only then (torch warns on read-only memory).
+                out[key] = torch.from_numpy(np.require(value, requirements=["C", "W"])).to(self.device)
+            else:
+                out[key] = value  # strings and ragged columns stay numpy
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [k for k in self.keep if k not in batch]
+        if missing:
+            raise ValueError(f"keep={list(self.keep)} names columns {missing} that the dataset lacks "
+                             f"(it has {sorted(batch)})")
+        rows = len(next(iter(batch.values())))
+        with torch.no_grad():
+            result = self.encode(self.method, self._tensors(batch))
+        features = {"features": result} if isinstance(result, Tensor) else dict(result)
+        out = {}
+        for key, value in features.items():
+            if not isinstance(value, Tensor) or value.dim() == 0 or len(value) != rows:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"encode returned {key!r} of shape {shape} for a batch of {rows} rows; "
+                                 f"it must return a (rows, ...) tensor, or a dict of them, per batch")
+            out[key] = _to_numpy(value)
+        clash = sorted(set(out) & set(self.keep))
+        if clash:
+            raise ValueError(f"encode's output {clash} has the same name as a kept column; rename one of them")
+        for key in self.keep:
+            out[key] = np.asarray(batch[key])
+        return out
+
+
+def _actor_resources(cfg: ExperimentConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) per actor. The pool leaves one CPU to the stages before it (reading,
+    decoding, tokenising): on a 2-CPU machine two actors of 1 CPU would starve them and hang."""
+    total = ray.cluster_resources()
+    actors = cfg.eval.actors
+    cpus = max(0.25, min(1.0, (total.get("CPU", 1.0) - 1.0) / actors))
+    gpus = total.get("GPU", 0.0)
+    num_gpus = min(1.0, gpus / actors) if cfg.scaling.use_gpu and gpus > 0 else 0.0
+    return cpus, num_gpus
+
+
+def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str, Tensor] | None,
+            encode: Encode, *, keep: Sequence[str] = ("label",), seed: int = 0) -> dict[str, np.ndarray]:
+    """Features of every row of ``ds`` from the (frozen) method of ``cfg``, by Ray Data batch inference.
+
+    ``cfg.eval.actors`` actors, each holding one copy of the method, encode batches of
+    ``cfg.eval.batch_size`` rows in eval mode without gradients (on a GPU each when
+    ``scaling.use_gpu`` and the cluster has GPUs). Ray must already be initialised.
+
+    Args:
+        ds: rows holding what ``encode`` reads (``image``, ``text``, ``audio``, ...) and the
+            ``keep`` columns.
+        derived: data-derived constructor arguments (``in_channels``, ``vocab_size``, ...).
+        state: the method's state_dict; ``None`` gives the random-init baseline, built under
+            ``torch.manual_seed(seed)`` exactly like :func:`build_method`.
+        encode: module-level function ``(method, batch) -> Tensor | dict[str, Tensor]``; numeric
+            columns arrive as tensors on the actor's device, strings as numpy arrays.
+        keep: columns passed through, row-aligned with the features (labels, ids).
+
+    Returns:
+        ``{"features": (N, ...)}`` for a Tensor result, or the dict's keys, plus the ``keep``
+        columns, each concatenated over the whole dataset. Rows are aligned across keys; the
+        row order need not be the input order (join on a kept id column if it matters).
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("extract runs on Ray Data; call ray.init() (or use `sslp eval`, which starts Ray) first")
+    if isinstance(keep, str):
+        raise ValueError(f"keep must be a sequence of column names, got the string {keep!r}; use keep=({keep!r},)")
+    state_ref = [ray.put({k: v.detach().cpu() for k, v in state.items()})] if state is not None else None
+    cpus, gpus = _actor_resources(cfg)
+    encoded = ds.map_batches(
+        EncodeBatches,
+        fn_constructor_kwargs={"cfg": cfg, "derived": dict(derived), "state_ref": state_ref, "encode": encode,
+                               "keep": tuple(keep), "seed": seed, "threads": max(1, int(cpus))},
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
+        batch_size=cfg.eval.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        raise ValueError("the dataset to evaluate on is empty; check the corpus and data.val_fraction")
+    return {key: np.concatenate(values) for key, values in parts.items()}
