@@ -187,10 +187,37 @@ ROWS = [
 def test_markdown_table_format():
     table = markdown_table(ROWS[1:2])
     assert table == "| encoder | linear probe top-1 | kNN top-1 |\n|---|---|---|\n| random init | 85.3 | 80.1 |"
-    with pytest.raises(ValueError, match="lacks"):
-        markdown_table([{"encoder": "x", "knn_top1": 0.5}])
+    with pytest.raises(ValueError, match="lacks 'encoder'"):
+        markdown_table([{"knn_top1": 0.5}])
     with pytest.raises(ValueError, match="fractions in 0..1"):
         markdown_table([{"encoder": "x", "linear_probe_top1": 85.3, "knn_top1": 0.5}])
+    with pytest.raises(ValueError, match="finite"):
+        markdown_table([{"encoder": "x", "perplexity": float("nan")}])
+
+
+def test_markdown_table_shows_only_present_columns_and_dashes_for_missing_metrics():
+    rows = [{"encoder": "CLIP (this run)", "zero_shot_top1": 0.912, "i2t_r1": 0.5, "linear_probe_top1": 0.95},
+            {"encoder": "raw pixels", "linear_probe_top1": 0.9, "zero_shot_top1": None}]
+    lines = markdown_table(rows).splitlines()
+    # Registry order, not the rows' key order; knn_top1 is in no row, so no column.
+    assert lines[0] == "| encoder | linear probe top-1 | zero-shot top-1 | image->text R@1 |"
+    assert lines[2] == "| CLIP (this run) | 95.0 | 91.2 | 50.0 |"
+    assert lines[3] == "| raw pixels | 90.0 | - | - |"
+    text = markdown_table([{"encoder": "GPT (this run)", "perplexity": 12.3456, "bits_per_token": 3.6259, "loss": 2.5133}])
+    assert text.splitlines()[-1] == "| GPT (this run) | 12.35 | 3.63 | 2.51 |"  # numbers as they are, not percent
+
+
+def test_write_results_mixed_kinds_and_notes(tmp_path):
+    rows = [{"encoder": "GPT (this run)", "perplexity": 40.2, "bits_per_token": 5.33, "loss": 3.69, "extra": np.arange(2)},
+            {"encoder": "random init", "perplexity": 3900.0, "bits_per_token": 11.93, "loss": 8.27},
+            {"encoder": "unigram", "perplexity": 310.0}]
+    notes = "## Samples\n\n```\ndef foo():\n```"
+    paths = write_results(tmp_path, rows, title="gpt", notes=notes)
+    md = paths["markdown"].read_text()
+    assert md.index("| unigram | 310.00 | - | - |") < md.index("## Samples") and md.rstrip().endswith("```")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["notes"] == notes and saved["rows"][0]["extra"] == [0, 1]
+    assert paths["figure"].read_bytes()[:8] == PNG_MAGIC
 
 
 def write_metrics(path, steps: int = 200) -> None:
@@ -226,7 +253,7 @@ def test_write_results_writes_json_markdown_and_png(tmp_path, with_metrics):
 def test_write_results_without_metrics_path_or_rows(tmp_path):
     paths = write_results(tmp_path, [], metrics_path=None)
     assert paths["figure"].read_bytes()[:8] == PNG_MAGIC
-    assert paths["markdown"].read_text().splitlines() == ["| encoder | linear probe top-1 | kNN top-1 |", "|---|---|---|"]
+    assert paths["markdown"].read_text().splitlines() == ["| encoder |", "|---|"]
 
 
 def test_read_loss_curve_skips_torn_lines_and_keeps_the_latest_of_repeated_steps(tmp_path):

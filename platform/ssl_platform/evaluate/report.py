@@ -1,7 +1,10 @@
 """The results report of a run: results.json, results.md and report.png in the run directory.
 
-A results row is ``{"encoder": str, "linear_probe_top1": float, "knn_top1": float}`` with
-accuracies in 0..1; tables and plots show them in percent.
+A results row is ``{"encoder": str, <metric>: float, ...}``: one row per encoder (this run's,
+random init, other baselines) and any of the metrics in :data:`COLUMNS`. A row may lack a
+metric (a raw-pixel baseline has no zero-shot score), which the table shows as "-". Percent
+metrics are stored as fractions in 0..1 and shown in percent; number metrics (perplexity,
+bits per token, loss) as they are. Other keys of a row are kept in results.json only.
 
 The figure is drawn with matplotlib's object-oriented API (``Figure`` + ``savefig``, which
 renders PNG with Agg) and never touches pyplot, so it works headless, in Ray workers and in
@@ -19,27 +22,60 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-ROW_KEYS = ("encoder", "linear_probe_top1", "knn_top1")
-COLUMNS = {"linear_probe_top1": "linear probe top-1", "knn_top1": "kNN top-1"}
+PERCENT, NUMBER = "percent", "number"
+# Metric key -> (table header, kind), in table order. Percent metrics are fractions in 0..1.
+COLUMNS: dict[str, tuple[str, str]] = {
+    "linear_probe_top1": ("linear probe top-1", PERCENT),
+    "knn_top1": ("kNN top-1", PERCENT),
+    "zero_shot_top1": ("zero-shot top-1", PERCENT),
+    "i2t_r1": ("image->text R@1", PERCENT),
+    "i2t_r5": ("image->text R@5", PERCENT),
+    "t2i_r1": ("text->image R@1", PERCENT),
+    "t2i_r5": ("text->image R@5", PERCENT),
+    "mlm_accuracy": ("MLM accuracy", PERCENT),
+    "nsp_accuracy": ("NSP accuracy", PERCENT),
+    "perplexity": ("perplexity", NUMBER),
+    "bits_per_token": ("bits per token", NUMBER),
+    "loss": ("loss", NUMBER),
+}
 
 
 def _check_rows(rows: list[dict]) -> list[dict]:
-    """Rows with float accuracies, or a ValueError naming the bad row and key."""
+    """Rows with float metrics (a metric that is None is dropped), or a ValueError naming the bad row and key."""
     checked = []
     for i, row in enumerate(rows):
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"results row {i} ({row.get('encoder', '?')!r}) lacks {missing}; "
-                             f"each row needs {list(ROW_KEYS)}")
+        if "encoder" not in row:
+            raise ValueError(f"results row {i} lacks 'encoder'; each row needs an encoder name and metrics of "
+                             f"{list(COLUMNS)}")
         clean = {**row, "encoder": str(row["encoder"])}
-        for key in COLUMNS:
+        for key, (_, kind) in COLUMNS.items():
+            if key not in row:
+                continue
+            if row[key] is None:
+                del clean[key]
+                continue
             value = float(row[key])
-            if not 0.0 <= value <= 1.0:
+            if not math.isfinite(value):
+                raise ValueError(f"results row {i} ({clean['encoder']!r}) has {key}={value}; metrics must be finite "
+                                 f"(a diverged checkpoint?)")
+            if kind == PERCENT and not 0.0 <= value <= 1.0:
                 raise ValueError(f"results row {i} ({clean['encoder']!r}) has {key}={value}; "
                                  f"accuracies are fractions in 0..1, not percent")
             clean[key] = value
         checked.append(clean)
     return checked
+
+
+def present_columns(rows: list[dict]) -> list[str]:
+    """The metric keys of :data:`COLUMNS` that at least one row has, in table order."""
+    return [key for key in COLUMNS if any(key in row for row in rows)]
+
+
+def format_value(key: str, value: float | None) -> str:
+    """One table cell: percent metrics as 85.3, numbers with two decimals, a missing one as "-"."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if COLUMNS[key][1] == PERCENT else f"{value:.2f}"
 
 
 def _to_json(value):
@@ -48,16 +84,18 @@ def _to_json(value):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results as a markdown table, accuracies in percent with one decimal.
+    """The results as a markdown table with only the metrics some row has; "-" where a row lacks one.
 
     | encoder | linear probe top-1 | kNN top-1 |
     |---|---|---|
     | random init | 85.3 | 80.1 |
     """
-    lines = ["| encoder | " + " | ".join(COLUMNS.values()) + " |", "|---" * (1 + len(COLUMNS)) + "|"]
-    for row in _check_rows(rows):
+    rows = _check_rows(rows)
+    keys = present_columns(rows)
+    lines = ["| " + " | ".join(["encoder"] + [COLUMNS[k][0] for k in keys]) + " |", "|---" * (1 + len(keys)) + "|"]
+    for row in rows:
         name = row["encoder"].replace("|", "\\|")  # a pipe would split the cell
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.1f}" for k in COLUMNS) + " |")
+        lines.append("| " + " | ".join([name] + [format_value(k, row.get(k)) for k in keys]) + " |")
     return "\n".join(lines)
 
 
@@ -113,36 +151,67 @@ def _plot_loss(ax, steps: np.ndarray, losses: np.ndarray) -> None:
     ax.legend(frameon=False)
 
 
-def _plot_accuracies(ax, rows: list[dict]) -> None:
-    ax.set_title("frozen-feature top-1 on held-out data")
-    if not rows:
-        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _encoder_axis(ax, rows: list[dict]) -> np.ndarray:
     x = np.arange(len(rows))
-    width = 0.38
-    for i, (key, label) in enumerate(COLUMNS.items()):
-        values = [100 * row[key] for row in rows]
-        bars = ax.bar(x + (i - 0.5) * width, values, width, label=label, color=f"C{i}")
-        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
     ax.set_xticks(x, [textwrap.fill(row["encoder"], 14) for row in rows], fontsize=9)
     center, half = (len(rows) - 1) / 2, max(len(rows), 3) / 2  # one or two encoders keep slim bars
     ax.set_xlim(center - half, center + half)
+    ax.grid(axis="y", alpha=0.3)
+    return x
+
+
+def _plot_percent(ax, rows: list[dict], keys: list[str]) -> None:
+    """Grouped bars: one group per encoder, one bar per percent metric."""
+    ax.set_title("held-out scores")
+    if not rows or not keys:
+        _no_data(ax, "no results")
+        return
+    x = _encoder_axis(ax, rows)
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        have = [j for j, row in enumerate(rows) if key in row]  # a row may lack the metric: no bar
+        bars = ax.bar(x[have] + (i - (len(keys) - 1) / 2) * width, [100 * rows[j][key] for j in have], width,
+                      label=COLUMNS[key][0], color=f"C{i}")
+        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8 if len(keys) < 4 else 6)
     ax.set_ylim(0, 112)  # room above 100 for the value labels
     ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False, loc="upper left", ncols=2)
+    ax.set_ylabel("%")
+    ax.legend(frameon=False, loc="upper left", ncols=min(len(keys), 4), fontsize=8)
+
+
+def _plot_number(ax, rows: list[dict], key: str) -> None:
+    """One number metric (its own scale): one bar per encoder that has it."""
+    header = COLUMNS[key][0]
+    ax.set_title(header)
+    x = _encoder_axis(ax, rows)
+    have = [j for j, row in enumerate(rows) if key in row]
+    bars = ax.bar(x[have], [rows[j][key] for j in have], 0.6, color="C7")
+    ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
+    ax.margins(y=0.15)
+    ax.set_ylabel(header)
 
 
 def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | None = None, title: str = "") -> Path:
-    """Write the two-panel report figure: loss curve (left), probe accuracies per encoder (right)."""
+    """Write the report figure: the loss curve, then the percent metrics per encoder (grouped
+    bars), then one panel per number metric (perplexity and loss have scales of their own)."""
     rows = _check_rows(rows)
-    fig = Figure(figsize=(12, 4.5), dpi=110, layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2, width_ratios=(1, 1.25))
-    _plot_loss(loss_ax, *read_loss_curve(metrics_path))
-    _plot_accuracies(acc_ax, rows)
+    keys = present_columns(rows)
+    percent = [k for k in keys if COLUMNS[k][1] == PERCENT]
+    numbers = [k for k in keys if COLUMNS[k][1] == NUMBER]
+    ratios = [1.0] + ([1.25 + 0.1 * max(0, len(percent) - 2)] if percent or not numbers else []) + [0.7] * len(numbers)
+    fig = Figure(figsize=(4.8 * sum(ratios) + 1, 4.5), dpi=110, layout="constrained")
+    axes = list(fig.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0])
+    _plot_loss(axes.pop(0), *read_loss_curve(metrics_path))
+    if percent or not numbers:
+        _plot_percent(axes.pop(0), rows, percent)
+    for ax, key in zip(axes, numbers):
+        _plot_number(ax, rows, key)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.savefig(path, format="png")
@@ -150,12 +219,13 @@ def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | N
 
 
 def write_results(run_dir: str | Path, rows: list[dict], metrics_path: str | Path | None = None,
-                  title: str = "") -> dict[str, Path]:
+                  title: str = "", notes: str = "") -> dict[str, Path]:
     """Write results.json, results.md and report.png into ``run_dir``; return their paths.
 
     ``metrics_path`` is the run's metrics.jsonl (rows with ``step`` and ``loss``); when it is
     missing or empty the loss panel says so instead of failing, so a report can be made for
-    an evaluation without a training run.
+    an evaluation without a training run. ``notes`` is markdown shown under the table (e.g.
+    GPT's samples) and stored in results.json.
     Keys of the returned dict: ``"json"``, ``"markdown"``, ``"figure"``.
     """
     rows = _check_rows(rows)
@@ -164,9 +234,10 @@ def write_results(run_dir: str | Path, rows: list[dict], metrics_path: str | Pat
     paths = {"json": run_dir / "results.json", "markdown": run_dir / "results.md", "figure": run_dir / "report.png"}
 
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    paths["json"].write_text(json.dumps({"title": title, "created_at": created_at, "rows": rows}, indent=2,
-                                        default=_to_json) + "\n")
+    payload = {"title": title, "created_at": created_at, "rows": rows, "notes": notes}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=_to_json) + "\n")
     heading = f"# {title}\n\n" if title else ""
-    paths["markdown"].write_text(heading + markdown_table(rows) + "\n")
+    tail = f"\n{notes.rstrip()}\n" if notes.strip() else ""
+    paths["markdown"].write_text(heading + markdown_table(rows) + "\n" + tail)
     plot_report(paths["figure"], rows, metrics_path, title)
     return paths
