@@ -62,6 +62,31 @@ def test_loss_decreases_on_average(first_run):
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third
 
 
+def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(first_run, tmp_path):
+    run_dir, _ = first_run
+    checkpoint = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    done = sslp("eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0", "--no-dashboard",
+                cwd=tmp_path)
+    assert "SimCLR (this run)" in done.stdout
+    again = {r["encoder"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    at_end = {r["encoder"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    assert "supervised (labels)" not in again  # eval.supervised_epochs=0 took effect
+    for encoder in ("raw pixels", "random init", "SimCLR (this run)"):  # same weights, same split: same numbers
+        assert again[encoder]["linear_probe_top1"] == pytest.approx(at_end[encoder]["linear_probe_top1"], abs=1e-6)
+        assert again[encoder]["knn_top1"] == pytest.approx(at_end[encoder]["knn_top1"], abs=1e-6)
+
+
+def test_sslp_eval_rejects_what_it_cannot_evaluate(first_run, tmp_path):
+    run_dir, _ = first_run
+    for args, says in [((str(tmp_path),), "holds no checkpoint"),
+                       ((str(tmp_path / "missing"),), "does not exist"),
+                       ((str(run_dir), "model.projector_dim=4"), "takes eval.* settings only"),
+                       ((str(run_dir), "eval.knn_k=0"), "eval.knn_k")]:
+        done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "eval", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+
+
 def test_same_name_resumes_from_newest_checkpoint(first_run):
     run_dir, _ = first_run
     done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={run_dir.parent}", "train.max_steps=40",
