@@ -24,6 +24,11 @@ Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
   DDP (its DDPOptimizer splits the graph at the gradient buckets so communication overlaps
   the backward) and the one Ray's guides use.
+- ``eval.online_every=n``: the online evaluation (``train.online``) on the driver's held-out
+  split at every n-th step, every checkpoint step and the last step. Each of those steps gets a
+  metrics row and a ``ray.train.report`` (with a checkpoint only at checkpoint steps), so every
+  result Ray Train and Tune see carries the ``val_*`` metrics. Its time is left out of the
+  throughput and step-time figures.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.train.checkpoint import TrainState, all_rng_states, full_state_dicts, restore_state, save_state
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
+from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, scaled_lr, warmup_cosine
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
@@ -97,6 +103,7 @@ def train_func(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0)
     meter = StepMeter()
+    online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
     while state.step < t.max_steps:  # one pass over the shard = one epoch of fresh augmentations
         micro_batches = shard.iter_torch_batches(
@@ -117,10 +124,15 @@ def train_func(loop_config: dict) -> None:
 
             if state.step == crash_at and start_step < crash_at and rank == 0:
                 os._exit(1)  # a real process death, not an exception Ray could catch in Python
-            if state.step % t.log_every == 0 or state.step == t.max_steps:
-                logger.log(state.step, meter.pop(world, device), lr=lr, epoch=state.epoch)
-            if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
-                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, logger.summary())
+            checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+            evaluate_now = online.due(state.step, checkpoint_now)
+            val = logger.untimed(online, method) if evaluate_now else {}  # {"val_...": ...} where evaluated
+            if evaluate_now or state.step % t.log_every == 0 or state.step == t.max_steps:
+                logger.log(state.step, meter.pop(world, device), lr=lr, epoch=state.epoch, **val)
+            if checkpoint_now:
+                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, {**logger.summary(), **val})
+            elif evaluate_now:  # no checkpoint: Ray Train keeps nothing, but Tune sees the metrics
+                ray.train.report({"step": state.step, "epoch": state.epoch, **logger.summary(), **val}, checkpoint=None)
             if state.step >= t.max_steps:
                 break
         if state.step == epoch_start:

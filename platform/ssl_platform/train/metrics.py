@@ -5,7 +5,8 @@ Every rank accumulates its steps in a :class:`StepMeter` (no host sync per step)
 appends one JSON row to ``RUN_DIR/metrics.jsonl`` (Ray keeps only metrics reported with a
 checkpoint), prints the progress line and sets the ``ray.util.metrics`` gauges that Prometheus
 and the Ray dashboard plot. A resumed run first drops the rows of the steps it will redo, so
-the file holds every logged step exactly once.
+the file holds every logged step exactly once. Rows of online-evaluation steps also carry the
+``val_*`` metrics (``train.online``) and ``online_eval_s``, the seconds they took.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from ssl_platform.data.skips import SKIPPED_METRIC
 
 # Every ray.util.metrics name the platform emits: name -> (kind, description). Prometheus sees
 # them prefixed "ray_" (counters also suffixed "_total"); the README and the Grafana dashboards
-# read this dict, the single place these names are defined. Gauges carry the tag "run".
+# read this dict, the single place these names are defined. Gauges carry the tag "run";
+# sslp_online_metric also "metric" (val_knn_top1, val_loss, ...: a Grafana panel selects one,
+# or shows them all with the legend {{metric}}).
 METRICS: dict[str, tuple[str, str]] = {
     "sslp_train_loss": ("gauge", "training loss, mean over workers and the steps since the last log row"),
     "sslp_train_samples_per_second": ("gauge", "global training throughput in samples (pairs, images, clips)"),
@@ -36,9 +39,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "sslp_train_learning_rate": ("gauge", "current learning rate"),
     "sslp_train_grad_norm": ("gauge", "global gradient norm before clipping, mean since the last log row"),
     "sslp_train_step": ("gauge", "optimizer steps taken"),
+    "sslp_online_metric": ("gauge", "online evaluation on the held-out split, tagged by metric: val_knn_top1, "
+                                    "val_zero_shot_top1, val_loss, val_mlm_accuracy, val_perplexity, ..."),
     SKIPPED_METRIC: ("counter", "records skipped by the data pipeline, tagged by reason (ssl_platform.data.skips)"),
 }
 GAUGES = {name: description for name, (kind, description) in METRICS.items() if kind == "gauge"}
+ONLINE_GAUGE = "sslp_online_metric"  # one gauge for every val_* metric, which its "metric" tag names
+ONLINE_PREFIX = "val_"
 
 # metrics.jsonl field -> the gauge it sets.
 _GAUGE_OF_FIELD = {
@@ -144,9 +151,20 @@ class MetricsLogger:
             drop_rows_after(self.path, start_step)
             self._gauges = _make_gauges(run_name)
 
+    def untimed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, its time left out of the interval's throughput and step time and of the
+        summary's training seconds (the online evaluation runs inside the loop)."""
+        tic = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            spent = time.perf_counter() - tic
+            self._t0 += spent
+            self._last_t += spent
+
     def log(self, step: int, interval: dict[str, float], **values: float) -> dict[str, Any]:
         """Record the interval ending at ``step`` (from :meth:`StepMeter.pop`) plus ``values``
-        (lr, epoch, ...); returns the row."""
+        (lr, epoch, the online ``val_*`` metrics, ...); returns the row."""
         now = time.perf_counter()
         seconds = max(now - self._last_t, 1e-9)
         self._last_t = now
@@ -169,6 +187,10 @@ class MetricsLogger:
         for field, gauge in _GAUGE_OF_FIELD.items():
             if gauge in self._gauges and field in row:
                 self._gauges[gauge].set(row[field])
+        online = {k: v for k, v in row.items() if k.startswith(ONLINE_PREFIX)}
+        if ONLINE_GAUGE in self._gauges:
+            for name, value in online.items():
+                self._gauges[ONLINE_GAUGE].set(value, tags={"metric": name})
         done = step - self.start_step
         eta = elapsed / done * (self.max_steps - step) if done > 0 else float("nan")
         rate = (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
@@ -176,7 +198,8 @@ class MetricsLogger:
         print(
             f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {row.get('loss', float('nan')):.4f} | "
             f"lr {row.get('lr', 0):.4g} | {rate} | {row['step_time_s']:.3g} s/step | "
-            f"data wait {row['data_wait_fraction']:.0%} | ETA {format_duration(eta)}",
+            f"data wait {row['data_wait_fraction']:.0%} | ETA {format_duration(eta)}"
+            + "".join(f" | {name} {value:.4g}" for name, value in online.items()),
             flush=True,
         )
         return row
@@ -197,7 +220,8 @@ def _make_gauges(run_name: str) -> dict:
     try:
         from ray.util.metrics import Gauge
 
-        gauges = {name: Gauge(name, description=desc, tag_keys=("run",)) for name, desc in GAUGES.items()}
+        gauges = {name: Gauge(name, description=desc, tag_keys=("run", "metric") if name == ONLINE_GAUGE else ("run",))
+                  for name, desc in GAUGES.items()}
     except Exception:  # outside a Ray worker (unit tests) there is nothing to export to
         return {}
     for g in gauges.values():

@@ -42,6 +42,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
+from ssl_platform.data.online import online_split
 from ssl_platform.data.pipeline import pretraining_data
 from ssl_platform.data.skips import NAMESPACE, SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
 from ssl_platform.data.sources import filesystem
@@ -415,12 +416,19 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
             f"train.batch_size={cfg.train.batch_size} needs {local_batch} records per worker but each of the "
             f"{plan.num_workers} workers gets {data.num_records // plan.num_workers}; lower train.batch_size"
         )
+    online = None  # the online evaluation's held-out split, in the object store (a reference in the loop config)
+    if cfg.eval.online_every:
+        try:
+            online = ray.put(online_split(cfg, methods.architecture(cfg), data.artifacts))
+        except (ValueError, FileNotFoundError) as e:
+            ray.kill(ledger)
+            raise DataError(str(e)) from None
     print(f"training {cfg.method.name} on {data.description}: {plan.num_workers} workers x {plan.resources()}, "
           f"global batch {cfg.train.batch_size}", flush=True)
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
-    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [])
+    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online)
     try:
         with _ray_sigint_as_keyboard_interrupt():
             result = trainer.fit()
@@ -443,7 +451,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
 
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
-             max_failures: int, callbacks: list) -> TorchTrainer:
+             max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -451,6 +459,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "storage_uri": paths.uri if paths.remote else None, "crash_token": crash_token,
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: _pack_dir(Path(path)) for name, path in data.artifacts.items()},
+            "online_split": online_split_ref,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
