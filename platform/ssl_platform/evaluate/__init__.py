@@ -1,12 +1,49 @@
-"""Frozen-feature evaluation and the results report.
+"""Evaluation of a finished run: one protocol per kind of data, and the results report.
 
-``probe``: linear probe and weighted kNN top-1 on (N, D) features. ``features``: feature
-extraction from a frozen encoder and the supervised baseline encoder. ``report``: the results
-table (markdown, JSON) and the report figure. ``frozen``: the whole table for an image run.
+``evaluate_run(cfg, checkpoint_dir, run_dir)`` picks the protocol of the run's method and
+returns its table rows (also written as results.json, results.md and report.png):
+
+- ``image``: SimCLR, BYOL, Barlow Twins, VICReg - linear probe and kNN against raw pixels,
+  random init and a supervised encoder;
+- ``clip``: CLIP - zero-shot classification, image<->text retrieval, a linear probe;
+- ``audio``: CPC - linear probe and kNN of the context features;
+- ``text``: BERT and GPT - MLM/NSP accuracy, perplexity, probes.
+
+Building blocks: ``inference.extract`` (Ray Data batch inference), ``probe`` (linear probe, kNN),
+``features`` (the supervised baseline), ``report`` (table and figure). Protocol modules are
+imported only when used, so importing this package pulls in neither Ray nor a protocol's
+dependencies.
 """
 
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ssl_platform.config import METHOD_KINDS, ExperimentConfig
 from ssl_platform.evaluate.features import extract_features, train_supervised
 from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import markdown_table, write_results
 
-__all__ = ["extract_features", "train_supervised", "knn_accuracy", "linear_probe", "markdown_table", "write_results"]
+# Kind of data a method trains on (config.METHOD_KINDS) -> the module whose evaluate() scores it.
+PROTOCOLS = {
+    "image": "ssl_platform.evaluate.image",
+    "image-caption": "ssl_platform.evaluate.clip",
+    "audio": "ssl_platform.evaluate.audio",
+    "text": "ssl_platform.evaluate.text",
+}
+
+
+def evaluate_run(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | Path) -> list[dict]:
+    """Evaluate the checkpoint in ``checkpoint_dir`` with the protocol of ``cfg.method.name``,
+    write the report into ``run_dir`` and return the table rows. Ray must be running."""
+    kind = METHOD_KINDS.get(cfg.method.name)
+    if kind not in PROTOCOLS:
+        raise ValueError(f"no evaluation protocol for method {cfg.method.name!r} (kind {kind!r}); "
+                         f"methods with one: {', '.join(m for m, k in METHOD_KINDS.items() if k in PROTOCOLS)}")
+    protocol = importlib.import_module(PROTOCOLS[kind])
+    return protocol.evaluate(cfg, Path(checkpoint_dir), Path(run_dir))
+
+
+__all__ = ["evaluate_run", "PROTOCOLS", "extract_features", "train_supervised", "knn_accuracy", "linear_probe",
+           "markdown_table", "write_results"]

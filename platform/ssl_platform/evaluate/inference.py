@@ -41,13 +41,24 @@ def build_method(cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str
     torch.manual_seed(seed)
     method = methods.build(cfg, **derived)
     if state is not None:
-        try:
-            method.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise ValueError(f"the checkpoint does not fit method {cfg.method.name} with model={cfg.model} "
-                             f"({first}); evaluate with the config the run was trained with") from None
+        method.load_state_dict(state)
     return method.eval()
+
+
+def check_state(cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str, Tensor]) -> None:
+    """ValueError unless ``state`` has exactly the parameter names and shapes of the method of
+    ``cfg``. Checked on the driver against a build on the meta device (no memory, no init), so
+    a checkpoint from another config fails here in one line instead of in every actor."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in methods.build(cfg, **derived).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    shapes = [f"{k} {got[k]} vs {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    problems = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected else []) \
+        + ([f"shape of {'; '.join(shapes[:2])} (checkpoint vs config)"] if shapes else [])
+    if problems:
+        raise ValueError(f"the checkpoint does not fit method {cfg.method.name} with model={cfg.model}: "
+                         f"{', '.join(problems)}; evaluate with the config the run was trained with")
 
 
 def _to_numpy(value: Tensor) -> np.ndarray:
@@ -149,6 +160,8 @@ def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any]
         raise RuntimeError("extract runs on Ray Data; call ray.init() (or use `sslp eval`, which starts Ray) first")
     if isinstance(keep, str):
         raise ValueError(f"keep must be a sequence of column names, got the string {keep!r}; use keep=({keep!r},)")
+    if state is not None:
+        check_state(cfg, derived, state)
     state_ref = [ray.put({k: v.detach().cpu() for k, v in state.items()})] if state is not None else None
     cpus, gpus = _actor_resources(cfg)
     encoded = ds.map_batches(

@@ -39,6 +39,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "loss": ("loss", NUMBER),
 }
 
+# How the papers spell the methods, for the "<method> (this run)" rows of every protocol's table.
+DISPLAY_NAMES = {"simclr": "SimCLR", "byol": "BYOL", "barlow_twins": "Barlow Twins", "vicreg": "VICReg",
+                 "clip": "CLIP", "cpc": "CPC", "bert": "BERT", "gpt": "GPT"}
+
 
 def _check_rows(rows: list[dict]) -> list[dict]:
     """Rows with float metrics (a metric that is None is dropped), or a ValueError naming the bad row and key."""
