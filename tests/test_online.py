@@ -263,6 +263,31 @@ class _RecordReports:
 
 
 @pytest.mark.ray
+def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_local, tmp_path):
+    """data.path text: the documents its hash holds out, read with Ray Data, the same ones every time."""
+    from ssl_platform.data.text import in_split
+
+    docs = load_python_docs(0.1, 0)["train"][:80]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    tokenizer = tmp_path / "tokenizer"
+    load_or_train_tokenizer(tokenizer, [d.text for d in docs], TokenizerConfig(kind="wordpiece", vocab_size=512))
+    cfg = tiny_config("bert", f"data.path={corpus}", "data.kind=text", "data.val_fraction=0.25")
+    first = online_split(cfg, {}, {"tokenizer": tokenizer})
+    second = online_split(cfg, {}, {"tokenizer": tokenizer})
+    assert 8 <= len(first["input_ids"]) <= 64 and all(np.array_equal(first[k], second[k]) for k in first)
+    assert (first["mlm_labels"] != -100).any() and set(np.unique(first["nsp_labels"])) <= {-100, 0, 1}
+    # A corpus whose hash holds out no document is refused with what to change. A .txt
+    # document's key is "FILE:FIRST_LINE": name the file so that its one document trains.
+    lone = next(p for p in (tmp_path / f"lone{i}.txt" for i in range(100))
+                if not in_split(f"{p}:1", "val", val_fraction=0.05, seed=0))
+    lone.write_text("A single document. It stays in the training split.\n")
+    with pytest.raises(ValueError, match="raise data.val_fraction or set eval.online_every=0"):
+        online_split(tiny_config("bert", f"data.path={lone}", "data.kind=text", "data.val_fraction=0.05"), {},
+                     {"tokenizer": tokenizer})
+
+
+@pytest.mark.ray
 def test_fit_reports_and_logs_the_online_metric(ray_local, tmp_path):
     from ssl_platform.train.trainer import fit, run_paths
 

@@ -139,6 +139,7 @@ def held_out_documents(cfg: ExperimentConfig) -> Iterator[dict[str, np.ndarray]]
         return
     ds = open_text_corpus(d.path or d.corpus, reporter=SkipReporter(), split="val", val_fraction=d.val_fraction,
                           seed=cfg.train.seed, unit=d.text_unit, text_field=d.text_field, fmt=d.format)
+    ds.context.execution_options.preserve_order = True  # the same first documents on every run (a resume)
     yield from ds.iter_batches(batch_size=_DOCS_PER_BATCH, batch_format="numpy")
 
 
