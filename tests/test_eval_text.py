@@ -111,6 +111,9 @@ def test_topic_split_uses_documents_with_enough_chunks_even_and_odd():
     assert classes == ["a", "b"]  # "c" has one chunk
     assert labels.tolist() == [1, 0, 0, -1, 1, 0, 1, 0, 1, -1, -1]
     assert sorted(chunks[train_idx] % 2) == [0] * 4 and sorted(chunks[test_idx] % 2) == [1] * 4
+    # A cap on the classes keeps the documents with the most chunks ("b" has 4, "a" 4, "c" 1; ties by name).
+    assert topic_split(sources, chunks, min_chunks=1, max_classes=1)[3] == ["a"]
+    assert topic_split(sources, chunks, min_chunks=1, max_classes=2)[3] == ["a", "b"]
 
 
 def test_topic_chunks_are_cls_text_sep_rows_labelled_by_document():

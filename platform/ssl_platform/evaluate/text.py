@@ -51,6 +51,7 @@ from ssl_platform.evaluate.report import markdown_table, write_results
 TOKENIZER_DIR = "tokenizer"
 MIN_TOPIC_CHUNKS = 4  # a held-out document becomes a probe class with at least this many chunks
 MIN_CHUNK_TOKENS = 8  # shorter document tails are not probed
+MAX_TOPIC_CLASSES = 50  # on a large data.path corpus, the longest held-out documents only
 # GPT samples: seeded sampling (greedy decoding of a small model loops on one phrase).
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 PROMPTS = (
@@ -171,16 +172,18 @@ class TopicChunks:
                 "source": np.asarray(names, dtype=object), "chunk": np.asarray(index, dtype=np.int64)}
 
 
-def topic_split(sources: np.ndarray, chunks: np.ndarray,
-                min_chunks: int = MIN_TOPIC_CHUNKS) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_TOPIC_CHUNKS,
+                max_classes: int = MAX_TOPIC_CLASSES) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(labels, train_idx, test_idx, class names) of the topic probe; rows with ``chunk`` PAIR are not probed.
 
-    Documents with at least ``min_chunks`` chunks are the classes (sorted by name); their even
-    chunks train the probe and their odd chunks test it, whatever order the rows come in.
+    Documents with at least ``min_chunks`` chunks are the classes (the ``max_classes`` with the
+    most chunks, ties by name; sorted by name); their even chunks train the probe and their odd
+    chunks test it, whatever order the rows come in.
     """
     sources, chunks = np.asarray(sources).astype(str), np.asarray(chunks)
     names, counts = np.unique(sources[chunks != PAIR], return_counts=True)
-    classes = [str(n) for n, c in zip(names, counts) if c >= min_chunks]
+    largest = sorted((-c, str(n)) for n, c in zip(names, counts) if c >= min_chunks)[:max_classes]
+    classes = sorted(n for _, n in largest)
     lookup = {name: i for i, name in enumerate(classes)}
     labels = np.array([lookup.get(s, -1) if c != PAIR else -1 for s, c in zip(sources, chunks)], dtype=np.int64)
     kept = labels >= 0
