@@ -72,7 +72,10 @@ def test_target_tokens_skip_the_first_token_and_padding():
 # ----------------------------------------------------------------------------- scoring functions
 
 
-def test_score_gpt_sums_to_the_models_own_loss():
+# LOGIT_BUDGET 1: the vocabulary projection runs one row (one masked token) at a time.
+@pytest.mark.parametrize("budget", [2**26, 1])
+def test_score_gpt_sums_to_the_models_own_loss(budget, monkeypatch):
+    monkeypatch.setattr("ssl_platform.evaluate.text.LOGIT_BUDGET", budget)
     torch.manual_seed(0)
     gpt = GPT(**SMALL).eval()
     ids = torch.randint(1, 50, (3, 12))
@@ -86,7 +89,9 @@ def test_score_gpt_sums_to_the_models_own_loss():
     assert float(scores["nll"].sum() / scores["tokens"].sum()) == pytest.approx(float(loss), rel=1e-5)
 
 
-def test_score_bert_counts_masked_tokens_like_the_models_accuracy():
+@pytest.mark.parametrize("budget", [2**26, 1])
+def test_score_bert_counts_masked_tokens_like_the_models_accuracy(budget, monkeypatch):
+    monkeypatch.setattr("ssl_platform.evaluate.text.LOGIT_BUDGET", budget)
     torch.manual_seed(0)
     bert = BERT(**SMALL).eval()
     ids = torch.randint(5, 50, (4, 12))

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_platform.config import ExperimentConfig
@@ -52,6 +53,9 @@ TOKENIZER_DIR = "tokenizer"
 MIN_TOPIC_CHUNKS = 4  # a held-out document becomes a probe class with at least this many chunks
 MIN_CHUNK_TOKENS = 8  # shorter document tails are not probed
 MAX_TOPIC_CLASSES = 50  # on a large data.path corpus, the longest held-out documents only
+# Logits computed at once: (rows x vocabulary) <= 2^26 floats (256 MB), so a GPT-2-sized
+# vocabulary (50k) over a batch of 1024-token blocks is projected a few rows at a time.
+LOGIT_BUDGET = 2**26
 # GPT samples: seeded sampling (greedy decoding of a small model loops on one phrase).
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 PROMPTS = (
@@ -114,7 +118,10 @@ def score_bert(method: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, T
     labels = batch["mlm_labels"]  # (B, L), IGNORE_INDEX where not masked
     masked = labels != method.ignore_index
     rows = masked.nonzero()[:, 0]  # (M,) the sequence of each masked position
-    hits = (method.mlm_head(hidden[masked]).argmax(-1) == labels[masked]).long()  # (M,)
+    states, targets = hidden[masked], labels[masked]  # (M, D), (M,)
+    step = max(1, LOGIT_BUDGET // method.config.vocab_size)  # masked positions per vocabulary projection
+    hits = torch.cat([(method.mlm_head(states[i:i + step]).argmax(-1) == targets[i:i + step]).long()
+                      for i in range(0, len(targets), step)] or [targets.new_zeros(0)])  # (M,)
     correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device).index_add_(0, rows, hits)
     return {"mlm_correct": correct, "mlm_count": masked.sum(dim=1),
             "nsp_pred": method.nsp_head(hidden[:, 0]).argmax(-1), "features": hidden[:, 0]}
@@ -252,11 +259,14 @@ def score_gpt(method: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, Te
     Shape: (B, L) input_ids, attention_mask -> nll, tokens: (B,) each.
     """
     ids, attention = batch["input_ids"].long(), batch["attention_mask"].long()
-    logits = method.logits(ids, attention)[:, :-1].float()  # (B, L - 1, V), position t predicts t + 1
-    targets = ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)  # (B, L - 1)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                            reduction="none")  # (B, L - 1), 0 where ignored
-    return {"nll": nll.sum(dim=1), "tokens": (targets != IGNORE_INDEX).sum(dim=1)}
+    hidden = method.encode_text({"input_ids": ids, "attention_mask": attention})[:, :-1]  # (B, L - 1, D)
+    targets = ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)  # (B, L - 1), position t predicts t + 1
+    step = max(1, LOGIT_BUDGET // (hidden.shape[1] * method.config.vocab_size))  # rows per vocabulary projection
+    nll = torch.cat([
+        F.cross_entropy(method.lm_head(hidden[i:i + step]).float().transpose(1, 2), targets[i:i + step],
+                        ignore_index=IGNORE_INDEX, reduction="none").sum(dim=1)  # 0 where ignored
+        for i in range(0, len(ids), step)])  # (B,)
+    return {"nll": nll, "tokens": (targets != IGNORE_INDEX).sum(dim=1)}
 
 
 def target_tokens(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
