@@ -45,8 +45,9 @@ def online_split(cfg: ExperimentConfig, model: dict[str, Any], artifacts: dict[s
     """
     kind = METHOD_KINDS[cfg.method.name]
     if kind != "text" and cfg.data.path:
-        raise ConfigError(f"eval.online_every: the online evaluation of a {kind} method needs the labelled held-out "
-                          f"split of a built-in corpus, and data.path={cfg.data.path} has none; set eval.online_every=0")
+        raise ConfigError(f"eval.online_every: the online evaluation of a {kind} method needs the labelled "
+                          f"held-out split of a built-in corpus, and data.path={cfg.data.path} has none; "
+                          f"set eval.online_every=0")
     return SPLITS[kind](cfg, model, artifacts)
 
 

@@ -61,7 +61,8 @@ def evaluating(method: nn.Module) -> Iterator[None]:
     """Eval mode, no gradients, no cross-rank gathering and (FSDP) the root's parameters
     unsharded, inside; the training flags and gathering settings restored after."""
     flags = {m: m.training for m in method.modules()}
-    gathers = {m: m.gather_distributed for m in method.modules() if isinstance(getattr(m, "gather_distributed", None), bool)}
+    gathers = {m: m.gather_distributed for m in method.modules()
+               if isinstance(getattr(m, "gather_distributed", None), bool)}
     fsdp = isinstance(method, FSDPModule)
     method.eval()
     for m in gathers:
@@ -119,6 +120,7 @@ def image_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: Experime
 def clip_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: ExperimentConfig,
                  device: torch.device) -> dict[str, float]:
     size = cfg.eval.batch_size
+
     def encode_text(batch: dict[str, Tensor]) -> Tensor:  # (B, L) int64 -> (B, E)
         return method.encode_text(batch["text"])
 
@@ -202,7 +204,8 @@ def text_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: Experimen
     return (bert_metrics if "mlm_labels" in split else gpt_metrics)(method, split, cfg, device)
 
 
-EVALUATORS: dict[str, Callable[[nn.Module, dict[str, np.ndarray], ExperimentConfig, torch.device], dict[str, float]]] = {
+Evaluator = Callable[[nn.Module, dict[str, np.ndarray], ExperimentConfig, torch.device], dict[str, float]]
+EVALUATORS: dict[str, Evaluator] = {
     "image": image_metrics, "image-caption": clip_metrics, "audio": audio_metrics, "text": text_metrics,
 }
 
@@ -225,8 +228,9 @@ class OnlineEval:
         self.here = self.every > 0 and (rank == 0 or cfg.scaling.strategy == "fsdp")
         self.split = None
         if self.every > 0 and split is None:
-            raise ValueError("eval.online_every is set but the loop got no held-out split (loop_config['online_split']); "
-                             "start training through ssl_platform.train.trainer.fit, or set eval.online_every=0")
+            raise ValueError("eval.online_every is set but the loop got no held-out split "
+                             "(loop_config['online_split']); start training through "
+                             "ssl_platform.train.trainer.fit, or set eval.online_every=0")
         if self.here:
             if not isinstance(split, dict):
                 import ray
