@@ -147,7 +147,8 @@ class LogMelStats:
         self.sample_rate = sample_rate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        audio, lengths = torch.from_numpy(np.asarray(batch["audio"])), torch.from_numpy(np.asarray(batch["lengths"]))
+        # Ray hands read-only arrays over; torch.tensor copies (from_numpy would warn).
+        audio, lengths = torch.tensor(np.asarray(batch["audio"])), torch.tensor(np.asarray(batch["lengths"]))
         return {"features": log_mel_stats(audio, lengths, self.sample_rate).numpy(), "label": batch["label"],
                 "split": batch["split"]}
 
