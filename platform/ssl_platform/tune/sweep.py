@@ -1,0 +1,214 @@
+"""``sslp sweep``: a Ray Tune search over any config key, one multi-worker training run per trial.
+
+The Train V2 pattern: each trial is a function trainable (:func:`run_trial`) that loads the
+base config with the trial's values and calls :func:`ssl_platform.train.trainer.fit` with a
+``TuneReportCallback`` (:class:`ssl_platform.tune.asha.ReportAndObey`), so every report of
+rank 0 (``step``, ``loss`` at checkpoints, the ``val_*`` online metrics) reaches Tune. ASHA
+stops trials early on the sweep's metric, with ``time_attr="step"`` (the step the loop
+reports); a stopped trial shuts its own training run down (see tune/asha.py for why).
+
+Where a sweep lives, ``RUNS_DIR/NAME`` (RUNS_DIR from the base config):
+
+    sweep.yaml       the resolved sweep (command-line overrides applied)
+    tune/            Ray Tune's experiment state (what ``Tuner.restore`` reads)
+    trials/TRIAL_ID/ each trial's run directory: config.yaml, metrics.jsonl, checkpoints
+    trials.md, trials.csv, best.yaml, metric_vs_KEY.png, curves.png   (see tune/report.py)
+
+Resources. A Train V2 run schedules its own workers and its controller holds no CPU, so a trial
+driver that reserved the default 1 CPU would only take it away from the data pipeline (on 2
+cores: 1 CPU for the driver + 2 workers x 0.5 leaves nothing for Ray Data, which hangs). The
+trainable therefore reserves memory only, and ``max_concurrent_trials: auto`` runs as many
+trials at once as the cluster holds: its CPUs (and GPUs) // one trial's train workers plus
+``scaling.data_cpus``. A larger explicit value makes later trials wait for resources (at most
+``scaling.wait_for_resources_s``).
+
+Resume. Interrupting (Ctrl-C) saves Tune's state; running the same command again restores it
+(``Tuner.restore(resume_unfinished=True, resume_errored=True)``): finished trials are kept,
+an interrupted trial resumes its training run from its newest checkpoint. Re-running a sweep
+that finished prints its table. A different sweep under the same name is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ssl_platform.config import ConfigError, from_dict
+from ssl_platform.tune.spec import SweepSpec, concurrent_trials, load_sweep, trial_raw, trial_resources
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SPEC_FILE, STATE_FILE, TUNE_DIR, TRIALS_DIR = "sweep.yaml", "sweep.json", "tune", "trials"
+# What a trial's driver (this trainable) holds: memory for its process, no CPU (see above).
+DRIVER_MEMORY = 256 * 1024**2
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    return Path(spec.base.runs_dir).expanduser().resolve() / spec.name
+
+
+def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, dashboard: bool = True) -> int:
+    """``sslp sweep SWEEP_OR_YAML [key=value ...]``. Returns the exit status: 0 all trials done,
+    1 a trial failed (the others' results are still written), 2 a config or resource error,
+    130 interrupted (run the same command again to resume)."""
+    try:
+        sweep = load_sweep(spec, overrides)
+        where = sweep_dir(sweep)
+        done = _previous_run(sweep, where)
+    except ConfigError as e:
+        print(f"sslp: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if done:
+        print(f"sweep {sweep.name} is already complete ({done['trials']} trials); its results:\n", flush=True)
+        print((where / "trials.md").read_text(), flush=True)
+        print(f"sweep directory: {where}; use a new name= to sweep again", flush=True)
+        return EXIT_OK
+
+    import ray
+
+    from ssl_platform.train.trainer import ResourceError, alive_nodes, init_ray, plan_workers
+
+    started = not ray.is_initialized()
+    try:
+        url = init_ray(address, dashboard=dashboard)
+        if url:
+            print(f"Ray dashboard: {url}", flush=True)
+        plan = plan_workers(sweep.base, alive_nodes())
+        per_trial = trial_resources(plan.cpus_per_worker, plan.num_workers, plan.use_gpu, sweep.base.scaling.data_cpus)
+        concurrent = concurrent_trials(per_trial, ray.cluster_resources(), sweep.max_concurrent_trials)
+        print(f"sweep {sweep.name}: {sweep.num_trials} trials of {sweep.base.method.name} from {sweep.preset}, "
+              f"{concurrent} at a time (each: {plan.num_workers} workers x {plan.resources()} + "
+              f"{sweep.base.scaling.data_cpus:g} data CPUs); ASHA on {sweep.metric} ({sweep.mode}) by step, "
+              f"grace {sweep.grace_period}, reduction {sweep.reduction_factor:g}, max {sweep.max_steps}", flush=True)
+        print(f"sweep directory: {where}", flush=True)
+        results = _tune(sweep, where, concurrent)
+    except ResourceError as e:
+        print(f"sslp: resources: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    return _finish(sweep, where, results)
+
+
+def _previous_run(sweep: SweepSpec, where: Path) -> dict | None:
+    """Refuse a different sweep under this name; the saved state when this one already finished."""
+    saved = where / SPEC_FILE
+    if saved.is_file():
+        before = yaml.safe_load(saved.read_text())
+        if before != _plain(sweep.to_dict()):
+            changed = sorted(k for k in set(before) | set(sweep.to_dict()) if before.get(k) != _plain(sweep.to_dict()).get(k))
+            raise ConfigError(f"sweep {sweep.name} in {where} was started with different settings ({', '.join(changed)}); "
+                              f"run it with the same ones to resume, or set a new name=")
+    else:
+        where.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(_plain(sweep.to_dict()), sort_keys=False))
+    state = where / STATE_FILE
+    if state.is_file() and (where / "trials.md").is_file():
+        info = json.loads(state.read_text())
+        return info if info.get("complete") else None
+    return None
+
+
+def _plain(value):
+    """YAML-round-trip form (tuples as lists) so that saved and new specs compare equal."""
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _tune(sweep: SweepSpec, where: Path, concurrent: int):
+    from ray import tune
+
+    from ssl_platform.tune.asha import GracefulASHA
+
+    # A checkpoint reported before the first online evaluation (or the first logged loss) lacks
+    # the metric; ASHA skips such results, Tune's strict check would fail the trial.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=sweep.base.to_dict(), trials_dir=str(where / TRIALS_DIR)),
+        {"CPU": 0, "memory": DRIVER_MEMORY})
+    experiment = str(where / TUNE_DIR)
+    if tune.Tuner.can_restore(experiment):
+        print(f"resuming sweep {sweep.name} from {experiment}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                max_concurrent_trials=concurrent,
+                # Rungs strictly before the last step; trials stopped by their own run (tune/asha.py).
+                scheduler=GracefulASHA(str(where / TRIALS_DIR), time_attr="step", max_t=sweep.max_steps - 1,
+                                       grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                                       stop_last_trials=False),
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(where), verbose=1),
+        )
+    return tuner.fit()
+
+
+def trial_name(trial) -> str:
+    """Trial and directory name: Tune's trial id (also the trial's run name)."""
+    return trial.trial_id
+
+
+def run_trial(values: dict, *, base: dict, trials_dir: str) -> None:
+    """One trial: the base config with ``values``, trained with fit(); rank 0's reports reach Tune.
+    A trial whose run already reached train.max_steps (it finished just before an interruption)
+    is not trained again: its last metrics are reported from its metrics.jsonl."""
+    from ray import tune
+
+    from ssl_platform import methods
+    from ssl_platform.tune.asha import ReportAndObey, decision_path, read_decision
+    from ssl_platform.train.metrics import read_metrics
+    from ssl_platform.train.trainer import METRICS_FILE, completed_run, fit, run_paths
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = methods.validate(from_dict(trial_raw(base, values, name=trial_id, runs_dir=trials_dir)))
+    paths = run_paths(cfg)
+    done = completed_run(paths, cfg.train.max_steps)
+    if done:
+        last: dict = {}
+        for row in read_metrics(paths.local / METRICS_FILE):
+            last.update(row)
+        tune.report({**last, "step": done["steps"]})
+        return
+    decisions = decision_path(trials_dir, trial_id)
+    try:
+        fit(cfg, paths, callbacks=[ReportAndObey(str(decisions))])
+    except Exception:
+        decision = read_decision(decisions)
+        if decision and decision["stop"]:  # our own abort: ASHA stopped this trial
+            print(f"trial {trial_id} stopped early by ASHA at step {decision['stopped_at']}", flush=True)
+            return
+        raise
+
+
+def _finish(sweep: SweepSpec, where: Path, results) -> int:
+    from ssl_platform.tune.report import FAILED, best_row, trial_rows, write_report
+
+    finished = results.num_terminated + results.num_errors
+    if finished < sweep.num_trials:
+        print(f"\nsslp: sweep interrupted after {finished} of {sweep.num_trials} trials; run the same command again "
+              f"to resume (finished trials are kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    rows = trial_rows(results, sweep)
+    files = write_report(where, rows, sweep)
+    best = best_row(rows)
+    failed = [r for r in rows if r.status == FAILED]
+    (where / STATE_FILE).write_text(json.dumps({
+        "complete": not failed, "trials": len(rows), "metric": sweep.metric, "mode": sweep.mode,
+        "best": best.trial if best else None, "best_metric": best.metric if best else None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=2) + "\n")
+    print("\n" + files["trials.md"].read_text(), flush=True)
+    print(f"sweep directory: {where} (trials.md, trials.csv, {'best.yaml, ' if best else ''}plots)", flush=True)
+    if failed:
+        print(f"sslp: {len(failed)} trial(s) failed ({failed[0].trial}: {failed[0].error}); their run directories "
+              f"are in {where / TRIALS_DIR}; run the same command again to retry them", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
