@@ -1,0 +1,254 @@
+"""`sslp sweep`: the sweep YAML is checked before Ray, and a 4-trial sweep on 2 CPUs finishes,
+with ASHA stopping the trials that cannot learn, a resumed interruption that keeps finished
+trials, and a best.yaml that `sslp run` trains.
+
+The integration part runs the real command line in subprocesses (one local Ray cluster each):
+the sweep is interrupted with SIGINT once a trial has finished, run again to the end, and the
+best config is trained. Trials are tiny (2 workers x 0.5 CPU, 20 steps); one at a time, so
+ASHA's decisions do not depend on which trial reaches a rung first.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_platform.config import ConfigError
+from ssl_platform.tune.spec import Param, concurrent_trials, list_sweeps, load_sweep, split_overrides
+from ssl_platform.tune.sweep import EXIT_INTERRUPTED, EXIT_USAGE, run_sweep
+
+TINY = {
+    "model.encoder_widths": [8, 16], "model.projector_width": 64, "model.projector_dim": 32, "data.image_size": 16,
+    "train.batch_size": 64, "train.max_steps": 20, "train.log_every": 5, "train.checkpoint_every": 5,
+    "train.warmup_steps": 0, "train.optimizer": "adamw", "scaling.cpus_per_worker": 0.5,
+}
+
+
+def write_sweep(path: Path, runs_dir: Path, **changes) -> Path:
+    """A sweep over train.lr in {0.02, 0}: a trial with lr=0 cannot learn, so its loss at the
+    first rung (step 5) is clearly worse than that of a trial that trains."""
+    spec = {
+        "name": "tiny", "preset": "simclr-digits", "overrides": {"runs_dir": str(runs_dir), **TINY},
+        "metric": "loss", "mode": "min", "num_samples": 2, "max_concurrent_trials": 1,
+        "scheduler": {"grace_period": 5, "reduction_factor": 2},
+        "space": {"train.lr": {"grid": [0.02, 0.0]}},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- the sweep YAML (no Ray)
+
+def test_shipped_sweeps_search_temperature_batch_size_and_width():
+    sweeps = list_sweeps()
+    assert {"simclr-digits", "clip-digit-captions"} <= set(sweeps)
+    widths = {"simclr-digits": "model.projector_width", "clip-digit-captions": "model.embed_dim"}
+    metrics = {"simclr-digits": ("val_knn_top1", "max"), "clip-digit-captions": ("val_zero_shot_top1", "max")}
+    for name, width in widths.items():
+        spec = load_sweep(name)  # also builds every sampled trial config once
+        kinds = {p.key: p.kind for p in spec.space}
+        assert kinds == {"method.temperature": "loguniform", "train.batch_size": "choice", width: "choice"}
+        assert (spec.metric, spec.mode) == metrics[name]
+        assert spec.base.eval.online_every > 0 and spec.grace_period < spec.max_steps
+
+
+def test_search_space_forms_and_trial_count(tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path / "s.yaml", tmp_path, num_samples=3, space={
+        "train.lr": {"grid": [0.1, 0.2]}, "method.temperature": {"loguniform": [0.05, 0.5]},
+        "data.crop_scale_min": {"choice": [0.3, 0.5]}, "train.weight_decay": {"uniform": [0.0, 0.1]},
+        "eval.knn_k": {"randint": [1, 5]}})))
+    assert spec.num_trials == 3 * 2  # the grid runs in every sample
+    params = {p.key: p for p in spec.space}
+    assert params["eval.knn_k"].samples() == [1, 4]  # randint's high end is exclusive
+    assert params["method.temperature"].samples() == [0.05, 0.5] and params["method.temperature"].log_scale
+    from ray import tune
+
+    space = spec.param_space()
+    assert space["train.lr"] == {"grid_search": [0.1, 0.2]}
+    assert isinstance(space["method.temperature"], tune.search.sample.Float)
+    assert isinstance(space["data.crop_scale_min"], tune.search.sample.Categorical)
+    assert isinstance(space["eval.knn_k"], tune.search.sample.Integer)
+
+
+def test_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
+    sweep, config = split_overrides(["num_samples=4", "scheduler.grace_period=10", "train.max_steps=40",
+                                     "space.train.lr={grid: [0.1, 1.0]}"])
+    assert sweep == {"num_samples": 4, "scheduler.grace_period": 10, "space.train.lr": {"grid": [0.1, 1.0]}}
+    assert config == {"train.max_steps": 40}
+    spec = load_sweep(str(write_sweep(tmp_path / "s.yaml", tmp_path)),
+                      ["num_samples=4", "scheduler.grace_period=10", "train.max_steps=40", "space.train.lr={grid: [0.1, 1.0]}"])
+    assert spec.num_samples == 4 and spec.grace_period == 10
+    assert spec.base.train.max_steps == 40 and spec.max_steps == 40
+    assert [p.values for p in spec.space if p.key == "train.lr"] == [(0.1, 1.0)]
+    with pytest.raises(ConfigError, match="neither a sweep key"):
+        split_overrides(["trian.max_steps=3"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"space": {"method.temprature": {"loguniform": [0.05, 0.5]}}}, "did you mean method.temperature"),
+    ({"space": {"data.jitter_strength": {"choice": [0.5, 3.0]}}}, "data.jitter_strength=3.0"),
+    ({"space": {"train.batch_size": {"choice": [64]}}}, "both searched"),
+    ({"space": {"method.temperature": {"loguniform": [0.0, 0.5]}}}, "bounds must be positive"),
+    ({"space": {"method.temperature": {"normal": [0.1, 0.5]}}}, "expected one of"),
+    ({"space": {"train.lr": {"uniform": [0.5, 0.1]}}}, "low < high"),
+    ({"space": {"scaling.num_workers": {"choice": [1, 2]}}}, "fixed per sweep"),
+    ({"space": {}}, "at least one searched key"),
+    ({"metric": "val_knn_top1", "mode": "max"}, "eval.online_every=0"),
+    ({"scheduler": {"grace_period": 20}}, "not below train.max_steps"),
+    ({"scheduler": {"reduction_factor": 1}}, "reduction_factor"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"metric": "knn", "mode": None}, "mode"),
+    ({"sampels": 3}, "unknown sweep key"),
+])
+def test_bad_sweeps_fail_before_ray_naming_what_to_change(tmp_path, changes, message):
+    path = write_sweep(tmp_path / "s.yaml", tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(str(path))
+
+
+def test_bad_override_in_the_fixed_config_names_the_key(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", tmp_path)
+    with pytest.raises(ConfigError, match="train.max_stepz"):
+        load_sweep(str(path), ["train.max_stepz=3"])
+
+
+def test_run_config_is_not_a_sweep(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"method": {"name": "simclr"}, "train": {"max_steps": 3}}))
+    with pytest.raises(ConfigError, match="is a run config, not a sweep"):
+        load_sweep(str(config))
+
+
+def test_run_sweep_exits_2_on_a_config_error_without_starting_ray(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", tmp_path, space={"train.lr": {"grid": [-1.0]}})
+    assert run_sweep(str(path), [], dashboard=False) == EXIT_USAGE
+    assert "train.lr=-1.0" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_max_concurrent_trials_fit_the_cluster():
+    # 2 workers x 0.5 CPU + 1 data CPU on a 2-CPU laptop: one trial at a time.
+    assert concurrent_trials({"CPU": 2.0, "GPU": 0.0}, {"CPU": 2.0}) == 1
+    assert concurrent_trials({"CPU": 3.0, "GPU": 0.0}, {"CPU": 16.0}) == 5
+    assert concurrent_trials({"CPU": 3.0, "GPU": 2.0}, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bound it
+    assert concurrent_trials({"CPU": 8.0, "GPU": 0.0}, {"CPU": 4.0}) == 1  # never less than one
+    assert concurrent_trials({"CPU": 2.0}, {"CPU": 16.0}, requested=3) == 3
+
+
+def test_param_samples_cover_every_choice():
+    assert Param("train.batch_size", "choice", (32, 64, 128)).samples() == [32, 64, 128]
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+def sslp(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def finished_trials(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep_dir.glob("trials/*/summary.json"))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Start the sweep, SIGINT it once a trial has finished, run the same command again."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = write_sweep(root / "tiny.yaml", root)
+    sweep_dir = root / "tiny"
+    first = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "first.log")
+    deadline = time.monotonic() + 900
+    while not finished_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert finished_trials(sweep_dir), f"no trial finished:\n{(root / 'first.log').read_text()[-4000:]}"
+    done = finished_trials(sweep_dir)[0]
+    before = {name: ((done / name).read_bytes(), (done / name).stat().st_mtime_ns)
+              for name in ("summary.json", "metrics.jsonl")}
+    checkpoints_before = sorted(p.name for p in done.glob("checkpoint_*"))
+    first.send_signal(signal.SIGINT)
+    first_rc = first.wait(timeout=300)
+
+    second = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "second.log")
+    second_rc = second.wait(timeout=1500)
+    return {"root": root, "spec": spec, "dir": sweep_dir, "first_rc": first_rc, "second_rc": second_rc,
+            "first_log": (root / "first.log").read_text(), "second_log": (root / "second.log").read_text(),
+            "done": done, "before": before, "checkpoints_before": checkpoints_before}
+
+
+def rows_of(sweep_dir: Path) -> list[dict]:
+    import csv
+
+    with (sweep_dir / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_exits_130_and_the_rerun_finishes_all_four_trials(sweep):
+    assert sweep["first_rc"] == EXIT_INTERRUPTED, sweep["first_log"][-4000:]
+    assert sweep["second_rc"] == 0, sweep["second_log"][-6000:]
+    assert "resuming sweep tiny" in sweep["second_log"]
+    rows = rows_of(sweep["dir"])
+    assert len(rows) == 4
+    assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.0, 0.02, 0.02]
+    for name in ("trials.md", "best.yaml", "curves.png", "metric_vs_train.lr.png"):
+        assert (sweep["dir"] / name).is_file(), name
+
+
+@pytest.mark.ray
+def test_rerun_does_not_train_a_finished_trial_again(sweep):
+    done = sweep["done"]
+    for name, (data, mtime) in sweep["before"].items():
+        assert (done / name).read_bytes() == data, f"{name} of finished trial {done.name} changed"
+        assert (done / name).stat().st_mtime_ns == mtime, f"{name} of finished trial {done.name} was rewritten"
+    assert sorted(p.name for p in done.glob("checkpoint_*")) == sweep["checkpoints_before"]
+    row = next(r for r in rows_of(sweep["dir"]) if r["trial"] == done.name)
+    assert row["status"] == "complete" and int(row["step"]) == 20
+
+
+@pytest.mark.ray
+def test_asha_stops_the_trials_that_cannot_learn_at_the_first_rung(sweep):
+    rows = rows_of(sweep["dir"])
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    complete = [r for r in rows if r["status"] == "complete"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(float(r["train.lr"]) == 0.0 and int(r["step"]) < 20 for r in stopped)
+    assert all(float(r["train.lr"]) == 0.02 and int(r["step"]) == 20 for r in complete)
+    # A stopped trial's run ended at its rung, short of its summary (written only by a complete run).
+    for r in stopped:
+        run = sweep["dir"] / "trials" / r["trial"]
+        assert not (run / "summary.json").exists()
+    # Sorted by the metric: the best (lowest loss) complete trial first.
+    assert rows[0]["status"] == "complete"
+    assert float(rows[0]["loss"]) == min(float(r["loss"]) for r in complete)
+
+
+@pytest.mark.ray
+def test_best_yaml_trains_with_sslp_run(sweep):
+    best = sweep["dir"] / "best.yaml"
+    cfg = yaml.safe_load(best.read_text())
+    assert cfg["name"] == "tiny-best" and cfg["train"]["lr"] == 0.02
+    # eval.enabled=false: this test is about the config; evaluation has tests of its own.
+    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "run", str(best), "eval.enabled=false",
+                           "--no-dashboard"], cwd=sweep["root"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = Path(cfg["runs_dir"]) / "tiny-best"
+    assert (run_dir / "summary.json").is_file()
+    assert "steps       20/20" in done.stdout
+
+
+@pytest.mark.ray
+def test_finished_sweep_rerun_prints_results_and_other_settings_are_refused(sweep, capsys):
+    assert run_sweep(str(sweep["spec"]), [], dashboard=False) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "| rank | trial |" in out
+    assert run_sweep(str(sweep["spec"]), ["num_samples=3"], dashboard=False) == EXIT_USAGE
+    assert "different settings (num_samples)" in capsys.readouterr().err
