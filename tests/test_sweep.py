@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,25 +161,39 @@ def finished_trials(sweep_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """Start the sweep, SIGINT it once a trial has finished, run the same command again."""
-    root = tmp_path_factory.mktemp("sweep")
+def sweep():
+    """Start the sweep, SIGINT it once a trial has finished, run the same command again.
+    (A directory of its own: pytest's numbered base directories are rotated by other pytest
+    runs on the machine, and this fixture lives for minutes.)"""
+    with tempfile.TemporaryDirectory(prefix="sslp-sweep-test-") as d:
+        yield run_interrupted_sweep(Path(d))
+
+
+def run_interrupted_sweep(root: Path) -> dict:
     spec = write_sweep(root / "tiny.yaml", root)
     sweep_dir = root / "tiny"
     first = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "first.log")
-    deadline = time.monotonic() + 900
-    while not finished_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(1)
-    assert finished_trials(sweep_dir), f"no trial finished:\n{(root / 'first.log').read_text()[-4000:]}"
-    done = finished_trials(sweep_dir)[0]
-    before = {name: ((done / name).read_bytes(), (done / name).stat().st_mtime_ns)
-              for name in ("summary.json", "metrics.jsonl")}
-    checkpoints_before = sorted(p.name for p in done.glob("checkpoint_*"))
-    first.send_signal(signal.SIGINT)
-    first_rc = first.wait(timeout=300)
+    try:
+        deadline = time.monotonic() + 900
+        while not finished_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert finished_trials(sweep_dir), f"no trial finished:\n{(root / 'first.log').read_text()[-4000:]}"
+        done = finished_trials(sweep_dir)[0]
+        before = {name: ((done / name).read_bytes(), (done / name).stat().st_mtime_ns)
+                  for name in ("summary.json", "metrics.jsonl")}
+        checkpoints_before = sorted(p.name for p in done.glob("checkpoint_*"))
+        first.send_signal(signal.SIGINT)
+        first_rc = first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
 
     second = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "second.log")
-    second_rc = second.wait(timeout=1500)
+    try:
+        second_rc = second.wait(timeout=1500)
+    finally:
+        if second.poll() is None:
+            second.kill()
     return {"root": root, "spec": spec, "dir": sweep_dir, "first_rc": first_rc, "second_rc": second_rc,
             "first_log": (root / "first.log").read_text(), "second_log": (root / "second.log").read_text(),
             "done": done, "before": before, "checkpoints_before": checkpoints_before}

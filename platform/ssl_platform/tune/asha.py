@@ -37,12 +37,38 @@ def decision_path(trials_dir: str | Path, trial_id: str) -> Path:
 
 
 class GracefulASHA(AsyncHyperBandScheduler):
-    """ASHA on ``time_attr``; STOP decisions are written for the trial to act on (see module)."""
+    """ASHA on ``time_attr``; STOP decisions are written for the trial to act on (see module).
+
+    ``Tuner.restore`` brings back the scheduler as it was pickled when the sweep started, with
+    empty rungs; so the rungs (each trial's metric at each milestone) are also written to
+    ``STATE_FILE`` beside the trials and read back when the scheduler is unpickled, and a
+    resumed sweep judges new trials against the trials that ran before the interruption.
+    """
+
+    STATE_FILE = "asha_state.json"
 
     def __init__(self, trials_dir: str, **kwargs):
         super().__init__(**kwargs)
         self.trials_dir = trials_dir
         self._stopped: dict[str, int] = {}  # trial id -> the step ASHA stopped it at
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        saved = read_decision(Path(self.trials_dir).parent / self.STATE_FILE)
+        if not saved:
+            return
+        for bracket, rungs in zip(self._brackets, saved["rungs"]):
+            recorded = {float(milestone): values for milestone, values in rungs}
+            bracket._rungs = [(milestone, dict(recorded.get(float(milestone), {}))) for milestone, _ in bracket._rungs]
+        self._stopped = dict(saved["stopped"])
+
+    def _save_state(self) -> None:
+        path = Path(self.trials_dir).parent / self.STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"rungs": [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets], "stopped": self._stopped}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if trial.trial_id in self._stopped:
@@ -58,6 +84,7 @@ class GracefulASHA(AsyncHyperBandScheduler):
             tmp.write_text(json.dumps({"step": result[self._time_attr], "stop": action == TrialScheduler.STOP,
                                        "stopped_at": self._stopped.get(trial.trial_id)}))
             tmp.replace(path)  # atomic: the trial never reads half a decision
+            self._save_state()
         return TrialScheduler.CONTINUE
 
     def stopped(self) -> dict[str, int]:

@@ -148,6 +148,8 @@ def plot_params(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> list[
             ax.scatter([x_of(best)], [best.metric], s=140, marker="*", color="C3", label=f"best ({best.trial})", zorder=3)
         if p.log_scale:
             ax.set_xscale("log")
+        elif numeric:
+            ax.locator_params(axis="x", nbins=5)
         if not numeric:
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(p.key)

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,14 +89,17 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
               f"{sweep.base.scaling.data_cpus:g} data CPUs); ASHA on {sweep.metric} ({sweep.mode}) by step, "
               f"grace {sweep.grace_period}, reduction {sweep.reduction_factor:g}, max {sweep.max_steps}", flush=True)
         print(f"sweep directory: {where}", flush=True)
-        results = _tune(sweep, where, concurrent)
+        results, interrupted = _tune(sweep, where, concurrent)
     except ResourceError as e:
         print(f"sslp: resources: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C (it turns it into a saved, stopped sweep)
+        print(f"\nsslp: interrupted; run the same command again to resume sweep {sweep.name}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
-    return _finish(sweep, where, results)
+    return _finish(sweep, where, results, interrupted)
 
 
 def _previous_run(sweep: SweepSpec, where: Path) -> dict | None:
@@ -150,7 +155,25 @@ def _tune(sweep: SweepSpec, where: Path, concurrent: int):
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(where), verbose=1),
         )
-    return tuner.fit()
+    return _fit_noting_ctrl_c(tuner)
+
+
+def _fit_noting_ctrl_c(tuner):
+    """``tuner.fit()`` and whether it ended on Ctrl-C. Tune's SIGINT handler saves the handler
+    it replaces and puts it back on the first Ctrl-C only; an interrupted trial may then count
+    as errored, so the trial statuses alone cannot tell an interruption from a failure."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def second_ctrl_c(sig, frame):  # what Tune restores after the first Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, second_ctrl_c)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is second_ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def trial_name(trial) -> str:
@@ -190,11 +213,13 @@ def run_trial(values: dict, *, base: dict, trials_dir: str) -> None:
         raise
 
 
-def _finish(sweep: SweepSpec, where: Path, results) -> int:
+def _finish(sweep: SweepSpec, where: Path, results, interrupted: bool) -> int:
     from ssl_platform.tune.report import FAILED, best_row, trial_rows, write_report
 
-    finished = results.num_terminated + results.num_errors
-    if finished < sweep.num_trials:
+    # Finished: ran to its end or was stopped by ASHA (the function returned: Tune's "done"), or failed.
+    finished = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    if interrupted or finished < sweep.num_trials:
+        finished = sum(1 for r in results if r.error is None and (r.metrics or {}).get("done"))
         print(f"\nsslp: sweep interrupted after {finished} of {sweep.num_trials} trials; run the same command again "
               f"to resume (finished trials are kept)", file=sys.stderr)
         return EXIT_INTERRUPTED
