@@ -125,9 +125,11 @@ def test_extract_dict_result_and_bad_input(digits):
 
     with pytest.raises(ValueError, match="does not fit method simclr"):
         extract(ds, tiny_cfg("model.encoder_widths=[8,32]"), DERIVED, build_method(cfg, DERIVED, None).state_dict(),
-                embed_images)
+                embed_images, keep=("path",))
     with pytest.raises(ValueError, match="sequence of column names"):
         extract(ds, cfg, DERIVED, None, embed_images, keep="label")
+    with pytest.raises(ValueError, match=r"names columns \['label'\] that the dataset lacks"):
+        extract(ds, cfg, DERIVED, None, embed_images)  # keep=("label",) by default; these rows have none
 
 
 # --- the image protocol -------------------------------------------------------------------

@@ -54,8 +54,13 @@ def check_state(cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str,
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
     shapes = [f"{k} {got[k]} vs {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
-    problems = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected else []) \
-        + ([f"shape of {'; '.join(shapes[:2])} (checkpoint vs config)"] if shapes else [])
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:3]}")
+    if shapes:
+        problems.append(f"shape of {'; '.join(shapes[:2])} (checkpoint vs config)")
     if problems:
         raise ValueError(f"the checkpoint does not fit method {cfg.method.name} with model={cfg.model}: "
                          f"{', '.join(problems)}; evaluate with the config the run was trained with")
@@ -160,6 +165,10 @@ def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any]
         raise RuntimeError("extract runs on Ray Data; call ray.init() (or use `sslp eval`, which starts Ray) first")
     if isinstance(keep, str):
         raise ValueError(f"keep must be a sequence of column names, got the string {keep!r}; use keep=({keep!r},)")
+    schema = ds.schema(fetch_if_missing=False)  # known without running anything for in-memory data
+    missing = [k for k in keep if schema is not None and k not in schema.names]
+    if missing:
+        raise ValueError(f"keep={list(keep)} names columns {missing} that the dataset lacks (it has {schema.names})")
     if state is not None:
         check_state(cfg, derived, state)
     state_ref = [ray.put({k: v.detach().cpu() for k, v in state.items()})] if state is not None else None
