@@ -157,7 +157,8 @@ def test_image_protocol_rows_in_range_and_report(tmp_path, digits):
 
 
 def test_image_protocol_rejects_a_corpus_without_labels(tmp_path):
-    cfg = tiny_cfg(f"data.path={tmp_path}", "eval.enabled=false")  # the config check is the first line of defence
+    # The config check is the first line of defence; with evaluation off it lets the path through.
+    cfg = tiny_cfg(f"data.path={tmp_path}", "eval.enabled=false", "eval.online_every=0")
     with pytest.raises(ValueError, match="labelled held-out split"):
         evaluate_run(cfg, tmp_path, tmp_path / "run")
 
