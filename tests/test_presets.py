@@ -10,6 +10,7 @@ import torch
 
 from ssl_platform import methods
 from ssl_platform.config import METHOD_KINDS, list_presets, load_config
+from ssl_platform.train.online import ONLINE_METRIC
 
 LOCAL = ["simclr-digits", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
          "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"]
@@ -33,15 +34,24 @@ def test_preset_validates_and_builds_its_method(preset):
 @pytest.mark.ray
 @pytest.mark.parametrize("preset", LOCAL)
 def test_local_preset_trains_through_the_cli(preset, tmp_path):
+    # The image table's CLI path is tested in test_run_e2e; here the other kinds' end-of-run
+    # evaluation runs through `sslp run`, and every method's online metric is reported.
+    image = METHOD_KINDS[load_config(preset).method.name] == "image"
     done = subprocess.run(
         [sys.executable, "-m", "ssl_platform.cli", "run", preset, f"runs_dir={tmp_path}", "train.max_steps=4",
-         "train.log_every=2", "train.checkpoint_every=2", "train.warmup_steps=1", "eval.enabled=false",
+         "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=1", f"eval.enabled={not image}",
          "--no-dashboard"],
         cwd=tmp_path, env={**os.environ, "RAY_DEDUP_LOGS": "0"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     run_dir = tmp_path / preset
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    metric, _ = ONLINE_METRIC[load_config(preset).method.name]
+    assert metric not in rows[0] and 0 <= rows[1][metric]  # online_every=50: evaluated at the last step only
+    if not image:
+        results = json.loads((run_dir / "results.json").read_text())
+        assert len(results["rows"]) >= 2 and (run_dir / "report.png").stat().st_size > 0
+        assert "(this run)" in (run_dir / "results.md").read_text()
     newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     state = torch.load(newest / "state.pt", weights_only=True)
     assert state["step"] == 4
