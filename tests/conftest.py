@@ -1,4 +1,5 @@
-"""Shared fixtures. ``ray_data``: the one local Ray instance a data test module runs on."""
+"""Shared fixtures. ``ray_data``: the one local Ray instance a data test module runs on;
+``one_thread``: torch on one thread for the test (the test machine's 2 cores are shared)."""
 
 import pytest
 import ray
@@ -24,3 +25,13 @@ def ray_data():
     quiet_progress()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

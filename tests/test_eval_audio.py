@@ -19,12 +19,7 @@ from ssl_platform.train.checkpoint import TrainState, rng_state, save_state
 RATE = 16_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's 2 cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def tone(freq: float, samples: int) -> torch.Tensor:

@@ -32,12 +32,7 @@ from ssl_platform.train.checkpoint import TrainState, rng_state, save_state
 SMALL = dict(vocab_size=50, max_len=12, dim=16, depth=1, heads=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's 2 cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # ----------------------------------------------------------------------------- unigram baseline

@@ -19,12 +19,7 @@ SMALL = dict(vocab_size=VOCAB, max_len=MAX_LEN, dim=DIM, depth=DEPTH, heads=4, d
 METHODS = [BERT, GPT]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's 2 cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def make(cls, seed: int = 0, **overrides) -> nn.Module:
