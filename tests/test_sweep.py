@@ -4,7 +4,7 @@ trials, and a best.yaml that `sslp run` trains.
 
 The integration part runs the real command line in subprocesses (one local Ray cluster each):
 the sweep is interrupted with SIGINT once a trial has finished, run again to the end, and the
-best config is trained. Trials are tiny (2 workers x 0.5 CPU, 20 steps); one at a time, so
+best config is trained. Trials are tiny (2 workers x 0.5 CPU, 10 steps); one at a time, so
 ASHA's decisions do not depend on which trial reaches a rung first.
 """
 
@@ -25,14 +25,15 @@ from ssl_platform.tune.sweep import EXIT_INTERRUPTED, EXIT_USAGE, run_sweep
 
 TINY = {
     "model.encoder_widths": [8, 16], "model.projector_width": 64, "model.projector_dim": 32, "data.image_size": 16,
-    "train.batch_size": 64, "train.max_steps": 20, "train.log_every": 5, "train.checkpoint_every": 5,
+    "train.batch_size": 64, "train.max_steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
     "train.warmup_steps": 0, "train.optimizer": "adamw", "scaling.cpus_per_worker": 0.5,
 }
 
 
 def write_sweep(path: Path, runs_dir: Path, **changes) -> Path:
     """A sweep over train.lr in {0.02, 0}: a trial with lr=0 cannot learn, so its loss at the
-    first rung (step 5) is clearly worse than that of a trial that trains."""
+    rung (step 5; the only one below 10 steps with reduction factor 2) is clearly worse than
+    that of a trial that trains. The grid runs lr=0.02, 0, 0.02, 0 in that order."""
     spec = {
         "name": "tiny", "preset": "simclr-digits", "overrides": {"runs_dir": str(runs_dir), **TINY},
         "metric": "loss", "mode": "min", "num_samples": 2, "max_concurrent_trials": 1,
@@ -100,8 +101,8 @@ def test_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
     ({"space": {"train.lr": {"uniform": [0.5, 0.1]}}}, "low < high"),
     ({"space": {"scaling.num_workers": {"choice": [1, 2]}}}, "fixed per sweep"),
     ({"space": {}}, "at least one searched key"),
-    ({"metric": "val_knn_top1", "mode": "max"}, "eval.online_every=0"),
-    ({"scheduler": {"grace_period": 20}}, "not below train.max_steps"),
+    ({"metric": "val_knn_top1", "mode": "max", "overrides": {**TINY, "eval.online_every": 0}}, "eval.online_every=0"),
+    ({"scheduler": {"grace_period": 10}}, "not below train.max_steps"),
     ({"scheduler": {"reduction_factor": 1}}, "reduction_factor"),
     ({"num_samples": 0}, "num_samples"),
     ({"metric": "knn", "mode": None}, "mode"),
@@ -226,7 +227,7 @@ def test_rerun_does_not_train_a_finished_trial_again(sweep):
         assert (done / name).stat().st_mtime_ns == mtime, f"{name} of finished trial {done.name} was rewritten"
     assert sorted(p.name for p in done.glob("checkpoint_*")) == sweep["checkpoints_before"]
     row = next(r for r in rows_of(sweep["dir"]) if r["trial"] == done.name)
-    assert row["status"] == "complete" and int(row["step"]) == 20
+    assert row["status"] == "complete" and int(row["step"]) == 10
 
 
 @pytest.mark.ray
@@ -235,8 +236,9 @@ def test_asha_stops_the_trials_that_cannot_learn_at_the_first_rung(sweep):
     stopped = [r for r in rows if r["status"] == "stopped early"]
     complete = [r for r in rows if r["status"] == "complete"]
     assert stopped, "ASHA stopped no trial"
-    assert all(float(r["train.lr"]) == 0.0 and int(r["step"]) < 20 for r in stopped)
-    assert all(float(r["train.lr"]) == 0.02 and int(r["step"]) == 20 for r in complete)
+    assert sorted(float(r["train.lr"]) for r in stopped) == [0.0, 0.0] and all(int(r["step"]) == 5 for r in stopped)
+    assert sorted(float(r["train.lr"]) for r in complete) == [0.02, 0.02] and all(int(r["step"]) == 10 for r in complete)
+    assert max(float(r["loss"]) for r in complete) < min(float(r["loss"]) for r in stopped)
     # A stopped trial's run ended at its rung, short of its summary (written only by a complete run).
     for r in stopped:
         run = sweep["dir"] / "trials" / r["trial"]
@@ -257,7 +259,7 @@ def test_best_yaml_trains_with_sslp_run(sweep):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = Path(cfg["runs_dir"]) / "tiny-best"
     assert (run_dir / "summary.json").is_file()
-    assert "steps       20/20" in done.stdout
+    assert "steps       10/10" in done.stdout
 
 
 @pytest.mark.ray

@@ -216,10 +216,9 @@ def run_trial(values: dict, *, base: dict, trials_dir: str) -> None:
 def _finish(sweep: SweepSpec, where: Path, results, interrupted: bool) -> int:
     from ssl_platform.tune.report import FAILED, best_row, trial_rows, write_report
 
-    # Finished: ran to its end or was stopped by ASHA (the function returned: Tune's "done"), or failed.
-    finished = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
-    if interrupted or finished < sweep.num_trials:
-        finished = sum(1 for r in results if r.error is None and (r.metrics or {}).get("done"))
+    # Terminated: ran to its end or stopped by ASHA. Trials not yet created do not appear at all.
+    if interrupted or results.num_terminated + results.num_errors < sweep.num_trials:
+        finished = results.num_terminated
         print(f"\nsslp: sweep interrupted after {finished} of {sweep.num_trials} trials; run the same command again "
               f"to resume (finished trials are kept)", file=sys.stderr)
         return EXIT_INTERRUPTED
