@@ -111,7 +111,7 @@ def test_corpus_must_fit_the_method(overrides, expected):
 
 def test_user_corpus_keys():
     cfg = load_config("simclr-digits", ["data.path=s3://bucket/images", "data.format=webdataset", "data.strict=true",
-                                        "eval.enabled=false"])
+                                        "eval.enabled=false", "eval.online_every=0"])
     assert (cfg.data.path, cfg.data.kind, cfg.data.format, cfg.data.strict) == ("s3://bucket/images", "image",
                                                                                  "webdataset", True)
 

@@ -246,7 +246,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw["train"]["lr"]`` from ``"train.lr"`` in a config's nested mapping."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -449,7 +450,7 @@ def with_overrides(raw: dict, overrides: list[str] = ()) -> ExperimentConfig:
     raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return from_dict(raw)
 
 

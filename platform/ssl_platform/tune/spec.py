@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from ssl_platform.config import ConfigError, ExperimentConfig, from_dict, load_config, parse_override
+from ssl_platform.config import ConfigError, ExperimentConfig, from_dict, load_config, parse_override, set_dotted
 
 SWEEPS_PACKAGE = "ssl_platform.presets"  # shipped sweeps live in presets/sweeps/*.yaml
 SWEEP_KEYS = ("name", "preset", "overrides", "metric", "mode", "num_samples", "max_concurrent_trials",
@@ -196,17 +196,6 @@ def _apply_sweep_override(raw: dict, key: str, value: Any) -> None:
     if not isinstance(section, dict):
         raise ConfigError(f"{key}: {top} is a value, not a section")
     section[rest] = value
-
-
-def set_dotted(raw: dict, key: str, value: Any) -> None:
-    """Set ``raw["train"]["lr"]`` from ``"train.lr"`` (a config's nested mapping)."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part!r} is a value, not a section")
-    node[parts[-1]] = value
 
 
 # ----------------------------------------------------------------------------- parsing
