@@ -265,7 +265,8 @@ def _fit_byol(run_dir, max_steps: int):
         "name=byol-resume", f"runs_dir={run_dir.parent}", f"train.max_steps={max_steps}", "train.batch_size=16",
         "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=0", "train.grad_accum_steps=2",
         "train.precision=bf16", "scaling.strategy=fsdp", "method.momentum_base=0.0", "model.encoder_widths=[4,8]",
-        "model.projector_width=16", "model.projector_dim=8", "model.predictor_width=16", "eval.enabled=false"])
+        "model.projector_width=16", "model.projector_dim=8", "model.predictor_width=16", "eval.enabled=false",
+        "eval.online_every=0"])  # no held-out split is built here (fit does that)
     g = np.random.default_rng(0)
     rows = [{"view1": g.standard_normal((1, 8, 8), dtype=np.float32),
              "view2": g.standard_normal((1, 8, 8), dtype=np.float32)} for _ in range(32)]
