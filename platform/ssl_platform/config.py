@@ -211,24 +211,32 @@ def list_presets() -> dict[str, str]:
 
 def _read_preset(preset: str) -> dict:
     """A preset name or a YAML path -> its raw mapping."""
-    path = Path(preset)
+    return read_yaml_mapping(preset, "preset", list_presets(),
+                             lambda name: resources.files(PRESETS_PACKAGE).joinpath(name + ".yaml").read_text())
+
+
+def read_yaml_mapping(source: str, what: str, shipped: Mapping[str, str], read_shipped) -> dict:
+    """A YAML path, or the name of a shipped ``what`` (a preset, a sweep) -> its raw mapping, or a
+    ConfigError saying what exists (and the closest name for a typo)."""
+    path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {preset!r} does not exist; give a preset name ({', '.join(list_presets())}) or a YAML path")
+            raise ConfigError(f"{what} file {source!r} does not exist; give a {what} name ({', '.join(shipped)}) "
+                              f"or a YAML path")
         text = path.read_text()
     else:
-        names = list_presets()
-        if preset not in names:
-            close = difflib.get_close_matches(preset, names, n=1)
+        if source not in shipped:
+            close = difflib.get_close_matches(source, list(shipped), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown preset {preset!r}{hint}; known presets: {', '.join(names)}, or give a YAML path")
-        text = resources.files(PRESETS_PACKAGE).joinpath(preset + ".yaml").read_text()
+            raise ConfigError(f"unknown {what} {source!r}{hint}; shipped {what}s: {', '.join(shipped)}, or give a "
+                              f"YAML path")
+        text = read_shipped(source)
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{preset}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{preset}: a config must be a YAML mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: a {what} must be a YAML mapping, got {type(raw).__name__}")
     return raw
 
 

@@ -42,7 +42,8 @@ from typing import Any
 
 import yaml
 
-from ssl_platform.config import ConfigError, ExperimentConfig, from_dict, load_config, parse_override, set_dotted
+from ssl_platform.config import (ConfigError, ExperimentConfig, from_dict, load_config, parse_override,
+                                 read_yaml_mapping, set_dotted)
 
 SWEEPS_PACKAGE = "ssl_platform.presets"  # shipped sweeps live in presets/sweeps/*.yaml
 SWEEP_KEYS = ("name", "preset", "overrides", "metric", "mode", "num_samples", "max_concurrent_trials",
@@ -138,29 +139,10 @@ def list_sweeps() -> dict[str, str]:
 
 def read_sweep(source: str) -> dict:
     """A shipped sweep name or a sweep YAML path -> its raw mapping."""
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"sweep file {source!r} does not exist; give a sweep name "
-                              f"({', '.join(list_sweeps())}) or a sweep YAML path")
-        text = path.read_text()
-    else:
-        names = list_sweeps()
-        if source not in names:
-            close = difflib.get_close_matches(source, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown sweep {source!r}{hint}; shipped sweeps: {', '.join(names)}, or give a sweep "
-                              f"YAML path")
-        text = _sweeps_dir().joinpath(source + ".yaml").read_text()
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a sweep must be a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(source, "sweep", list_sweeps(), lambda name: _sweeps_dir().joinpath(name + ".yaml").read_text())
     if "preset" not in raw and "space" not in raw and any(k in raw for k in CONFIG_SECTIONS):
         raise ConfigError(f"{source} is a run config, not a sweep; a sweep YAML has preset: (this config), "
-                          f"space: and metric: keys (see `sslp sweep --list` for examples)")
+                          f"space: and metric: keys (`sslp presets` lists the shipped sweeps)")
     return raw
 
 
