@@ -26,6 +26,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+# Sub-commands that live in a module of their own: name -> module. Each module defines
+# ``add_parser(sub)`` (registers the sub-command; the module must import nothing heavy, since
+# every `sslp` call builds the parser) and ``main(args) -> int`` (the exit status).
+COMMAND_MODULES: dict[str, str] = {}
+
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-view augmentation throughput (views/s) of the platform's Ray Data pipeline against a "
                     "torchvision-transforms DataLoader on the same JPEGs and cores, at 32 and 224 px.")
     add_bench_arguments(bench_data)
+
+    import importlib
+
+    for module in COMMAND_MODULES.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -123,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if args.command in COMMAND_MODULES:
+            import importlib
+
+            return importlib.import_module(COMMAND_MODULES[args.command]).main(args)
         if args.command == "presets":
             from ssl_platform.tune.sweep import list_sweeps
 
