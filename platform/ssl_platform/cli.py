@@ -29,7 +29,11 @@ EXIT_INTERRUPTED = 130
 # Sub-commands that live in a module of their own: name -> module. Each module defines
 # ``add_parser(sub)`` (registers the sub-command; the module must import nothing heavy, since
 # every `sslp` call builds the parser) and ``main(args) -> int`` (the exit status).
-COMMAND_MODULES: dict[str, str] = {}
+COMMAND_MODULES: dict[str, str] = {
+    "submit": "ssl_platform.submit",
+    "finetune": "ssl_platform.finetune",
+    "dashboards": "ssl_platform.dashboards",
+}
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
