@@ -1,0 +1,247 @@
+"""The Grafana dashboard (dashboards/ssl-platform.json) and `sslp dashboards install`.
+
+Every metric a panel or variable queries must be one the platform emits (train.metrics.METRICS,
+as Ray's Prometheus export names it) or one Ray 2.60's Ray Data defines (read from Ray's code
+here, not copied); a short real run on a local Ray with the metrics export port set shows the
+platform's gauges on Ray's Prometheus endpoint.
+"""
+
+import json
+import re
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ssl_platform.cli import main as sslp
+from ssl_platform.dashboards import DASHBOARD_FILES, PROVISIONING_FILE, ray_dashboards_dir, shipped_dir
+from ssl_platform.train.metrics import METRICS
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "ssl-platform.json"
+# How Ray's Prometheus export names a ray.util.metrics metric of each kind (checked by the run below).
+EXPORTED = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def exported_names(name: str, kind: str) -> set[str]:
+    return {f"ray_{name}{suffix}" for suffix in EXPORTED[kind]}
+
+
+def platform_metric_names() -> set[str]:
+    return set().union(*(exported_names(name, kind) for name, (kind, _) in METRICS.items()))
+
+
+def ray_data_metric_names() -> set[str]:
+    """Every metric Ray Data's stats actor defines (the ones Ray's Data dashboard plots), read by
+    constructing the actor's class with recording stand-ins for Gauge, Counter and Histogram."""
+    from ray.data._internal import stats
+
+    defined = []
+
+    def recorder(kind):
+        class Recorder:
+            def __init__(self, name, *args, **kwargs):
+                defined.append((name, kind))
+
+        return Recorder
+
+    saved = {n: getattr(stats, n) for n in ("Gauge", "Counter", "Histogram")}
+    try:
+        for n in saved:
+            setattr(stats, n, recorder(n.lower()))
+        stats._StatsActor.__ray_metadata__.modified_class()
+    finally:
+        for n, cls in saved.items():
+            setattr(stats, n, cls)
+    return set().union(*(exported_names(name, kind) for name, kind in defined))
+
+
+# PromQL words that are not metric names: aggregations, functions and keywords are followed by
+# "(" or are in this set; label names only occur inside {...} and by/without (...).
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"}
+
+
+def metric_names(query: str) -> set[str]:
+    """The metric names a PromQL expression (or a Grafana label_values/query_result query) reads."""
+    q = re.sub(r'"(?:[^"\\]|\\.)*"', '""', query)  # string literals (label values, regexes)
+    q = re.sub(r"\{[^}]*\}", "", q)  # label matchers
+    q = re.sub(r"\[[^\]]*\]", "", q)  # range durations
+    q = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", q)  # label lists
+    q = re.sub(r"^\s*label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\s*\)\s*$", r"\1", q)  # Grafana: (metric, label)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", q):
+        rest = q[match.end():].lstrip()
+        word = match.group()
+        if rest.startswith("(") or word in _KEYWORDS or word.startswith("$") or q[match.start() - 1:match.start()] == "$":
+            continue
+        names.add(word)
+    return names
+
+
+def queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, query) for every panel target and every query variable."""
+    out = [(f"panel {p['title']!r}", t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    out += [(f"variable {v['name']!r}", v["query"]["query"]) for v in dashboard["templating"]["list"]
+            if v["type"] == "query"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_the_extractor_finds_metric_names_and_only_them():
+    assert metric_names('sum by (run, reason) (rate(ray_sslp_x_total{SessionName=~"$SessionName", '
+                        'run=~"a|b"}[$__rate_interval]))') == {"ray_sslp_x_total"}
+    assert metric_names('increase(ray_a{x="1"}[5m]) / increase(ray_b[5m])') == {"ray_a", "ray_b"}
+    assert metric_names('label_values(ray_sslp_train_step{SessionName=~"$S"}, run)') == {"ray_sslp_train_step"}
+    assert metric_names("max by (run) (ray_made_up_metric)") == {"ray_made_up_metric"}
+
+
+def test_every_queried_metric_is_one_the_platform_or_ray_data_emits(dashboard):
+    known = platform_metric_names() | ray_data_metric_names()
+    assert "ray_sslp_data_skipped_records_total" in known and "ray_data_output_rows" in known
+    found = {where: metric_names(query) for where, query in queries(dashboard)}
+    assert all(found.values()), [where for where, names in found.items() if not names]
+    unknown = {where: names - known for where, names in found.items() if names - known}
+    assert not unknown, f"metrics no code defines: {unknown}"
+    # ... and the check can fail: a made-up name next to a real one is caught.
+    assert metric_names("ray_sslp_train_loss + ray_sslp_train_made_up") - known == {"ray_sslp_train_made_up"}
+
+
+def test_every_platform_metric_has_a_panel_and_ray_data_has_a_row(dashboard):
+    queried = set().union(*(metric_names(q) for where, q in queries(dashboard) if where.startswith("panel")))
+    missing = {name for name, (kind, _) in METRICS.items() if not exported_names(name, kind) & queried}
+    assert not missing, f"platform metrics without a panel: {missing}"
+    titles = [p["title"] for p in dashboard["panels"]]
+    for title in ("Loss", "Samples / s", "Tokens / s", "Step time", "Data wait fraction", "Learning rate",
+                  "Gradient norm", "Step", "Online evaluation", "Skipped records / s"):
+        assert title in titles
+    rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"]
+    data_row = next(i for i in rows if "Ray Data" in dashboard["panels"][i]["title"])
+    data_panels = dashboard["panels"][data_row + 1:]
+    assert len(data_panels) >= 4
+    assert all(name.startswith("ray_data_") for p in data_panels for t in p["targets"] for name in metric_names(t["expr"]))
+    # Each training panel is per run (the run variable filters it), each Ray Data panel per session.
+    for p in dashboard["panels"]:
+        for t in p.get("targets", []):
+            assert 'SessionName=~"$SessionName"' in t["expr"] and 'ray_io_cluster=~"$Cluster"' in t["expr"]
+            assert ('run=~"$run"' in t["expr"]) == (dashboard["panels"].index(p) < data_row), p["title"]
+
+
+def test_variables_and_datasource_match_rays_dashboards(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert {"run", "SessionName", "Cluster", "metric"} <= set(variables)
+    assert variables["run"]["query"]["query"].endswith(", run)")
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}"
+    assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"]
+
+
+def test_install_writes_the_shipped_json_and_refuses_an_unwritable_dir(tmp_path, capsys):
+    assert shipped_dir() == DASHBOARD.parent and DASHBOARD_FILES == (DASHBOARD.name,)
+    dest = tmp_path / "grafana" / "dashboards"
+    assert sslp(["dashboards", "install", str(dest)]) == 0
+    assert (dest / DASHBOARD.name).read_bytes() == DASHBOARD.read_bytes()
+    assert str(dest / DASHBOARD.name) in capsys.readouterr().out
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert sslp(["dashboards", "install", str(blocker / "dashboards")]) == 2
+    assert f"cannot write to {blocker / 'dashboards'}" in capsys.readouterr().err
+
+
+def test_default_dir_is_the_one_rays_provisioning_names(tmp_path, capsys):
+    """Without DIR: the folder that Ray's generated provisioning file (Ray's own template) lists."""
+    from ray.dashboard.modules.metrics.templates import DASHBOARD_PROVISIONING_TEMPLATE
+
+    assert sslp(["dashboards", "install", "--ray-temp-dir", str(tmp_path)]) == 2
+    assert "start Ray on this node first" in capsys.readouterr().err
+
+    target = tmp_path / "session_1" / "metrics" / "grafana" / "dashboards"
+    provisioning = tmp_path / PROVISIONING_FILE
+    provisioning.parent.mkdir(parents=True)
+    provisioning.write_text(DASHBOARD_PROVISIONING_TEMPLATE.format(dashboard_output_folder=target))
+    assert ray_dashboards_dir(str(tmp_path)) == target
+    assert sslp(["dashboards", "install", "--ray-temp-dir", str(tmp_path)]) == 0
+    assert (target / DASHBOARD.name).read_bytes() == DASHBOARD.read_bytes()
+
+
+# ----------------------------------------------------------------------------- a real run, scraped
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int, wanted: set[str], seconds: float = 30) -> dict[str, list[float]]:
+    """name -> values of the samples on Ray's metrics endpoint, once every wanted name is there
+    (the export is periodic) or the time is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        samples: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            if line.startswith("ray_sslp_"):
+                name, value = re.match(r"([A-Za-z0-9_:]+)(?:\{.*\})?\s+(\S+)", line).groups()
+                samples.setdefault(name, []).append(float(value))
+        if wanted <= set(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_metrics():
+    """A local Ray whose metrics agent exports on a known port (the agent runs without the dashboard head)."""
+    import ray
+
+    from ssl_platform.data.pipeline import quiet_progress
+
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+             _metrics_export_port=port,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}})
+    quiet_progress()
+    yield port
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_a_run_exposes_the_dashboards_metrics_on_rays_prometheus_endpoint(ray_metrics, tmp_path):
+    import ray
+
+    from ssl_platform.config import load_config
+    from ssl_platform.data.skips import SkipReporter, ledger_name
+    from ssl_platform.train.trainer import fit, run_paths
+
+    cfg = load_config("simclr-digits", [
+        "model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8", "name=dash-run",
+        f"runs_dir={tmp_path / 'runs'}", "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
+        "train.checkpoint_every=4", "train.warmup_steps=0", "scaling.num_workers=1", "scaling.cpus_per_worker=0.5",
+        "eval.enabled=false", "eval.online_every=2", "eval.online_examples=64"])
+    assert fit(cfg, run_paths(cfg)).steps == 4
+
+    # The digits have no bad record: a Ray task skips one the way a decode step does, so the
+    # skipped-records counter is exported too (and shows Ray's name for a counter).
+    @ray.remote(num_cpus=0)
+    def skip_one():
+        reporter = SkipReporter(ledger_name("dash-run"))
+        reporter.skip("record 7", "corrupt image")
+        reporter.flush()
+
+    ray.get(skip_one.remote())
+    wanted = platform_metric_names() - {"ray_sslp_train_tokens_per_second"}  # text methods only
+    samples = _scrape(ray_metrics, wanted)
+    assert wanted <= set(samples), f"not exported: {wanted - set(samples)}"
+    for name in ("ray_sslp_train_loss", "ray_sslp_train_samples_per_second", "ray_sslp_train_step_seconds",
+                 "ray_sslp_train_learning_rate", "ray_sslp_train_grad_norm", "ray_sslp_online_metric",
+                 "ray_sslp_data_skipped_records_total"):
+        assert all(v > 0 for v in samples[name]), (name, samples[name])
+    assert samples["ray_sslp_train_step"] == [4.0]
