@@ -199,6 +199,7 @@ def test_load_refuses_a_missing_run_or_a_directory_without_checkpoint(tmp_path):
 
 
 def test_import_ssl_platform_stays_light():
-    code = "import sys, ssl_platform; print('torch' in sys.modules, callable(ssl_platform.load), 'torch' in sys.modules)"
+    code = ("import sys, ssl_platform; "
+            "print('torch' in sys.modules, callable(ssl_platform.load), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
