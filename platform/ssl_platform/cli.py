@@ -33,6 +33,7 @@ COMMAND_MODULES: dict[str, str] = {
     "submit": "ssl_platform.submit",
     "finetune": "ssl_platform.finetune",
     "dashboards": "ssl_platform.dashboards",
+    "export": "ssl_platform.export",
 }
 
 
