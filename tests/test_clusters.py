@@ -11,6 +11,7 @@ No Ray instance is started.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -214,19 +215,22 @@ def sslp_commands(name: str) -> list[list[str]]:
 
 def check_sslp_command(argv: list[str]) -> None:
     """Raise (SystemExit from the parser, ConfigError from the config) unless ``argv`` is a command
-    the platform runs: the CLI parses it, and its preset or sweep loads with its overrides."""
+    the platform runs: `sslp`'s own parser takes it, and its preset or sweep loads with its overrides."""
     assert argv[0] == "sslp"
-    if argv[1] == "submit":  # PRESET_OR_YAML [key=value ...] [--address URL] [--sweep]
-        rest = [a for i, a in enumerate(argv[2:]) if not a.startswith("--") and argv[1 + i] != "--address"]
-        sweep = "--sweep" in argv
+    args = build_parser().parse_args(argv[1:])
+    if args.command == "submit":  # sslp submit [--address URL] [--sweep] PRESET_OR_YAML [key=value ...]
+        target, sweep = args.target, args.sweep
     else:
-        args = build_parser().parse_args(argv[1:])
-        rest = [args.sweep if args.command == "sweep" else args.preset] + args.overrides
-        sweep = args.command == "sweep"
+        target, sweep = (args.sweep, True) if args.command == "sweep" else (args.preset, False)
+    load_target(target, tuple(args.overrides), sweep)
+
+
+@functools.lru_cache(maxsize=None)  # several files quote the same run; building ResNet-50 once is enough
+def load_target(target: str, overrides: tuple[str, ...], sweep: bool) -> None:
     if sweep:
-        load_sweep(rest[0], rest[1:])
+        load_sweep(target, overrides)
     else:
-        methods.validate(load_config(rest[0], rest[1:]))
+        methods.validate(load_config(target, overrides))
 
 
 def _target(argv: list[str]) -> str:
@@ -253,7 +257,8 @@ def test_sslp_command_is_real(name, argv):
     ("sslp run simclr-resnet50-imagenet trian.max_steps=10", ConfigError),         # no such key
     ("sslp run simclr-resnet50-imagenet --retries 3", SystemExit),               # no such flag
     ("sslp sweep simclr-digits num_sample=4", ConfigError),                        # no such sweep key
-    ("sslp submit --address http://h:8265 simclr-digits --sweep runs_dir=s3://b/r", ConfigError),  # a sweep needs a path
+    ("sslp submit --address http://h:8265 --sweep simclr-digits runs_dir=s3://b/r", ConfigError),  # a sweep needs a path
+    ("sslp submit --address http://h:8265 simclr-digits --sweeps", SystemExit),     # no such flag
 ])
 def test_a_wrong_command_is_caught(command, error):
     with pytest.raises(error):
