@@ -90,16 +90,19 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         client = _connect(address)
-    except (OSError, RuntimeError, ValueError) as e:  # refused, unresolvable, not a Ray dashboard
-        print(f"sslp: submit: no Ray dashboard at {address}: start the cluster or check --address "
-              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
+    except _Unreachable as e:
+        print(f"sslp: submit: {e}", file=sys.stderr)
         return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="sslp-submit-") as staging:
         job.stage(Path(staging))
-        submission_id = client.submit_job(entrypoint=job.entrypoint, submission_id=job.submission_id,
-                                          runtime_env=job.runtime_env(Path(staging), args.code),
-                                          metadata={"sslp": job.kind, "name": job.name, "location": job.location})
+        try:
+            submission_id = client.submit_job(entrypoint=job.entrypoint, submission_id=job.submission_id,
+                                              runtime_env=job.runtime_env(Path(staging), args.code),
+                                              metadata={"sslp": job.kind, "name": job.name, "location": job.location})
+        except RuntimeError as e:  # an upload the cluster refused (too large, ...)
+            print(f"sslp: submit: the cluster at {address} refused the job: {_first_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
     print(f"submitted {job.kind} {job.name} as job {submission_id} ({job.location})")
     print(f"  follow: ray job logs -f {submission_id} --address {address}")
     print(f"  stop:   ray job stop {submission_id} --address {address}", flush=True)
@@ -207,12 +210,41 @@ def _without(names: tuple[str, ...]):
         os.environ.update(saved)
 
 
+class _Unreachable(Exception):
+    """No Ray dashboard answered at the address, or it refused this machine's token."""
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _token_header() -> dict[str, str]:
+    """The token this machine holds, as `ray.init` would find it ($RAY_AUTH_TOKEN, else the file at
+    $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Ray's job client sends one only when RAY_AUTH_MODE=token
+    is set, while Ray 2.60 clusters require one by default; with RAY_AUTH_MODE set, Ray decides."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _connect(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    # Ray lets $RAY_ADDRESS override the address it is given; here --address wins, as its help says.
-    with _without(ADDRESS_VARS):
-        return JobSubmissionClient(address)
+    try:
+        # Ray lets $RAY_ADDRESS override the address it is given; here --address wins, as its help says.
+        with _without(ADDRESS_VARS):
+            return JobSubmissionClient(address, headers=_token_header())
+    except AuthenticationError as e:  # Ray 2.60 clusters require a token by default
+        raise _Unreachable(f"the Ray dashboard at {address} refused this machine ({e.message.splitlines()[0]}); "
+                           f"set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its head node)") from None
+    except (OSError, RuntimeError, ValueError) as e:  # refused, unresolvable, not a Ray dashboard
+        raise _Unreachable(f"no Ray dashboard at {address}: start the cluster or check --address "
+                           f"({_first_line(e)})") from None
 
 
 async def _stream_logs(client, submission_id: str) -> None:

@@ -1,0 +1,152 @@
+"""`sslp submit` against a real head node: a run that succeeds, a job that fails, and refusals
+that submit nothing.
+
+The module starts its own head (`ray start --head --block` on 127.0.0.1, every port picked free,
+its own --temp-dir) and ends it with SIGTERM to that `ray start` process, which takes its own
+processes down: `ray stop` would also kill the other Ray instances of this machine.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ray.job_submission import JobSubmissionClient
+
+from ssl_platform.cli import main as sslp
+from ssl_platform.submit import _token_header
+
+pytestmark = pytest.mark.ray
+
+# A few steps of a tiny SimCLR, one worker, no evaluation: what matters here is the job around it.
+TINY = ["train.max_steps=3", "train.batch_size=16", "train.log_every=1", "train.warmup_steps=0",
+        "scaling.num_workers=1", "eval.enabled=false", "eval.online_every=0", "data.image_size=16",
+        "model.encoder_widths=[8,16]", "model.projector_width=32", "model.projector_dim=16"]
+PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+              "--node-manager-port", "--object-manager-port")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:  # all bound at once, so the n ports differ
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The dashboard address of a fresh single-node cluster (2 CPUs)."""
+    temp_dir = tempfile.mkdtemp(prefix="sslp-submit-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    bin_dir = Path(sys.executable).parent
+    # The job's entrypoint runs `python` from the head's PATH: this virtual environment's.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--object-store-memory=200000000", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until the job API answers (with this machine's token: Ray 2.60 clusters require one)
+            assert proc.poll() is None, f"ray start exited:\n{Path(log.name).read_text()[-3000:]}"
+            try:
+                JobSubmissionClient(address, headers=_token_header()).list_jobs()
+                break
+            except (ConnectionError, RuntimeError):
+                pass
+            assert time.monotonic() < deadline, f"no dashboard at {address}:\n{Path(log.name).read_text()[-3000:]}"
+            time.sleep(1)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(head):
+    return JobSubmissionClient(head, headers=_token_header())
+
+
+def test_refusals_submit_nothing(head, client, tmp_path, capsys):
+    """Config and path errors exit 2 with one line before anything reaches the cluster."""
+    cases = {
+        "unknown preset 'simclr-digit'": ["simclr-digit", f"runs_dir={tmp_path}"],
+        "unknown config key 'train.max_step'": ["simclr-digits", f"runs_dir={tmp_path}", "train.max_step=3"],
+        "runs_dir=runs is relative": ["simclr-digits", "runs_dir=runs"],
+        "data.path=corpus is relative": ["simclr-digits", f"runs_dir={tmp_path}", "data.path=corpus",
+                                         "eval.enabled=false", "eval.online_every=0"],
+        "unknown sweep": ["--sweep", "simclr", f"runs_dir={tmp_path}"],
+    }
+    before = len(client.list_jobs())
+    for expected, args in cases.items():
+        assert sslp(["submit", "--address", head, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err and err.startswith("sslp: config error:") and len(err.strip().splitlines()) == 1, err
+    assert len(client.list_jobs()) == before
+
+
+def test_bad_address_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    nobody = f"http://127.0.0.1:{free_ports(1)[0]}"
+    assert sslp(["submit", "--address", nobody, "simclr-digits", f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sslp: submit: no Ray dashboard at {nobody}: start the cluster or check --address")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    # Without --address the environment names the cluster, as for `ray job submit`; with neither, say so.
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", nobody)
+    assert sslp(["submit", "simclr-digits", f"runs_dir={tmp_path}"]) == 2
+    assert f"no Ray dashboard at {nobody}" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    assert sslp(["submit", "simclr-digits", f"runs_dir={tmp_path}"]) == 2
+    assert "no cluster address; give --address" in capsys.readouterr().err
+
+
+def test_submitted_run_succeeds_with_shipped_code(head, client, tmp_path, capsys):
+    assert sslp(["submit", "--address", head, "simclr-digits", "name=submitted", f"runs_dir={tmp_path}", *TINY,
+                 "--follow"]) == 0
+    out = capsys.readouterr().out
+    job_id = next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
+    assert f"ray job logs -f {job_id} --address {head}" in out and f"ray job stop {job_id}" in out
+    assert "step 3/3 | loss" in out  # the streamed log of the job's driver
+    info = client.get_job_info(job_id)
+    assert str(info.status) == "SUCCEEDED"
+    assert len(info.runtime_env["py_modules"]) == 2  # --code ship (default): ssl_platform and ssl_models
+    run_dir = tmp_path / "submitted"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints and torch.load(checkpoints[-1] / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_failing_job_returns_its_exit_code_and_log_tail(head, client, tmp_path, capsys):
+    """A data.path that does not exist on the cluster passes the client's checks (its file system is
+    not the cluster's) and fails in the job with sslp run's data error, exit 2."""
+    missing = "/nonexistent/sslp-corpus"
+    status = sslp(["submit", "--address", head, "simclr-digits", "name=broken", f"runs_dir={tmp_path}", *TINY,
+                   f"data.path={missing}", "--code", "installed", "--wait"])
+    out, err = capsys.readouterr()
+    assert status == 2, err
+    job_id = next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
+    assert "py_modules" not in (client.get_job_info(job_id).runtime_env or {})  # --code installed
+    assert "step 1/" not in out  # --wait does not stream the log
+    assert f"last" in err and "sslp: data:" in err and missing in err  # the job's own error line, in the tail
+    assert err.strip().splitlines()[-1].startswith(f"sslp: submit: job {job_id} FAILED (exit code 2)")
