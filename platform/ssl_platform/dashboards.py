@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ssl_platform.cli import EXIT_USAGE
+
     try:
         source = shipped_dir()
         if args.dashboards_command == "path":
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     except DashboardError as e:
         print(f"sslp: dashboards: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 
