@@ -169,7 +169,8 @@ def test_sweep_job_mounts_one_shared_volume_where_its_runs_dir_points():
     spec = cluster_spec(job)
     runs_dir = next(a.split("=", 1)[1] for a in shlex.split(job["spec"]["entrypoint"]) if a.startswith("runs_dir="))
     for template in _templates(spec):
-        claim = [v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        volumes = template["spec"]["volumes"]
+        claim = [v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v]
         assert claim and claims[claim[0]]["spec"]["accessModes"] == ["ReadWriteMany"]
         mount = [m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "shared"]
         assert mount and runs_dir.startswith(mount[0] + "/"), "every pod must see the sweep's runs_dir"
