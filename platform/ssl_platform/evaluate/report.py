@@ -37,6 +37,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "perplexity": ("perplexity", NUMBER),
     "bits_per_token": ("bits per token", NUMBER),
     "loss": ("loss", NUMBER),
+    "top1": ("held-out top-1", PERCENT),  # `sslp finetune`: a classifier's own predictions
 }
 
 # How the papers spell the methods, for the "<method> (this run)" rows of every protocol's table.

@@ -74,7 +74,7 @@ def train_func(loop_config: dict) -> None:
     # 1. Model, optimizer and schedule. The same seed on every rank gives every replica the
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
-    method = methods.build(cfg, **loop_config["derived"])
+    method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
     model = wrap_model(method, cfg.scaling.strategy, device, world)  # DDP wrapper, or `method` sharded in place
     # Built after wrapping: FSDP replaces the parameters with sharded ones.
     optimizer = build_optimizer(method, t.optimizer, scaled_lr(t.lr, t.batch_size), t.weight_decay)

@@ -388,12 +388,14 @@ class RunSummary:
 
 
 def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
-        callbacks: list[ray.train.UserCallback] | None = None) -> RunSummary:
+        callbacks: list[ray.train.UserCallback] | None = None, data_builder=pretraining_data, build=None) -> RunSummary:
     """Pretrain with Ray Train (Ray must be initialised); returns the summary, also written to
     ``summary.json``. Ctrl-C raises KeyboardInterrupt after Ray has stopped the workers.
 
     ``callbacks`` go to the trainer's RunConfig: a Tune trial passes ``TuneReportCallback`` so
-    that each report of rank 0 (step, loss, online metrics) reaches Tune."""
+    that each report of rank 0 (step, loss, online metrics) reaches Tune. ``data_builder`` (the
+    signature of ``pretraining_data``) and ``build`` (``(cfg, **derived) -> module``, run on every
+    worker; default ``methods.build``) let `sslp finetune` train a classifier with the same loop."""
     t0 = time.time()
     paths.local.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, paths.local / CONFIG_FILE)
@@ -405,7 +407,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     skips = ledger_name(cfg.name)
     ledger = get_or_create_ledger(skips)
     try:
-        data = pretraining_data(cfg, paths.local, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
+        data = data_builder(cfg, paths.local, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
     except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
         ray.kill(ledger)
         raise DataError(str(e)) from None
@@ -428,7 +430,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
-    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online)
+    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build)
     try:
         with _ray_sigint_as_keyboard_interrupt():
             result = trainer.fit()
@@ -451,7 +453,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
 
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
-             max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None) -> TorchTrainer:
+             max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None,
+             build=None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -459,7 +462,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "storage_uri": paths.uri if paths.remote else None, "crash_token": crash_token,
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: _pack_dir(Path(path)) for name, path in data.artifacts.items()},
-            "online_split": online_split_ref,
+            "online_split": online_split_ref, "build": build,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
