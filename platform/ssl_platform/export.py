@@ -405,10 +405,11 @@ EXPORTERS = {"image": _image, "caption": _clip, "text": _text, "audio": _audio}
 
 def readme(pretrained, spec: Export) -> str:
     cfg = pretrained.cfg
+    needs = "torch and torchvision" if "torchvision" in spec.requires else "torch"
     modeling = (f"`{MODELING_FILE}` is the source of {', '.join(f'`{m}`' for m in spec.modeling)}, copied verbatim "
                 f"by the export: the architecture is defined in this project's `ssl_models` package, so the export "
                 f"carries the very code it was trained with instead of a re-implementation that could drift. It "
-                f"needs only torch (and torchvision).\n\n" if spec.modeling else
+                f"imports only {needs}.\n\n" if spec.modeling else
                 "The architecture is open_clip's own `CLIP`; no model code is needed beyond `open_clip_torch`.\n\n")
     tokenizer = (f"`{TOKENIZER_DIR}/` holds the run's trained HF `tokenizers` file.\n\n" if spec.files else "")
     return (f"# {cfg.name}: {cfg.method.name} encoder\n\n"
