@@ -7,6 +7,7 @@ processes down: `ray stop` would also kill the other Ray instances of this machi
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def submitted_id(out: str) -> str:
+    return next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
+
+
 @pytest.fixture(scope="module")
 def head():
     """The dashboard address of a fresh single-node cluster (2 CPUs)."""
@@ -52,6 +57,7 @@ def head():
     # The job's entrypoint runs `python` from the head's PATH: this virtual environment's.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # the SIGTERM below: no 30 s drain of a test node
     log = open(Path(temp_dir) / "ray_start.log", "w")
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
@@ -79,6 +85,7 @@ def head():
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +132,7 @@ def test_submitted_run_succeeds_with_shipped_code(head, client, tmp_path, capsys
     assert sslp(["submit", "--address", head, "simclr-digits", "name=submitted", f"runs_dir={tmp_path}", *TINY,
                  "--follow"]) == 0
     out = capsys.readouterr().out
-    job_id = next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
+    job_id = submitted_id(out)
     assert f"ray job logs -f {job_id} --address {head}" in out and f"ray job stop {job_id}" in out
     assert "step 3/3 | loss" in out  # the streamed log of the job's driver
     info = client.get_job_info(job_id)
@@ -145,8 +152,54 @@ def test_failing_job_returns_its_exit_code_and_log_tail(head, client, tmp_path, 
                    f"data.path={missing}", "--code", "installed", "--wait"])
     out, err = capsys.readouterr()
     assert status == 2, err
-    job_id = next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
+    job_id = submitted_id(out)
     assert "py_modules" not in (client.get_job_info(job_id).runtime_env or {})  # --code installed
     assert "step 1/" not in out  # --wait does not stream the log
     assert f"last" in err and "sslp: data:" in err and missing in err  # the job's own error line, in the tail
     assert err.strip().splitlines()[-1].startswith(f"sslp: submit: job {job_id} FAILED (exit code 2)")
+
+
+def test_ctrl_c_while_following_leaves_the_job_running(head, client, tmp_path, capsys, monkeypatch):
+    from ssl_platform import submit
+
+    async def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "_stream_logs", interrupted)
+    assert sslp(["submit", "--address", head, "simclr-digits", "name=followed", f"runs_dir={tmp_path}", *TINY,
+                 "--follow"]) == 130
+    out, err = capsys.readouterr()
+    job_id = submitted_id(out)
+    assert f"job {job_id} keeps running on the cluster" in err and f"ray job stop {job_id} --address {head}" in err
+    assert str(client.get_job_status(job_id)) in ("PENDING", "RUNNING")
+    client.stop_job(job_id)
+
+
+def test_a_sweep_ships_its_local_preset_beside_it(tmp_path, monkeypatch):
+    """A sweep whose base preset is a YAML of this machine: the staged folder (the job's working
+    directory) holds both, and loads there as the same sweep."""
+    import argparse
+
+    import yaml
+
+    from ssl_platform.submit import _prepare
+    from ssl_platform.tune.spec import load_sweep
+
+    local = tmp_path / "mine"
+    local.mkdir()
+    (local / "base.yaml").write_text(yaml.safe_dump({"method": {"name": "simclr"}, "train": {"max_steps": 20}}))
+    (local / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "s", "preset": "base.yaml", "overrides": {"eval.online_every": 0, "eval.enabled": False},
+        "space": {"method.temperature": {"choice": [0.1, 0.2]}}}))
+    args = argparse.Namespace(sweep=True, target=str(local / "sweep.yaml"), overrides=[f"runs_dir={tmp_path}/runs",
+                                                                                        "num_samples=2"])
+    job = _prepare(args)
+    assert job.kind == "sweep" and job.entrypoint == "python -m ssl_platform.cli sweep sweep.yaml"
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    job.stage(staged)
+    assert sorted(p.name for p in staged.iterdir()) == ["preset.yaml", "sweep.yaml"]
+    monkeypatch.chdir(staged)  # where the job runs
+    shipped, original = load_sweep("sweep.yaml"), load_sweep(args.target, args.overrides)
+    assert shipped.num_samples == 2 and shipped.base == original.base
+    assert {**shipped.to_dict(), "preset": None} == {**original.to_dict(), "preset": None}

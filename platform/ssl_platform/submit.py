@@ -118,6 +118,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nsslp: stopped following; job {submission_id} keeps running on the cluster. Stop it with "
               f"`ray job stop {submission_id} --address {address}`", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (OSError, RuntimeError) as e:  # the head went away, the log stream broke off
+        print(f"sslp: submit: lost the cluster at {address} while waiting for job {submission_id} ({_first_line(e)}); "
+              f"check it with `ray job status {submission_id} --address {address}`", file=sys.stderr)
+        return EXIT_FAILED
 
 
 # ----------------------------------------------------------------------------- what is sent
