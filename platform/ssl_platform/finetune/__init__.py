@@ -5,9 +5,14 @@ beside two baselines, all scored top-1 on the same held-out split:
 
 | row | what |
 |---|---|
-| fine-tuned (pretrained) | the run's encoder + a linear head, every weight trained |
+| fine-tuned (pretrained) | the run's encoder + a linear head, every weight trained (LP-FT) |
 | linear probe (frozen) | ``evaluate.probe.linear_probe`` on the run's frozen features |
 | fine-tuned (random init) | the same architecture from the random init evaluation uses |
+
+Both fine-tunes start their head from a linear probe of their own frozen features, then train
+every weight (LP-FT, Kumar et al. 2022): a random head's first gradients would wreck pretrained
+features before it becomes useful. The head standardises features (BatchNorm without affine, as
+MAE's probe), so one learning rate suits every encoder.
 
 Fine-tuning is an ordinary run of the platform's training loop (``train.trainer.fit`` and
 ``train.loop.train_func``): :class:`Classifier` obeys the method protocol (``forward(batch) ->
@@ -49,8 +54,8 @@ def add_parser(sub) -> None:
                    help="digits, an image folder with one sub-folder per class, or parquet with a label column")
     p.add_argument("--epochs", type=float, default=10.0, help="passes over the labelled train split (default 10)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW base learning rate for a batch of 256 "
-                                                          "(scaled linearly, as train.lr; default 1e-3)")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW base learning rate for a batch of 256 "
+                                                          "(scaled linearly, as train.lr; default 5e-3)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     size = p.add_mutually_exclusive_group()
@@ -127,7 +132,7 @@ class Settings:
 
     epochs: float = 10.0
     steps: int | None = None  # overrides epochs
-    lr: float = 1e-3  # AdamW, base rate for a batch of 256 (scaled linearly like train.lr)
+    lr: float = 5e-3  # AdamW, base rate for a batch of 256 (scaled linearly like train.lr)
     batch_size: int = 64
     workers: int = 1
     train_examples: int | None = None

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +71,42 @@ class ClassifierBuild:
     ``state_ref`` is ``[ObjectRef]`` of the pretrained method's state_dict (in a list so Ray
     hands the reference over unresolved), or None for random init. The loop seeds torch with
     ``train.seed`` before calling this, so the method's random init equals evaluation's.
+    ``head_state``: the head's starting weights (see :func:`fit_head`), else its own init.
     """
+
     num_classes: int
     image_shape: tuple[int, int, int]
     state_ref: list | None = None
+    head_state: dict | None = None
 
-    def __call__(self, cfg, **derived: Any):
+    def __call__(self, cfg, **derived: Any) -> Classifier:
         method = methods.build(cfg, **derived)
         if self.state_ref is not None:
             method.load_state_dict(ray.get(self.state_ref[0]))
-        return Classifier(method, self.num_classes, self.image_shape)
+        classifier = Classifier(method, self.num_classes, self.image_shape)
+        if self.head_state is not None:
+            classifier.head.load_state_dict(self.head_state)
+        return classifier
+
+
+def fit_head(classifier: Classifier, images: Tensor, labels: Tensor, steps: int = 300, lr: float = 0.01,
+             batch_size: int = 256) -> dict[str, Tensor]:
+    """The head's weights fitted on the frozen encoder's features: the "LP" of LP-FT (Kumar et al.
+    2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution").
+    A random head's large early gradients would otherwise wreck pretrained features before the
+    head becomes useful. Full-batch Adam on (N, D) features; the BatchNorm gets their exact
+    mean and variance. images: (N, C, H, W) uint8, labels: (N,) int64. Returns the head's state."""
+    classifier.eval()
+    with torch.no_grad():
+        features = torch.cat([classifier.method.embed({"image": to_float(images[i:i + batch_size])}).float()
+                              for i in range(0, len(images), batch_size)])  # (N, D)
+    norm, linear = classifier.head
+    norm.running_mean.copy_(features.mean(0))
+    norm.running_var.copy_(features.var(0, unbiased=True) if len(features) > 1 else torch.ones_like(features[0]))
+    head = copy.deepcopy(classifier.head)  # a copy to train: the classifier's own stays as given until loaded
+    optimizer = torch.optim.Adam(head[1].parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(head(features), labels).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}

@@ -24,7 +24,7 @@ from ssl_platform.evaluate.image import encoder_rows, image_derived
 from ssl_platform.evaluate.inference import check_state
 from ssl_platform.evaluate.report import markdown_table, write_results
 from ssl_platform.finetune import Settings, check_supported
-from ssl_platform.finetune.classifier import ClassifierBuild
+from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
 from ssl_platform.train.checkpoint import load_payload
 from ssl_platform.train.trainer import fit, run_paths
 
@@ -146,7 +146,11 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
         ft_cfg = finetune_config(cfg, "pretrained" if ref else "random-init", out, steps, settings)
         paths = run_paths(ft_cfg)
         shutil.rmtree(paths.local, ignore_errors=True)  # a fine-tune starts over; Ray would resume an old one
-        summary = fit(ft_cfg, paths, data_builder=data_builder, build=ClassifierBuild(num_classes, image_shape, ref))
+        torch.manual_seed(ft_cfg.train.seed)  # as the loop seeds before its build: the same random init
+        start = ClassifierBuild(num_classes, image_shape, ref)(ft_cfg, **derived)
+        head = fit_head(start, torch.from_numpy(train.images), torch.from_numpy(train.labels))
+        summary = fit(ft_cfg, paths, data_builder=data_builder,
+                      build=ClassifierBuild(num_classes, image_shape, ref, head))
         classifier = ClassifierBuild(num_classes, image_shape)(ft_cfg, **derived)
         classifier.load_state_dict(load_payload(summary.checkpoint)["model"])
         rows.append({"encoder": name, "top1": accuracy(classifier, val.images, val.labels),
