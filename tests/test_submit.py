@@ -8,6 +8,7 @@ processes down: `ray stop` would also kill the other Ray instances of this machi
 
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import torch
 from ray.job_submission import JobSubmissionClient
 
 from ssl_platform.cli import main as sslp
-from ssl_platform.submit import _token_header
+from ssl_platform.submit import token_header
 
 pytestmark = pytest.mark.ray
 
@@ -50,7 +51,10 @@ def submitted_id(out: str) -> str:
 
 @pytest.fixture(scope="module")
 def head():
-    """The dashboard address of a fresh single-node cluster (2 CPUs)."""
+    """The dashboard address of a fresh single-node cluster (2 CPUs) that requires a token, this
+    module's own (Ray 2.60's default), which the client finds in $RAY_AUTH_TOKEN."""
+    token, saved = secrets.token_hex(32), os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = token
     temp_dir = tempfile.mkdtemp(prefix="sslp-submit-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     bin_dir = Path(sys.executable).parent
@@ -58,6 +62,7 @@ def head():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # the SIGTERM below: no 30 s drain of a test node
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     log = open(Path(temp_dir) / "ray_start.log", "w")
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
@@ -70,7 +75,7 @@ def head():
         while True:  # until the job API answers (with this machine's token: Ray 2.60 clusters require one)
             assert proc.poll() is None, f"ray start exited:\n{Path(log.name).read_text()[-3000:]}"
             try:
-                JobSubmissionClient(address, headers=_token_header()).list_jobs()
+                JobSubmissionClient(address, headers=token_header()).list_jobs()
                 break
             except (ConnectionError, RuntimeError):
                 pass
@@ -86,14 +91,18 @@ def head():
             proc.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN")
+        else:
+            os.environ["RAY_AUTH_TOKEN"] = saved
 
 
 @pytest.fixture(scope="module")
 def client(head):
-    return JobSubmissionClient(head, headers=_token_header())
+    return JobSubmissionClient(head, headers=token_header())
 
 
-def test_refusals_submit_nothing(head, client, tmp_path, capsys):
+def test_refusals_submit_nothing(head, client, tmp_path, capsys, monkeypatch):
     """Config and path errors exit 2 with one line before anything reaches the cluster."""
     cases = {
         "unknown preset 'simclr-digit'": ["simclr-digit", f"runs_dir={tmp_path}"],
@@ -108,6 +117,13 @@ def test_refusals_submit_nothing(head, client, tmp_path, capsys):
         assert sslp(["submit", "--address", head, *args]) == 2, args
         err = capsys.readouterr().err
         assert expected in err and err.startswith("sslp: config error:") and len(err.strip().splitlines()) == 1, err
+    # A token that is not the cluster's.
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    assert sslp(["submit", "--address", head, "simclr-digits", f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sslp: submit: the Ray dashboard at {head} refused this machine") and "RAY_AUTH_TOKEN" in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.undo()
     assert len(client.list_jobs()) == before
 
 
@@ -191,10 +207,11 @@ def test_a_sweep_ships_its_local_preset_beside_it(tmp_path, monkeypatch):
     (local / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "s", "preset": "base.yaml", "overrides": {"eval.online_every": 0, "eval.enabled": False},
         "space": {"method.temperature": {"choice": [0.1, 0.2]}}}))
-    args = argparse.Namespace(sweep=True, target=str(local / "sweep.yaml"), overrides=[f"runs_dir={tmp_path}/runs",
-                                                                                        "num_samples=2"])
+    args = argparse.Namespace(sweep=True, target=str(local / "sweep.yaml"), code="ship",
+                              overrides=[f"runs_dir={tmp_path}/runs", "num_samples=2"])
     job = _prepare(args)
     assert job.kind == "sweep" and job.entrypoint == "python -m ssl_platform.cli sweep sweep.yaml"
+    assert [Path(p).name for p in job.py_modules] == ["ssl_platform", "ssl_models"]
     staged = tmp_path / "staged"
     staged.mkdir()
     job.stage(staged)

@@ -36,10 +36,11 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ssl_platform.config import ConfigError, ExperimentConfig, list_presets, load_config, save_yaml
+from ssl_platform.config import ConfigError, ExperimentConfig, list_presets, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Where `ray job submit` looks for the cluster when --address is not given, in this order.
@@ -97,8 +98,8 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sslp-submit-") as staging:
         job.stage(Path(staging))
         try:
-            submission_id = client.submit_job(entrypoint=job.entrypoint, submission_id=job.submission_id,
-                                              runtime_env=job.runtime_env(Path(staging), args.code),
+            submission_id = client.submit_job(entrypoint=job.entrypoint, submission_id=job.new_submission_id(),
+                                              runtime_env=job.runtime_env(Path(staging)),
                                               metadata={"sslp": job.kind, "name": job.name, "location": job.location})
         except RuntimeError as e:  # an upload the cluster refused (too large, ...)
             print(f"sslp: submit: the cluster at {address} refused the job: {_first_line(e)}", file=sys.stderr)
@@ -115,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
             asyncio.run(_stream_logs(client, submission_id))
         return _final_status(client, submission_id)
     except KeyboardInterrupt:
-        print(f"\nsslp: stopped following; job {submission_id} keeps running on the cluster. Stop it with "
+        print(f"\nsslp: stopped waiting; job {submission_id} keeps running on the cluster. Stop it with "
               f"`ray job stop {submission_id} --address {address}`", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (OSError, RuntimeError) as e:  # the head went away, the log stream broke off
@@ -126,18 +127,21 @@ def main(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- what is sent
 
+@dataclass
 class _Job:
     """A checked run or sweep: the files it ships and the command that runs them."""
 
-    def __init__(self, kind: str, name: str, location: str, files: dict[str, str], copies: dict[str, Path],
-                 entrypoint: str):
-        self.kind, self.name, self.location = kind, name, location
-        self.files = files  # staged file name -> its text
-        self.copies = copies  # staged file name -> a local file copied as it is
-        self.entrypoint = entrypoint
-        # Readable in `ray job list` and unique per submission (Ray refuses a reused id).
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        self.submission_id = f"sslp-{name}-{stamp}-{secrets.token_hex(2)}"
+    kind: str  # "run" or "sweep"
+    name: str  # the run's (sweep's) name
+    location: str  # where its results go: RUNS_DIR/NAME
+    entrypoint: str  # the shell command the job runs in its working directory
+    files: dict[str, str]  # staged file name -> its text
+    copies: dict[str, Path] = field(default_factory=dict)  # staged file name -> a local file copied as it is
+    py_modules: list[str] = field(default_factory=list)  # package directories uploaded with the job (--code ship)
+
+    def new_submission_id(self) -> str:
+        """Readable in `ray job list` and unique per submission (Ray refuses a reused id)."""
+        return f"sslp-{self.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
     def stage(self, folder: Path) -> None:
         for file, text in self.files.items():
@@ -145,10 +149,10 @@ class _Job:
         for file, source in self.copies.items():
             shutil.copyfile(source, folder / file)
 
-    def runtime_env(self, folder: Path, code: str) -> dict:
+    def runtime_env(self, folder: Path) -> dict:
         env = {"working_dir": str(folder), "excludes": ["__pycache__", "*.pyc"]}
-        if code == "ship":
-            env["py_modules"] = [package_dir(name) for name in PACKAGES]
+        if self.py_modules:
+            env["py_modules"] = self.py_modules
         return env
 
 
@@ -176,17 +180,18 @@ def _prepare(args: argparse.Namespace) -> _Job:
             copies["preset.yaml"] = Path(spec.preset)
             sweep["preset"] = "preset.yaml"
         location = f"{spec.base.runs_dir.rstrip('/')}/{spec.name}"
-        return _Job("sweep", spec.name, location, {"sweep.yaml": yaml.safe_dump(sweep, sort_keys=False)}, copies,
-                    "python -m ssl_platform.cli sweep sweep.yaml")
-    from ssl_platform import methods  # ssl_models and torch, not Ray
+        job = _Job("sweep", spec.name, location, "python -m ssl_platform.cli sweep sweep.yaml",
+                   {"sweep.yaml": yaml.safe_dump(sweep, sort_keys=False)}, copies)
+    else:
+        from ssl_platform import methods  # ssl_models and torch, not Ray
 
-    cfg = methods.validate(load_config(args.target, args.overrides))
-    _check_cluster_paths(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_yaml(cfg, Path(tmp) / "config.yaml")
-        text = (Path(tmp) / "config.yaml").read_text()
-    return _Job("run", cfg.name, cfg.run_location(), {"config.yaml": text}, {},
-                "python -m ssl_platform.cli run config.yaml")
+        cfg = methods.validate(load_config(args.target, args.overrides))
+        _check_cluster_paths(cfg)
+        job = _Job("run", cfg.name, cfg.run_location(), "python -m ssl_platform.cli run config.yaml",
+                   {"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+    if args.code == "ship":
+        job.py_modules = [package_dir(name) for name in PACKAGES]
+    return job
 
 
 def _check_cluster_paths(cfg: ExperimentConfig, sweep: bool = False) -> None:
@@ -222,7 +227,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _token_header() -> dict[str, str]:
+def token_header() -> dict[str, str]:
     """The token this machine holds, as `ray.init` would find it ($RAY_AUTH_TOKEN, else the file at
     $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Ray's job client sends one only when RAY_AUTH_MODE=token
     is set, while Ray 2.60 clusters require one by default; with RAY_AUTH_MODE set, Ray decides."""
@@ -242,7 +247,7 @@ def _connect(address: str):
     try:
         # Ray lets $RAY_ADDRESS override the address it is given; here --address wins, as its help says.
         with _without(ADDRESS_VARS):
-            return JobSubmissionClient(address, headers=_token_header())
+            return JobSubmissionClient(address, headers=token_header())
     except AuthenticationError as e:  # Ray 2.60 clusters require a token by default
         raise _Unreachable(f"the Ray dashboard at {address} refused this machine ({e.message.splitlines()[0]}); "
                            f"set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its head node)") from None
