@@ -32,6 +32,7 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES: dict[str, str] = {
     "submit": "ssl_platform.submit",
     "finetune": "ssl_platform.finetune",
+    "embed": "ssl_platform.embed",
     "dashboards": "ssl_platform.dashboards",
     "export": "ssl_platform.export",
 }
