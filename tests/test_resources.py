@@ -5,7 +5,7 @@ import pytest
 
 from ssl_platform.config import load_config
 from ssl_platform.train.trainer import (
-    ResourceError, StorageError, completed_run, plan_workers, run_paths, wait_for_free_resources,
+    ResourceError, StorageError, cluster_nodes, completed_run, plan_workers, run_paths, wait_for_free_resources,
 )
 
 
@@ -83,3 +83,55 @@ def test_run_storage_that_cannot_be_opened_says_what_to_change():
     paths = run_paths(load_config("simclr-digits", ["runs_dir=nosuchstore://bucket/runs", "name=a"]))
     with pytest.raises(StorageError, match=r"cannot open run storage 'nosuchstore://bucket/runs/a'.*check runs_dir"):
         completed_run(paths, max_steps=10)
+
+
+class AutoscalingCluster:
+    """A cluster whose autoscaler adds a GPU node ``delay`` seconds (of a fake clock) after a request."""
+
+    def __init__(self, delay: float):
+        self.now, self.delay, self.requests, self.requested_at = 0.0, delay, [], None
+
+    def request(self, bundles):
+        self.requests.append(bundles)
+        if bundles and self.requested_at is None:
+            self.requested_at = self.now
+
+    def nodes(self):
+        head = {"CPU": 0.0}
+        grown = self.requested_at is not None and self.now >= self.requested_at + self.delay
+        return [head, {"CPU": 8.0, "GPU": 2.0}] if grown else [head]
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def autoscaled(cluster: AutoscalingCluster, *overrides: str):
+    cfg = load_config("simclr-digits", ["scaling.use_gpu=true", "scaling.autoscale=true", *overrides])
+    return cfg, cluster_nodes(cfg, nodes=cluster.nodes, request=cluster.request, sleep=cluster.sleep,
+                              clock=lambda: cluster.now)
+
+
+def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for(capsys):
+    cluster = AutoscalingCluster(delay=30)
+    cfg, nodes = autoscaled(cluster)
+    assert plan_workers(cfg, nodes).resources() == {"CPU": 1.0, "GPU": 1}
+    assert 30 <= cluster.now < 36
+    # Two GPU workers and the data pipeline's CPU were asked for; the request is withdrawn once planned.
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}], []]
+    assert "asked the autoscaler for 3 CPUs and 2 GPUs" in capsys.readouterr().out
+
+
+def test_an_autoscaler_that_never_delivers_is_refused_after_the_timeout():
+    cluster = AutoscalingCluster(delay=10_000)
+    with pytest.raises(ResourceError, match="did not add the nodes within scaling.wait_for_resources_s=60 s"):
+        autoscaled(cluster, "scaling.wait_for_resources_s=60")
+    assert 60 <= cluster.now < 66 and cluster.requests[-1] == []
+
+
+def test_without_autoscale_a_small_cluster_is_refused_at_once():
+    cluster = AutoscalingCluster(delay=0)
+    cfg = load_config("simclr-digits", ["scaling.use_gpu=true"])
+    nodes = cluster_nodes(cfg, nodes=cluster.nodes, request=cluster.request, sleep=cluster.sleep)
+    assert cluster.requests == [] and nodes == [{"CPU": 0.0}]
+    with pytest.raises(ResourceError, match="needs 2 GPUs"):
+        plan_workers(cfg, nodes)

@@ -147,7 +147,11 @@ class ScalingConfig:
     strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
                               "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
     # --- driver (issue 5, train/trainer.py) ---
-    wait_for_resources_s: float = _f(300.0, "seconds to wait for CPUs/GPUs that other jobs hold before giving up",
+    autoscale: bool = _f(False, "the cluster adds nodes on demand (ray up / KubeRay autoscaling): ask the autoscaler "
+                                "for the workers' resources and wait for them instead of refusing a cluster that is "
+                                "still too small")
+    wait_for_resources_s: float = _f(300.0, "seconds to wait for CPUs/GPUs that other jobs hold (or the autoscaler "
+                                            "adds) before giving up",
                                      min=0.0)
 
 

@@ -233,6 +233,59 @@ def alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def worker_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """What a run asks of the cluster: one bundle per train worker plus the data pipeline's CPUs."""
+    s = cfg.scaling
+    worker = {"CPU": s.cpus_per_worker if s.cpus_per_worker is not None else 1.0, **({"GPU": 1.0} if s.use_gpu else {})}
+    return [dict(worker) for _ in range(s.num_workers)] + ([{"CPU": s.data_cpus}] if s.data_cpus else [])
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def cluster_nodes(cfg: ExperimentConfig, nodes=alive_nodes, request=_request_resources, sleep=time.sleep,
+                  clock=time.monotonic) -> list[dict[str, float]]:
+    """The nodes to plan the train workers on.
+
+    With ``scaling.autoscale`` the cluster may start without the nodes a run needs (a GPU worker
+    group that scales from 0), and :func:`plan_workers` would refuse it. Nothing asks the
+    autoscaler for nodes before Ray Train's placement group exists, so the run asks for its
+    bundles itself (``ray.autoscaler.sdk.request_resources``), waits at most
+    ``scaling.wait_for_resources_s`` for a cluster that :func:`plan_workers` accepts, then
+    withdraws the request: the placement group holds the nodes from there on (and is itself the
+    demand that brings a lost node back).
+    """
+    if not cfg.scaling.autoscale:
+        return nodes()
+    timeout = cfg.scaling.wait_for_resources_s
+    bundles = worker_bundles(cfg)
+    deadline = clock() + timeout
+    request(bundles)
+    announced = False
+    try:
+        while True:
+            current = nodes()
+            try:
+                plan_workers(cfg, current)
+                return current
+            except ResourceError as e:
+                if clock() >= deadline:
+                    raise ResourceError(
+                        f"{e} (the autoscaler did not add the nodes within scaling.wait_for_resources_s={timeout:g} s: "
+                        f"check the worker group's max_workers / maxReplicas and `ray status`)") from None
+            if not announced:
+                want = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+                print(f"asked the autoscaler for {want['CPU']:g} CPUs and {want['GPU']:g} GPUs; waiting up to "
+                      f"{timeout:g} s for the nodes", flush=True)
+                announced = True
+            sleep(min(5.0, max(deadline - clock(), 0.0)))
+    finally:
+        request([])
+
+
 def wait_for_free_resources(plan: WorkerPlan, data_cpus: float, timeout_s: float, free=None,
                             sleep=time.sleep, clock=time.monotonic) -> None:
     """Wait until the cluster has the plan's resources free, at most ``timeout_s`` seconds.
@@ -402,7 +455,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     _remove_run_file(paths, SUMMARY_FILE)  # not complete again until this fit says so
     copy_to_storage(paths, CONFIG_FILE)
 
-    plan = plan_workers(cfg, alive_nodes())
+    plan = plan_workers(cfg, cluster_nodes(cfg))
     wait_for_free_resources(plan, cfg.scaling.data_cpus, cfg.scaling.wait_for_resources_s)
     skips = ledger_name(cfg.name)
     ledger = get_or_create_ledger(skips)

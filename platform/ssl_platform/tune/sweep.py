@@ -74,14 +74,14 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
 
     import ray
 
-    from ssl_platform.train.trainer import ResourceError, alive_nodes, init_ray, plan_workers
+    from ssl_platform.train.trainer import ResourceError, cluster_nodes, init_ray, plan_workers
 
     started = not ray.is_initialized()
     try:
         url = init_ray(address, dashboard=dashboard)
         if url:
             print(f"Ray dashboard: {url}", flush=True)
-        plan = plan_workers(sweep.base, alive_nodes())
+        plan = plan_workers(sweep.base, cluster_nodes(sweep.base))
         per_trial = trial_resources(plan.cpus_per_worker, plan.num_workers, plan.use_gpu, sweep.base.scaling.data_cpus)
         concurrent = concurrent_trials(per_trial, ray.cluster_resources(), sweep.max_concurrent_trials)
         print(f"sweep {sweep.name}: {sweep.num_trials} trials of {sweep.base.method.name} from {sweep.preset}, "
