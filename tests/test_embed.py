@@ -1,0 +1,126 @@
+"""`sslp embed`: a run's embeddings of a corpus, streamed to parquet by Ray Data batch inference."""
+
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from ssl_platform import cli
+from ssl_platform.config import load_config
+from ssl_platform.embed import embed
+from ssl_platform.evaluate.inference import build_method
+from ssl_platform.pretrained import load
+from test_eval_image import DERIVED, TINY, save_checkpoint
+
+pytestmark = pytest.mark.ray
+
+STORE = 100 * 2**20  # the big corpus below is ~230 MiB of image bytes
+RECORDS, SIDE = 1200, 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_store():
+    from ssl_platform.data.pipeline import quiet_progress
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=STORE)
+    quiet_progress()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A SimCLR digits checkpoint (random weights: embedding is the same computation either way)."""
+    cfg = load_config("simclr-digits", [*TINY, "eval.enabled=false", "name=embed-src"])
+    checkpoint = tmp_path_factory.mktemp("run") / "checkpoint_000000"
+    checkpoint.mkdir()
+    save_checkpoint(checkpoint, cfg, build_method(cfg, DERIVED, None, seed=3))
+    return checkpoint
+
+
+def read(out) -> pa.Table:
+    return pq.read_table(out)
+
+
+def png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def test_builtin_corpus_one_row_per_record_equal_to_load(run, tmp_path):
+    pretrained = load(run)
+    summary = embed(pretrained, "digits", tmp_path / "out", batch_size=100)
+    table = read(tmp_path / "out")
+    assert summary.rows == table.num_rows == 1797 and summary.skipped.get("total", 0) == 0
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
+    assert table.schema.field("embedding").type.list_size == pretrained.dim == summary.dim
+    assert table.schema.field("embedding").type.value_type == pa.float32()
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == len(ids)
+
+    # The same records through ssl_platform.load on the driver.
+    from ssl_platform.data.builtin import load_image_corpus
+
+    cfg = pretrained.cfg
+    train = load_image_corpus("digits", cfg.data.image_size, cfg.data.val_fraction, cfg.train.seed)["train"]
+    picks = [0, 7, 500]
+    expected = pretrained.embed_images(train.images[picks].transpose(0, 2, 3, 1))  # (3, D) from (N, H, W, C)
+    by_id = dict(zip(ids, table.column("embedding").to_numpy(zero_copy_only=False)))
+    got = np.stack([by_id[f"digits/train/{i:06d}"] for i in picks])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (folder / f"good{i:02d}.png").write_bytes(png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "empty.jpg").write_bytes(b"")
+    summary = embed(load(run), str(folder), tmp_path / "out", batch_size=5)
+    table = read(tmp_path / "out")
+    assert summary.rows == table.num_rows == 12
+    assert summary.skipped["by_reason"] == {"corrupt image": 1, "empty image": 1}, summary.skipped
+    assert sorted(p.rsplit("/", 1)[-1] for p in table.column("id").to_pylist()) == [f"good{i:02d}.png" for i in range(12)]
+    assert np.isfinite(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))).all()
+
+
+def spilled_mib() -> float:
+    from ray._private.internal_api import memory_summary
+
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    match = re.search(r"Spilled (\d+) MiB", summary)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_corpus_larger_than_the_object_store_streams_through(run, tmp_path):
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for start in range(0, RECORDS, 50):  # parquet files of 50 uncompressed PNGs (~192 KiB each)
+        images = [png(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8), compress_level=0) for _ in range(50)]
+        pq.write_table(pa.table({"image": images}), corpus / f"part-{start // 50:03d}.parquet", row_group_size=10)
+    assert sum(p.stat().st_size for p in corpus.iterdir()) > 2 * STORE
+    summary = embed(load(run), str(corpus), tmp_path / "out", batch_size=64)
+    assert summary.rows == read(tmp_path / "out").num_rows == RECORDS
+    assert len(set(read(tmp_path / "out").column("id").to_pylist())) == RECORDS
+    print(f"object store spilled {spilled_mib():.0f} MiB")  # a figure for the report, not an assertion
+
+
+def test_cli_refuses_a_wrong_modality_and_an_existing_out(run, tmp_path, capsys):
+    assert cli.main(["embed", str(run), "digits", "--out", str(tmp_path / "o"), "--modality", "texts"]) == cli.EXIT_USAGE
+    assert "embeds images" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.parquet").write_bytes(b"")
+    assert cli.main(["embed", str(run), "digits", "--out", str(tmp_path / "full")]) == cli.EXIT_USAGE
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["embed", str(tmp_path / "nope"), "digits", "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
