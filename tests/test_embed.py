@@ -124,3 +124,32 @@ def test_cli_refuses_a_wrong_modality_and_an_existing_out(run, tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["embed", str(tmp_path / "nope"), "digits", "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
+
+
+def by_id(out) -> dict[str, np.ndarray]:
+    table = read(out)
+    return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False)))
+
+
+def test_clip_texts_and_cpc_audio_equal_load(tmp_path, one_thread):
+    from ssl_platform.data.digit_captions import load_digit_caption_splits
+    from ssl_platform.data.spoken_digits import load_spoken_digits
+    from test_pretrained import make_run
+
+    clip = load(make_run(tmp_path, "clip")[0])
+    summary = embed(clip, "digit-captions", tmp_path / "texts", modality="texts")
+    rows = by_id(tmp_path / "texts")
+    captions = load_digit_caption_splits(clip.cfg.data.image_size, clip.cfg.data.val_fraction,
+                                         clip.cfg.train.seed)["val"].captions
+    assert summary.rows == len(rows) and summary.dim == clip.dim == len(next(iter(rows.values())))
+    got = np.stack([rows[f"digit-captions/val/{i:06d}"] for i in (0, 5)])
+    np.testing.assert_allclose(got, clip.embed_texts([captions[0], captions[5]]), rtol=1e-4, atol=1e-5)
+
+    cpc = load(make_run(tmp_path, "cpc")[0])
+    summary = embed(cpc, "spoken-digits", tmp_path / "audio", batch_size=16)
+    rows = by_id(tmp_path / "audio")
+    clips = load_spoken_digits(cpc.cfg.data.sample_rate)
+    assert summary.rows == len(rows) == len(clips)
+    got = np.stack([rows[clips.paths[i]] for i in (0, 9)])
+    expected = cpc.embed_audio([clips.audio[0], clips.audio[9]], cpc.cfg.data.sample_rate)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
