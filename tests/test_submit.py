@@ -111,6 +111,8 @@ def test_refusals_submit_nothing(head, client, tmp_path, capsys, monkeypatch):
         "data.path=corpus is relative": ["simclr-digits", f"runs_dir={tmp_path}", "data.path=corpus",
                                          "eval.enabled=false", "eval.online_every=0"],
         "unknown sweep": ["--sweep", "simclr", f"runs_dir={tmp_path}"],
+        "--max-failures applies to a run, not a sweep": ["--sweep", "simclr-digits", f"runs_dir={tmp_path}",
+                                                         "--max-failures", "1"],
     }
     before = len(client.list_jobs())
     for expected, args in cases.items():
@@ -146,7 +148,7 @@ def test_bad_address_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_submitted_run_succeeds_with_shipped_code(head, client, tmp_path, capsys):
     assert sslp(["submit", "--address", head, "simclr-digits", "name=submitted", f"runs_dir={tmp_path}", *TINY,
-                 "--follow"]) == 0
+                 "--max-failures", "2", "--follow"]) == 0
     out = capsys.readouterr().out
     job_id = submitted_id(out)
     assert f"ray job logs -f {job_id} --address {head}" in out and f"ray job stop {job_id}" in out
@@ -154,6 +156,7 @@ def test_submitted_run_succeeds_with_shipped_code(head, client, tmp_path, capsys
     info = client.get_job_info(job_id)
     assert str(info.status) == "SUCCEEDED"
     assert len(info.runtime_env["py_modules"]) == 2  # --code ship (default): ssl_platform and ssl_models
+    assert info.entrypoint.endswith("run config.yaml --max-failures 2")
     run_dir = tmp_path / "submitted"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
@@ -207,7 +210,7 @@ def test_a_sweep_ships_its_local_preset_beside_it(tmp_path, monkeypatch):
     (local / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "s", "preset": "base.yaml", "overrides": {"eval.online_every": 0, "eval.enabled": False},
         "space": {"method.temperature": {"choice": [0.1, 0.2]}}}))
-    args = argparse.Namespace(sweep=True, target=str(local / "sweep.yaml"), code="ship",
+    args = argparse.Namespace(sweep=True, target=str(local / "sweep.yaml"), code="ship", max_failures=0,
                               overrides=[f"runs_dir={tmp_path}/runs", "num_samples=2"])
     job = _prepare(args)
     assert job.kind == "sweep" and job.entrypoint == "python -m ssl_platform.cli sweep sweep.yaml"

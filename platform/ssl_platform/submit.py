@@ -66,6 +66,9 @@ def add_parser(sub) -> None:
                    help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else "
                         "$RAY_ADDRESS, as for `ray job submit`)")
     p.add_argument("--sweep", action="store_true", help="submit a Ray Tune sweep (`sslp sweep`) instead of one run")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="as for sslp run: restart the run's worker group from its newest checkpoint this many times "
+                        "if a worker (or its node) dies; -1: without limit (runs only)")
     p.add_argument("--code", choices=("ship", "installed"), default="ship",
                    help="ship (default): upload this machine's ssl_platform and ssl_models with the job, so the "
                         "cluster image needs only the dependencies (torch, torchvision, ray[default], open_clip); "
@@ -172,6 +175,10 @@ def _prepare(args: argparse.Namespace) -> _Job:
     if args.sweep:
         from ssl_platform.tune.spec import load_sweep
 
+        if args.max_failures:
+            raise ConfigError("--max-failures applies to a run, not a sweep (its trials are restored by re-running "
+                              "the sweep)")
+
         spec = load_sweep(args.target, args.overrides)
         _check_cluster_paths(spec.base, sweep=True)
         sweep = spec.to_dict()
@@ -187,7 +194,8 @@ def _prepare(args: argparse.Namespace) -> _Job:
 
         cfg = methods.validate(load_config(args.target, args.overrides))
         _check_cluster_paths(cfg)
-        job = _Job("run", cfg.name, cfg.run_location(), "python -m ssl_platform.cli run config.yaml",
+        retries = f" --max-failures {args.max_failures}" if args.max_failures else ""
+        job = _Job("run", cfg.name, cfg.run_location(), f"python -m ssl_platform.cli run config.yaml{retries}",
                    {"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
     if args.code == "ship":
         job.py_modules = [package_dir(name) for name in PACKAGES]
