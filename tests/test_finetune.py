@@ -20,14 +20,7 @@ from ssl_platform.train.checkpoint import load_payload
 from test_eval_image import TINY, pretrain, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    from ssl_platform.data.pipeline import quiet_progress
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-    quiet_progress()
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_data")  # see conftest
 
 
 @pytest.fixture(scope="module")

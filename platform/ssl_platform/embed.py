@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
                             actors=args.actors, fmt=args.format, strict=args.strict)
         except (ValueError, FileNotFoundError) as e:
             raise DataError(str(e)) from None
-        print(f"{summary.rows} rows of {summary.dim}-dim {modality} embeddings written; skipped: "
+        print(f"{summary.rows} embeddings written ({modality}, {summary.dim} dims); "
               f"{format_summary(summary.skipped)}", flush=True)
         print(f"output: {summary.out}", flush=True)
 

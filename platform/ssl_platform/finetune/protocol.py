@@ -159,7 +159,7 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
     rows.insert(1, {"encoder": probe["encoder"], "top1": probe["linear_probe_top1"]})
     title = (f"{cfg.name}: {cfg.method.name} fine-tuned on {splits.description} "
              f"({steps} steps, held-out top-1)")
-    write_results(out, rows, title=title)
+    write_results(out, rows, metrics_path=out / "pretrained" / "metrics.jsonl", title=title)  # its loss curve
     print(markdown_table(rows), flush=True)
     return rows
 
