@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -19,16 +18,17 @@ from ssl_platform.finetune.protocol import finetune
 from ssl_platform.train.checkpoint import load_payload
 from test_eval_image import TINY, pretrain, save_checkpoint
 
-
-pytestmark = pytest.mark.usefixtures("ray_data")  # see conftest
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_data")]  # see conftest
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A SimCLR digits encoder pretrained in-process for 150 steps (its frozen probe: ~90% on 50 labels)."""
-    torch.set_num_threads(1)
     cfg = load_config("simclr-digits", [*TINY, "eval.enabled=false", "name=ft-source"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared (see conftest's one_thread)
     method = pretrain(cfg, load_digits_splits(image_size=16)["train"].images, steps=150)
+    torch.set_num_threads(threads)
     checkpoint = tmp_path_factory.mktemp("run") / "checkpoint_000000"
     checkpoint.mkdir()
     save_checkpoint(checkpoint, cfg, method)
