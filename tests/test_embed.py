@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 from PIL import Image
 
 from ssl_platform import cli
@@ -131,8 +130,9 @@ def by_id(out) -> dict[str, np.ndarray]:
     return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False)))
 
 
-def test_clip_texts_and_cpc_audio_equal_load(tmp_path, one_thread):
+def test_clip_texts_bert_texts_and_cpc_audio_equal_load(tmp_path, one_thread):
     from ssl_platform.data.digit_captions import load_digit_caption_splits
+    from ssl_platform.data.python_docs import python_docs_documents
     from ssl_platform.data.spoken_digits import load_spoken_digits
     from test_pretrained import make_run
 
@@ -153,3 +153,12 @@ def test_clip_texts_and_cpc_audio_equal_load(tmp_path, one_thread):
     got = np.stack([rows[clips.paths[i]] for i in (0, 9)])
     expected = cpc.embed_audio([clips.audio[0], clips.audio[9]], cpc.cfg.data.sample_rate)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    bert = load(make_run(tmp_path, "bert")[0])
+    summary = embed(bert, "python-docs", tmp_path / "docs", batch_size=32)
+    rows = by_id(tmp_path / "docs")
+    docs = python_docs_documents()
+    assert summary.rows == len(rows) == len(docs)  # ids unique: one per document
+    picks = [docs[0], docs[10]]
+    got = np.stack([next(v for k, v in rows.items() if k.startswith(f"{d.name}#")) for d in picks])  # topic#hash
+    np.testing.assert_allclose(got, bert.embed_texts([d.text for d in picks]), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ with bounded memory (blocks may spill to disk under pressure; that is not a fail
 
 What names a record (``id``): the file path (image folders, audio), ``file#row-hash`` for images
 in parquet without a path column, ``NAME/SPLIT/000042`` for in-memory built-in corpora, and the
-document's source for text corpora (``python-docs``: the topic).
+document's source and a hash of its text for text corpora (``python-docs``: ``topic#hash``).
 """
 
 from __future__ import annotations
@@ -151,7 +151,18 @@ def text_rows(pretrained, source: str, reporter, fmt: str):
                 for i, c in enumerate(split.captions)]
         return ray.data.from_items(rows, override_num_blocks=8), "id"
     ds = open_text_corpus(source, reporter=reporter, unit=cfg.data.text_unit, text_field=cfg.data.text_field, fmt=fmt)
-    return ds, "source"
+    return ds.map_batches(text_ids, batch_format="numpy"), "id"
+
+
+def text_ids(batch: dict) -> dict:
+    """``SOURCE#HASH``: a file holds many documents, and a streamed row has no global index; a
+    hash of the text names the document stably across runs."""
+    import hashlib
+
+    import numpy as np
+
+    ids = [f"{s}#{hashlib.sha1(str(t).encode()).hexdigest()[:12]}" for s, t in zip(batch["source"], batch["text"])]
+    return {**batch, "id": np.array(ids, dtype=object)}
 
 
 def audio_rows(pretrained, source: str, reporter, fmt: str):

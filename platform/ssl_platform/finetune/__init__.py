@@ -15,9 +15,10 @@ features before it becomes useful. The head standardises features (BatchNorm wit
 MAE's probe), so one learning rate suits every encoder.
 
 Fine-tuning is an ordinary run of the platform's training loop (``train.trainer.fit`` and
-``train.loop.train_func``): :class:`Classifier` obeys the method protocol (``forward(batch) ->
+``train.loop.train_func``): ``finetune.classifier.Classifier`` obeys the method protocol (``forward(batch) ->
 {"loss", "accuracy"}``), so DDP, checkpoints, metrics.jsonl and worker-failure handling are the
-pretraining ones. Both fine-tunes share the seed, so the random-init row starts from exactly
+pretraining ones; their run directories are ``OUT/pretrained`` and ``OUT/random-init``, beside
+results.json/.md and report.png in ``OUT``. Both fine-tunes share the seed, so the random-init row starts from exactly
 the weights ``evaluate.inference.build_method(cfg, derived, None, train.seed)`` gives.
 
 Labelled sources: the built-in ``digits``; an image folder with one sub-folder per class; parquet
@@ -33,7 +34,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 FINETUNE_KINDS = ("image", "image-caption")  # run kinds (config.METHOD_KINDS) whose image encoder is fine-tuned
 UNLABELLED_BUILTINS = ("digit-captions", "python-docs")
@@ -115,7 +115,7 @@ def check_supported(method: str, source: str) -> None:
 
 
 def check_sizes(args: argparse.Namespace) -> None:
-    if args.steps is not None and args.steps < 1 or args.epochs <= 0:
+    if (args.steps is not None and args.steps < 1) or args.epochs <= 0:
         raise ValueError("--steps and --epochs must be positive")
     if args.batch_size < 2 or args.batch_size % args.workers:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 2 and a multiple of --workers "
