@@ -228,13 +228,15 @@ class EmbedBatches:
 
 
 def actor_resources(actors: int) -> tuple[float, float]:
-    """(CPUs, GPUs) per actor: a GPU each when the cluster has them, else a CPU share that leaves
-    one CPU to reading and decoding (on 2 cores, actors of 1 CPU each would starve them)."""
+    """(CPUs, GPUs) per actor: a GPU each when the cluster has them (a share when there are more
+    actors than GPUs, which would otherwise wait forever for one), and a CPU share that leaves one
+    CPU to reading and decoding (on 2 cores, actors of 1 CPU each would starve them)."""
     import ray
 
     total = ray.cluster_resources()
     cpus = max(0.25, min(1.0, (total.get("CPU", 1.0) - 1.0) / actors))
-    return cpus, (1.0 if total.get("GPU", 0.0) >= 1 else 0.0)
+    gpus = total.get("GPU", 0.0)
+    return cpus, (min(1.0, gpus / actors) if gpus > 0 else 0.0)
 
 
 def embed(pretrained, source: str, out: Path, *, modality: str | None = None, batch_size: int = 256, actors: int = 1,
@@ -244,16 +246,18 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     ``pretrained``: ``ssl_platform.load(run)``. Returns the rows written, the width and the
     skipped records by reason.
     """
+    import uuid
+
+    import pyarrow.parquet as pq
     import ray
     import ray.data
-    import pyarrow.parquet as pq
 
     from ssl_platform.data.pipeline import quiet_progress
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
 
     modality = pick_modality(pretrained, modality)
     quiet_progress()
-    name = ledger_name(f"embed-{pretrained.cfg.name}-{id(out)}")
+    name = ledger_name(f"embed-{pretrained.cfg.name}-{uuid.uuid4().hex[:8]}")  # concurrent embeds count apart
     ledger = get_or_create_ledger(name)
     try:
         ds, id_column = READERS[modality](pretrained, source, SkipReporter(name, strict), fmt)
