@@ -46,14 +46,18 @@ def ray_data_metric_names() -> set[str]:
 
         return Recorder
 
-    saved = {n: getattr(stats, n) for n in ("Gauge", "Counter", "Histogram")}
+    actor = stats._StatsActor.__ray_actor_class__
+    # The module's namespace, and the one the class's methods see: once Ray has run a Dataset in
+    # this process, Ray's actor machinery has given the class a copy of the module's globals.
+    namespaces = {id(ns): ns for ns in (vars(stats), actor.__init__.__globals__)}.values()
+    saved = [(ns, n, ns[n]) for ns in namespaces for n in ("Gauge", "Counter", "Histogram") if n in ns]
     try:
-        for n in saved:
-            setattr(stats, n, recorder(n.lower()))
-        stats._StatsActor.__ray_metadata__.modified_class()
+        for ns, n, _ in saved:
+            ns[n] = recorder(n.lower())
+        actor()
     finally:
-        for n, cls in saved.items():
-            setattr(stats, n, cls)
+        for ns, n, cls in saved:
+            ns[n] = cls
     return set().union(*(exported_names(name, kind) for name, kind in defined))
 
 

@@ -4,8 +4,9 @@
     -> write_parquet(PATH): one row per good record, ``id`` (string) and ``embedding``
        (fixed-size list of float32, the run's embedding width)
 
-Each actor loads the run once (``ssl_platform.load`` of the checkpoint path, so every node must
-see it: a shared filesystem, as Ray Train's own storage needs) and embeds batch after batch with
+The driver loads the run (``ssl_platform.load``) and puts it in the object store; each actor
+takes it from there once (so no node but the driver's needs to see the run directory) and
+embeds batch after batch with
 the same functions as ``Pretrained.embed_*`` and the evaluations: an image model embeds images,
 CLIP images or texts (``--modality``), BERT/GPT texts, CPC audio. An actor takes a GPU when the
 cluster has GPUs, else a share of the CPUs that leaves one to the read and decode stages.
@@ -191,13 +192,15 @@ class EmbedBatches:
     float32), so the parquet files carry a plain list column any reader takes.
     """
 
-    def __init__(self, checkpoint: str, modality: str, id_column: str, threads: int):
+    def __init__(self, model, modality: str, id_column: str, threads: int):
+        import ray
         import torch
 
-        from ssl_platform.pretrained import load
-
         torch.set_num_threads(threads)
-        self.model = load(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
+        # The driver's loaded run, from the object store (one copy per node): the actors need not
+        # see the run directory, which on a cluster may live on the driver's machine only.
+        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.modality, self.id_column = modality, id_column
 
     def embeddings(self, batch: dict):
@@ -263,7 +266,7 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
         ds, id_column = READERS[modality](pretrained, source, SkipReporter(name, strict), fmt)
         cpus, gpus = actor_resources(actors)
         rows = ds.map_batches(
-            EmbedBatches, fn_constructor_kwargs={"checkpoint": str(Path(pretrained.checkpoint).resolve()),
+            EmbedBatches, fn_constructor_kwargs={"model": ray.put(pretrained.to("cpu")),
                                                  "modality": modality, "id_column": id_column,
                                                  "threads": max(1, int(cpus))},
             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",

@@ -119,6 +119,12 @@ class Pretrained:
     def modalities(self) -> tuple[str, ...]:
         return MODALITIES[self.kind]
 
+    def to(self, device: str | torch.device) -> "Pretrained":
+        """Move the method to ``device`` (e.g. ``"cuda"``); returns self."""
+        self.device = torch.device(device)
+        self.method.to(self.device)
+        return self
+
     @property
     def embedding_dims(self) -> dict[str, int]:
         """Width of each modality's embedding: ``{"images": D}``, ``{"images": E, "texts": E}``, ..."""
