@@ -223,3 +223,15 @@ def test_a_sweep_ships_its_local_preset_beside_it(tmp_path, monkeypatch):
     shipped, original = load_sweep("sweep.yaml"), load_sweep(args.target, args.overrides)
     assert shipped.num_samples == 2 and shipped.base == original.base
     assert {**shipped.to_dict(), "preset": None} == {**original.to_dict(), "preset": None}
+
+
+def test_the_token_is_sent_even_after_a_local_ray_set_the_auth_mode(monkeypatch):
+    """A `ray.init` in this process sets RAY_AUTH_MODE=token and caches its own cluster's token,
+    which Ray's job client would send instead; the token this machine holds now goes first."""
+    from ssl_platform.submit import token_header
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 64)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert token_header() == {"Authorization": f"Bearer {'a' * 64}"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert token_header() == {}

@@ -237,9 +237,12 @@ def _first_line(e: BaseException) -> str:
 
 def token_header() -> dict[str, str]:
     """The token this machine holds, as `ray.init` would find it ($RAY_AUTH_TOKEN, else the file at
-    $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Ray's job client sends one only when RAY_AUTH_MODE=token
-    is set, while Ray 2.60 clusters require one by default; with RAY_AUTH_MODE set, Ray decides."""
-    if os.environ.get("RAY_AUTH_MODE"):
+    $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), read now. Ray's job client sends one only when
+    RAY_AUTH_MODE=token is set, while Ray 2.60 clusters require one by default; and where it sends
+    one, it is the token its loader cached when this process first needed one (a `ray.init` of
+    this process sets RAY_AUTH_MODE=token and caches its own cluster's). A header given here wins
+    over Ray's, so it is always sent, unless RAY_AUTH_MODE=disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
