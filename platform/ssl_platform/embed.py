@@ -230,18 +230,6 @@ class EmbedBatches:
                                                                         features.shape[1])})
 
 
-def actor_resources(actors: int) -> tuple[float, float]:
-    """(CPUs, GPUs) per actor: a GPU each when the cluster has them (a share when there are more
-    actors than GPUs, which would otherwise wait forever for one), and a CPU share that leaves one
-    CPU to reading and decoding (on 2 cores, actors of 1 CPU each would starve them)."""
-    import ray
-
-    total = ray.cluster_resources()
-    cpus = max(0.25, min(1.0, (total.get("CPU", 1.0) - 1.0) / actors))
-    gpus = total.get("GPU", 0.0)
-    return cpus, (min(1.0, gpus / actors) if gpus > 0 else 0.0)
-
-
 def embed(pretrained, source: str, out: Path, *, modality: str | None = None, batch_size: int = 256, actors: int = 1,
           fmt: str = "auto", strict: bool = False) -> EmbedSummary:
     """Embed every good record of ``source`` into parquet files under ``out``. Ray must be running.
@@ -256,6 +244,7 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     import ray.data
 
     from ssl_platform.data.pipeline import quiet_progress
+    from ssl_platform.evaluate.inference import actor_resources
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
 
     modality = pick_modality(pretrained, modality)
@@ -264,7 +253,7 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     ledger = get_or_create_ledger(name)
     try:
         ds, id_column = READERS[modality](pretrained, source, SkipReporter(name, strict), fmt)
-        cpus, gpus = actor_resources(actors)
+        cpus, gpus = actor_resources(actors, use_gpu=True)  # a GPU per actor wherever the cluster has GPUs
         rows = ds.map_batches(
             EmbedBatches, fn_constructor_kwargs={"model": ray.put(pretrained.to("cpu")),
                                                  "modality": modality, "id_column": id_column,

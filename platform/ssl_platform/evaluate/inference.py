@@ -127,15 +127,15 @@ class EncodeBatches:
         return out
 
 
-def _actor_resources(cfg: ExperimentConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) per actor. The pool leaves one CPU to the stages before it (reading,
-    decoding, tokenising): on a 2-CPU machine two actors of 1 CPU would starve them and hang."""
+def actor_resources(actors: int, use_gpu: bool) -> tuple[float, float]:
+    """(CPUs, GPUs) per actor of a pool of ``actors``. The pool leaves one CPU to the stages
+    before it (reading, decoding, tokenising): on a 2-CPU machine two actors of 1 CPU would
+    starve them and hang. With ``use_gpu`` and GPUs in the cluster, a GPU each (a share when
+    there are more actors than GPUs, which would otherwise wait forever for one)."""
     total = ray.cluster_resources()
-    actors = cfg.eval.actors
     cpus = max(0.25, min(1.0, (total.get("CPU", 1.0) - 1.0) / actors))
     gpus = total.get("GPU", 0.0)
-    num_gpus = min(1.0, gpus / actors) if cfg.scaling.use_gpu and gpus > 0 else 0.0
-    return cpus, num_gpus
+    return cpus, (min(1.0, gpus / actors) if use_gpu and gpus > 0 else 0.0)
 
 
 def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any], state: dict[str, Tensor] | None,
@@ -172,7 +172,7 @@ def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any]
     if state is not None:
         check_state(cfg, derived, state)
     state_ref = [ray.put({k: v.detach().cpu() for k, v in state.items()})] if state is not None else None
-    cpus, gpus = _actor_resources(cfg)
+    cpus, gpus = actor_resources(cfg.eval.actors, cfg.scaling.use_gpu)
     encoded = ds.map_batches(
         EncodeBatches,
         fn_constructor_kwargs={"cfg": cfg, "derived": dict(derived), "state_ref": state_ref, "encode": encode,
