@@ -19,8 +19,17 @@ import sys
 import time
 from datetime import datetime
 
-from ssl_platform.config import (BUILTIN_KINDS, CORPUS_FORMATS, CORPUS_KINDS, ConfigError, ExperimentConfig, describe_keys,
-                                 list_presets, load_config, with_overrides)
+from ssl_platform.config import (
+    BUILTIN_KINDS,
+    CORPUS_FORMATS,
+    CORPUS_KINDS,
+    ConfigError,
+    ExperimentConfig,
+    describe_keys,
+    list_presets,
+    load_config,
+    with_overrides,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -231,7 +240,14 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.train.trainer import StorageError, completed_run, copy_to_storage, fit, local_checkpoint, run_paths
+    from ssl_platform.train.trainer import (
+        StorageError,
+        completed_run,
+        copy_to_storage,
+        fit,
+        local_checkpoint,
+        run_paths,
+    )
 
     t0 = time.perf_counter()
     paths = run_paths(cfg)
@@ -344,7 +360,7 @@ def _eval(args: argparse.Namespace) -> int:
     return _on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written")
 
 
-def resolve_checkpoint(target) -> tuple["Path", dict]:
+def resolve_checkpoint(target) -> tuple[Path, dict]:
     """(checkpoint directory, its run's raw config) for a run directory or a checkpoint directory.
 
     A run directory's checkpoint is the one its summary.json names (the finished run's), else

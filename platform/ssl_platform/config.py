@@ -22,10 +22,11 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import yaml
 
@@ -66,12 +67,12 @@ class DataConfig:
     image_size: int = _f(32, "side of the square images fed to the encoder", min=8, max=1024)
     val_fraction: float = _f(0.2, "held-out fraction for evaluation (stratified, fixed seed)", min=0.05, max=0.9)
     # Image augmentation; empty = the method paper's recipe (ssl_platform.data.transforms.recipe).
-    crop_scale_min: Optional[float] = _f(None, "lower bound of the random-resized-crop area fraction", min=0.01, max=1.0)
-    jitter_strength: Optional[float] = _f(None, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
-    jitter_prob: Optional[float] = _f(None, "probability of applying colour jitter to a view", min=0.0, max=1.0)
-    blur_prob: Optional[float] = _f(None, "probability of Gaussian blur per view", min=0.0, max=1.0)
-    flip_prob: Optional[float] = _f(None, "probability of a horizontal flip (0 for digits: flips change the class)",
-                                    min=0.0, max=1.0)
+    crop_scale_min: float | None = _f(None, "lower bound of the random-resized-crop area fraction", min=0.01, max=1.0)
+    jitter_strength: float | None = _f(None, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
+    jitter_prob: float | None = _f(None, "probability of applying colour jitter to a view", min=0.0, max=1.0)
+    blur_prob: float | None = _f(None, "probability of Gaussian blur per view", min=0.0, max=1.0)
+    flip_prob: float | None = _f(None, "probability of a horizontal flip (0 for digits: flips change the class)",
+                               min=0.0, max=1.0)
     transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
@@ -91,9 +92,9 @@ class DataConfig:
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
     max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
     # --- driver (issue 5, train/trainer.py) ---
-    seed: Optional[int] = _f(None, "seed of the image augmentations and the block order: every record gets the same "
-                                   "views in every epoch and each worker the same rows (reproducibility checks); "
-                                   "empty = fresh randomness on every pass", min=0)
+    seed: int | None = _f(None, "seed of the image augmentations and the block order: every record gets the same "
+                              "views in every epoch and each worker the same rows (reproducibility checks); "
+                              "empty = fresh randomness on every pass", min=0)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = _f(2, "Ray Train workers (data-parallel ranks)", min=1)
     use_gpu: bool = _f(False, "one GPU per worker, NCCL backend")
-    cpus_per_worker: Optional[float] = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
+    cpus_per_worker: float | None = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
     data_cpus: float = _f(1.0, "CPUs always left free for the Ray Data pipeline", min=0.0)
     placement_strategy: str = _f("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     # --- per-worker loop (issue 5, train/loop.py) ---
@@ -355,7 +356,7 @@ def _convert(key: str, value: Any, hint: Any, md: Mapping = types.MappingProxyTy
         close = difflib.get_close_matches(str(value), list(map(str, md["choices"])), n=1)
         hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, md['choices']))}{hint_txt}")
-    if "min" in md and value < md["min"] or "max" in md and value > md["max"]:
+    if ("min" in md and value < md["min"]) or ("max" in md and value > md["max"]):
         raise ConfigError(f"{key}={value!r}: expected {_allowed(md, hint)}")
     return value
 

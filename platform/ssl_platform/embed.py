@@ -244,8 +244,8 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     import ray.data
 
     from ssl_platform.data.pipeline import quiet_progress
-    from ssl_platform.evaluate.inference import actor_resources
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
+    from ssl_platform.evaluate.inference import actor_resources
 
     modality = pick_modality(pretrained, modality)
     quiet_progress()

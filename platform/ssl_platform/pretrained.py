@@ -119,7 +119,7 @@ class Pretrained:
     def modalities(self) -> tuple[str, ...]:
         return MODALITIES[self.kind]
 
-    def to(self, device: str | torch.device) -> "Pretrained":
+    def to(self, device: str | torch.device) -> Pretrained:
         """Move the method to ``device`` (e.g. ``"cuda"``); returns self."""
         self.device = torch.device(device)
         self.method.to(self.device)
@@ -129,7 +129,7 @@ class Pretrained:
     def embedding_dims(self) -> dict[str, int]:
         """Width of each modality's embedding: ``{"images": D}``, ``{"images": E, "texts": E}``, ..."""
         width = int(getattr(self.method, "embed_dim", None) or self.method.feature_dim)
-        return {m: width for m in self.modalities}
+        return dict.fromkeys(self.modalities, width)
 
     @property
     def dim(self) -> int:

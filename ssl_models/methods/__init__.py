@@ -9,4 +9,4 @@ from ssl_models.methods.gpt import GPT
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.vicreg import VICReg
 
-__all__ = ["BERT", "BYOL", "BarlowTwins", "CLIP", "CPC", "GPT", "SimCLR", "VICReg"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "BarlowTwins", "SimCLR", "VICReg"]

@@ -36,8 +36,16 @@ import ray.data
 from ssl_platform.data.decode import decode_image_bytes
 from ssl_platform.data.inspect import InspectLedger, report, save, scan, show
 from ssl_platform.data.skips import SkipReporter
-from ssl_platform.data.sources import (IMAGE_SUFFIXES, Location, detect_format, filesystem, folder_classes,
-                                       folder_labels, locate, read_shards)
+from ssl_platform.data.sources import (
+    IMAGE_SUFFIXES,
+    Location,
+    detect_format,
+    filesystem,
+    folder_classes,
+    folder_labels,
+    locate,
+    read_shards,
+)
 
 DECODE_BATCH_SIZE = 64  # records per decode task call: small, so one bad batch costs little
 FETCH_THREADS = 8  # concurrent reads of path-referenced images (hides object-store latency)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_platform.data.builtin import DIGIT_NAMES as DIGIT_WORDS
+
 # Accents (British, American, Received Pronunciation, Scottish, Caribbean) crossed with
 # espeak-ng's voice variants (+f: female formants, +m: male) so a probe cannot key on one timbre.
 VOICES = ("en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-us+f3", "en-gb+f4", "en-029+m3", "en-us-nyc+f2")

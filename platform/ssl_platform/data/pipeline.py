@@ -26,6 +26,7 @@ import ray.data
 from ssl_platform.config import METHOD_KINDS, ExperimentConfig
 from ssl_platform.data.skips import SkipReporter
 
+
 @dataclass
 class PretrainData:
     """The pretraining stream of a run and what the method's constructor needs from the data."""

@@ -45,5 +45,13 @@ def evaluate_run(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str
     return protocol.evaluate(cfg, Path(checkpoint_dir), Path(run_dir))
 
 
-__all__ = ["evaluate_run", "PROTOCOLS", "extract_features", "train_supervised", "knn_accuracy", "linear_probe",
-           "markdown_table", "write_results"]
+__all__ = [
+    "PROTOCOLS",
+    "evaluate_run",
+    "extract_features",
+    "knn_accuracy",
+    "linear_probe",
+    "markdown_table",
+    "train_supervised",
+    "write_results",
+]

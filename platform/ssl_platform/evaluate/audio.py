@@ -21,7 +21,6 @@ Rows of the table:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

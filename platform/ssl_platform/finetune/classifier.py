@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ssl_platform import methods
 from ssl_platform.data.transforms import to_float
 
+
 class Classifier(nn.Module):
     """A method's encoder (its ``embed``) with a linear head, trained by the platform's loop.
 

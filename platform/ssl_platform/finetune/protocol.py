@@ -28,6 +28,7 @@ from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
 from ssl_platform.train.checkpoint import load_payload
 from ssl_platform.train.trainer import fit, run_paths
 
+
 @dataclass(frozen=True)
 class LabelledSplits:
     train: Any  # data.builtin.ImageSplit

@@ -44,7 +44,14 @@ from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
 from ssl_platform.data.online import online_split
 from ssl_platform.data.pipeline import pretraining_data
-from ssl_platform.data.skips import NAMESPACE, SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
+from ssl_platform.data.skips import (
+    NAMESPACE,
+    SkipReporter,
+    format_summary,
+    get_or_create_ledger,
+    ledger_name,
+    skip_summary,
+)
 from ssl_platform.data.sources import filesystem
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, train_func
 from ssl_platform.train.metrics import format_duration

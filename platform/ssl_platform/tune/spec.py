@@ -40,10 +40,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ssl_platform.config import (ConfigError, ExperimentConfig, from_dict, load_config, parse_override,
-                                 read_yaml_mapping, set_dotted)
+from ssl_platform.config import (
+    ConfigError,
+    ExperimentConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+)
 
 SWEEPS_PACKAGE = "ssl_platform.presets"  # shipped sweeps live in presets/sweeps/*.yaml
 SWEEP_KEYS = ("name", "preset", "overrides", "metric", "mode", "num_samples", "max_concurrent_trials",

@@ -188,9 +188,9 @@ def run_trial(values: dict, *, base: dict, trials_dir: str) -> None:
     from ray import tune
 
     from ssl_platform import methods
-    from ssl_platform.tune.asha import ReportAndObey, decision_path, read_decision
     from ssl_platform.train.metrics import read_metrics
     from ssl_platform.train.trainer import METRICS_FILE, completed_run, fit, run_paths
+    from ssl_platform.tune.asha import ReportAndObey, decision_path, read_decision
 
     trial_id = tune.get_context().get_trial_id()
     cfg = methods.validate(from_dict(trial_raw(base, values, name=trial_id, runs_dir=trials_dir)))
