@@ -68,7 +68,7 @@ class ConvFeatureEncoder(nn.Module):
         self.sample_rate = sample_rate
         layers: list[nn.Module] = []
         in_channels = 1
-        for kernel, stride in zip(self.kernels, self.strides):
+        for kernel, stride in zip(self.kernels, self.strides, strict=True):
             # No bias: the LayerNorm right after it has its own shift.
             layers += [nn.Conv1d(in_channels, channels, kernel, stride, bias=False), ChannelLayerNorm(channels), nn.GELU()]
             in_channels = channels
@@ -83,7 +83,7 @@ class ConvFeatureEncoder(nn.Module):
     def receptive_field(self) -> int:
         """Samples that one frame sees (465 by default)."""
         field, jump = 1, 1
-        for kernel, stride in zip(self.kernels, self.strides):
+        for kernel, stride in zip(self.kernels, self.strides, strict=True):
             field += (kernel - 1) * jump
             jump *= stride
         return field
@@ -100,7 +100,7 @@ class ConvFeatureEncoder(nn.Module):
         so for a right-padded utterance it is its number of valid frames. Never negative.
         """
         length = num_samples
-        for kernel, stride in zip(self.kernels, self.strides):
+        for kernel, stride in zip(self.kernels, self.strides, strict=True):
             length = (length - kernel) // stride + 1
         return length.clamp(min=0) if isinstance(length, Tensor) else max(length, 0)
 

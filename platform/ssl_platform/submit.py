@@ -165,7 +165,7 @@ def package_dir(name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"--code ship: package {name} is not importable here; install the project "
                           f"(pip install -e .) or use --code installed")
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def _prepare(args: argparse.Namespace) -> _Job:

@@ -141,7 +141,7 @@ class DecodeAudio:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         audios, labels, paths = [], [], []
         file_labels = folder_labels(batch["path"], self.root, self.class_names)
-        for blob, path, label in zip(batch["bytes"], batch["path"], file_labels):
+        for blob, path, label in zip(batch["bytes"], batch["path"], file_labels, strict=True):
             path = str(path)
             try:
                 audio = decode_audio(blob, self.sample_rate)
@@ -301,7 +301,7 @@ def inspect_audio(source: str, out_dir: Path, *, strict: bool = False, sample_ra
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) of each run of True in a bool vector."""
     edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
 
 
 def audio_crops_figure(crops: dict[str, np.ndarray], names: list[str], sample_rate: int, frame_hop: int = 160):

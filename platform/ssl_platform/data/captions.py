@@ -165,7 +165,7 @@ def captions_figure(images: np.ndarray, captions):
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
         show(ax, image, "\n".join(textwrap.wrap(str(caption), 28)[:3]), fontsize=8)
     fig.suptitle("images as CLIP sees them, with their captions", fontsize=9)
     return fig

@@ -69,7 +69,7 @@ def caption_digits(labels: np.ndarray, seed: int, split: str) -> np.ndarray:
     """(N,) captions: a template per image, drawn from a generator fixed by (seed, split)."""
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     choice = rng.integers(0, len(CAPTION_TEMPLATES), size=len(labels))
-    return np.array([fill(CAPTION_TEMPLATES[t], int(y)) for t, y in zip(choice, labels)], dtype=object)
+    return np.array([fill(CAPTION_TEMPLATES[t], int(y)) for t, y in zip(choice, labels, strict=True)], dtype=object)
 
 
 def load_digit_caption_splits(image_size: int = 32, val_fraction: float = 0.2,

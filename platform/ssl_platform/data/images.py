@@ -92,7 +92,7 @@ class DecodeRecords:
         else:
             keys = [s.scheme + str(k) for k in batch[s.key_column]]
         if s.row_suffix:
-            keys = [f"{k}#{int(h):016x}" for k, h in zip(keys, batch[s.row_suffix])]
+            keys = [f"{k}#{int(h):016x}" for k, h in zip(keys, batch[s.row_suffix], strict=True)]
         keep = np.ones(len(keys), bool)
         captions = self._captions(batch, keys, keep) if s.caption_column else None
         labels = self._labels(batch, keys, keep) if not s.caption_column else None
@@ -153,7 +153,7 @@ class DecodeRecords:
         todo = [i for i in np.flatnonzero(keep) if refs[i]]
         if todo:
             with ThreadPoolExecutor(min(FETCH_THREADS, len(todo))) as pool:
-                for i, blob in zip(todo, pool.map(lambda i: self._read(str(refs[i])), todo)):
+                for i, blob in zip(todo, pool.map(lambda i: self._read(str(refs[i])), todo), strict=True):
                     if blob is None:
                         self.reporter.skip(keys[i], "missing image")
                         keep[i] = False

@@ -337,7 +337,7 @@ def describe_bert_batch(bert: dict[str, np.ndarray], tok, n: int) -> dict:
     for r in range(min(n, len(kinds))):
         words = tok.tokens(bert["input_ids"][r][real[r]])
         originals = tok.tokens(np.maximum(bert["mlm_labels"][r][real[r]], 0))
-        shown.append(" ".join(MARKS[k].format(w, o) for w, o, k in zip(words, originals, kinds[r])))
+        shown.append(" ".join(MARKS[k].format(w, o) for w, o, k in zip(words, originals, kinds[r], strict=False)))
     return {"bert_batch": {k: f"int64 {v.shape}" for k, v in bert.items()}, "masked_text_legend": MARKS_LEGEND,
             "selected_fraction": round(float((kinds > 0).sum() / max(1, real.sum())), 3),
             "nsp_labels (1 = B follows A)": bert["nsp_labels"][:n].tolist(), "masked_text": shown}
@@ -358,7 +358,7 @@ def masked_text_figure(bert: dict[str, np.ndarray], tok, n: int, width: int = 15
         y, x = y + 1, 0
         real = int(bert["attention_mask"][r].sum())
         for ids_i, lab, k, seg in zip(bert["input_ids"][r][:real], bert["mlm_labels"][r][:real], kinds[r][:real],
-                                      bert["token_type_ids"][r][:real]):
+                                      bert["token_type_ids"][r][:real], strict=True):
             word = tok.tokens([ids_i])[0]
             orig = tok.tokens([lab])[0] if k in (1, 2) else ""  # a kept token is its own original
             cell = max(len(word), len(orig)) + 1

@@ -92,5 +92,5 @@ def batch_uniforms(batch: dict[str, np.ndarray], n: int, seed: int | None, epoch
     Keys come from :func:`record_keys`; an ``epoch`` column, if present, overrides ``epoch``
     per record.
     """
-    epoch = batch["epoch"] if "epoch" in batch else epoch
+    epoch = batch.get("epoch", epoch)
     return record_uniforms(record_keys(batch), n, seed, epoch, batch_size=rows)

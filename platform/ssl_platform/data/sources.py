@@ -30,6 +30,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -249,7 +250,7 @@ class WebDatasetShards(FileBasedDatasource):
     would end the run; hence this reader plus :class:`~ssl_platform.data.images.DecodeRecords`.
     """
 
-    _FILE_EXTENSIONS = ["tar"]
+    _FILE_EXTENSIONS: ClassVar[list[str]] = ["tar"]
 
     def __init__(self, paths, *, reporter: SkipReporter, scheme: str, **kwargs):
         super().__init__(paths, **kwargs)

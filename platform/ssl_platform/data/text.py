@@ -203,7 +203,7 @@ def read_files(batch: dict[str, np.ndarray], *, unit: str, text_field: str,
                reporter: SkipReporter) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` generator: ``{"file", "format"}`` rows -> chunks of ``{"text", "source"}``."""
     texts, sources = [], []
-    for file, fmt in zip(batch["file"], batch["format"]):
+    for file, fmt in zip(batch["file"], batch["format"], strict=True):
         for text, source in file_documents(str(file), str(fmt), unit=unit, text_field=text_field, reporter=reporter):
             texts.append(text)
             sources.append(source)

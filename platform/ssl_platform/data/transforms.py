@@ -104,7 +104,7 @@ DRAWS = ("crop_area", "crop_ratio", "crop_x", "crop_y", "flip", "jitter", "brigh
 
 def view_draws(u: torch.Tensor) -> dict[str, torch.Tensor]:
     """(B, D) uniforms -> ``{name: (B,)}`` for the names in :data:`DRAWS`."""
-    return dict(zip(DRAWS, u.unbind(dim=1)))
+    return dict(zip(DRAWS, u.unbind(dim=1), strict=True))
 
 
 def random_draws(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:

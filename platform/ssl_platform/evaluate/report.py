@@ -215,7 +215,7 @@ def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | N
     _plot_loss(axes.pop(0), *read_loss_curve(metrics_path))
     if percent or not numbers:
         _plot_percent(axes.pop(0), rows, percent)
-    for ax, key in zip(axes, numbers):
+    for ax, key in zip(axes, numbers, strict=True):
         _plot_number(ax, rows, key)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -62,9 +62,9 @@ PROMPTS = (
     ("plain", "The"),
     ("plain", "A list is"),
     ("plain", "An exception is raised when"),
-    ("few-shot", 'The "break" statement terminates the nearest enclosing loop.\n'
-                 'The "continue" statement continues with the next cycle of the nearest enclosing loop.\n'
-                 'The "return" statement'),
+    ("few-shot", ('The "break" statement terminates the nearest enclosing loop.\n'
+                  'The "continue" statement continues with the next cycle of the nearest enclosing loop.\n'
+                  'The "return" statement')),
 )
 
 
@@ -158,7 +158,7 @@ class TopicChunks:
         sources = [str(s) for s in batch["source"]] if "source" in batch else texts
         width = self.max_len - 2
         ids, lengths, names, index = [], [], [], []
-        for source, sentences in zip(sources, tokenize_documents(tok, texts)):
+        for source, sentences in zip(sources, tokenize_documents(tok, texts), strict=True):
             stream = np.concatenate(sentences) if sentences else np.zeros(0, np.int64)
             for k, start in enumerate(range(0, len(stream), width)):
                 piece = stream[start:start + width]
@@ -189,10 +189,10 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
     """
     sources, chunks = np.asarray(sources).astype(str), np.asarray(chunks)
     names, counts = np.unique(sources[chunks != PAIR], return_counts=True)
-    largest = sorted((-c, str(n)) for n, c in zip(names, counts) if c >= min_chunks)[:max_classes]
+    largest = sorted((-c, str(n)) for n, c in zip(names, counts, strict=True) if c >= min_chunks)[:max_classes]
     classes = sorted(n for _, n in largest)
     lookup = {name: i for i, name in enumerate(classes)}
-    labels = np.array([lookup.get(s, -1) if c != PAIR else -1 for s, c in zip(sources, chunks)], dtype=np.int64)
+    labels = np.array([lookup.get(s, -1) if c != PAIR else -1 for s, c in zip(sources, chunks, strict=True)], dtype=np.int64)
     kept = labels >= 0
     even = chunks % 2 == 0
     return labels, np.flatnonzero(kept & even), np.flatnonzero(kept & ~even), classes

@@ -101,7 +101,7 @@ def fit_head(classifier: Classifier, images: Tensor, labels: Tensor, steps: int 
     with torch.no_grad():
         features = torch.cat([classifier.method.embed({"image": to_float(images[i:i + batch_size])}).float()
                               for i in range(0, len(images), batch_size)])  # (N, D)
-    norm, linear = classifier.head
+    norm, _linear = classifier.head
     norm.running_mean.copy_(features.mean(0))
     norm.running_var.copy_(features.var(0, unbiased=True) if len(features) > 1 else torch.ones_like(features[0]))
     head = copy.deepcopy(classifier.head)  # a copy to train: the classifier's own stays as given until loaded

@@ -138,7 +138,7 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
 
     def data_builder(ft_cfg, run_dir, reporter, model):  # fit's pretraining_data, for the labelled train split
         quiet_progress()
-        rows = [{"image": img, "label": int(y)} for img, y in zip(train.images, train.labels)]
+        rows = [{"image": img, "label": int(y)} for img, y in zip(train.images, train.labels, strict=True)]
         ds = ray.data.from_items(rows, override_num_blocks=4).randomize_block_order()
         return PretrainData(ds, derived, splits.description, len(rows))
 

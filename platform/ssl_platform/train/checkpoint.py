@@ -54,7 +54,7 @@ def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (``weights_only`` loadable)."""
     version, py_state, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002 (the global RNG is the state saved)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -71,7 +71,8 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     py = rng["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(  # noqa: NPY002 (the global RNG is the state restored)
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
 def all_rng_states() -> list[dict[str, Any]]:

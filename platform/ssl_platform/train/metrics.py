@@ -39,8 +39,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "sslp_train_learning_rate": ("gauge", "current learning rate"),
     "sslp_train_grad_norm": ("gauge", "global gradient norm before clipping, mean since the last log row"),
     "sslp_train_step": ("gauge", "optimizer steps taken"),
-    "sslp_online_metric": ("gauge", "online evaluation on the held-out split, tagged by metric: val_knn_top1, "
-                                    "val_zero_shot_top1, val_loss, val_mlm_accuracy, val_perplexity, ..."),
+    "sslp_online_metric": ("gauge", ("online evaluation on the held-out split, tagged by metric: val_knn_top1, "
+                                     "val_zero_shot_top1, val_loss, val_mlm_accuracy, val_perplexity, ...")),
     SKIPPED_METRIC: ("counter", "records skipped by the data pipeline, tagged by reason (ssl_platform.data.skips)"),
 }
 GAUGES = {name: description for name, (kind, description) in METRICS.items() if kind == "gauge"}
@@ -113,7 +113,7 @@ class StepMeter:
             dist.all_reduce(sums)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank holds up the others
         values = sums.cpu().tolist()
-        out = {n: v / (self.steps * world) for n, v in zip(names, values)}
+        out = {n: v / (self.steps * world) for n, v in zip(names, values, strict=False)}
         out.update(samples=values[-2], tokens=values[-1], steps=self.steps, data_wait_s=float(wait.item()))
         self._reset()
         return out

@@ -50,7 +50,7 @@ class LARS(torch.optim.Optimizer):
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split parameters: weights of linear/conv layers decay; biases and norm weights don't."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)  # 1-D: biases, BatchNorm/LayerNorm scales

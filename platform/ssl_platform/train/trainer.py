@@ -387,9 +387,9 @@ class _OneShot:
 
 
 def _disarm_spent_crash(rank: int, token: str | None) -> None:
-    if rank == 0 and token and CRASH_AT_STEP_ENV in os.environ:
-        if not ray.get(ray.get_actor(token, namespace=NAMESPACE).take.remote()):
-            del os.environ[CRASH_AT_STEP_ENV]
+    if (rank == 0 and token and CRASH_AT_STEP_ENV in os.environ
+            and not ray.get(ray.get_actor(token, namespace=NAMESPACE).take.remote())):
+        del os.environ[CRASH_AT_STEP_ENV]
 
 
 @contextmanager

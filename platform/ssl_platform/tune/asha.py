@@ -57,7 +57,7 @@ class GracefulASHA(AsyncHyperBandScheduler):
         saved = read_decision(Path(self.trials_dir).parent / self.STATE_FILE)
         if not saved:
             return
-        for bracket, rungs in zip(self._brackets, saved["rungs"]):
+        for bracket, rungs in zip(self._brackets, saved["rungs"], strict=False):
             recorded = {float(milestone): values for milestone, values in rungs}
             bracket._rungs = [(milestone, dict(recorded.get(float(milestone), {}))) for milestone, _ in bracket._rungs]
         self._stopped = dict(saved["stopped"])

@@ -58,7 +58,7 @@ def trial_rows(results, spec: SweepSpec) -> list[TrialRow]:
         curve = []
         frame = result.metrics_dataframe
         if frame is not None and spec.metric in frame and "step" in frame:
-            curve = [(int(s), float(m)) for s, m in zip(frame["step"], frame[spec.metric]) if m == m]  # drop NaN
+            curve = [(int(s), float(m)) for s, m in zip(frame["step"], frame[spec.metric], strict=True) if m == m]  # drop NaN
         rows.append(TrialRow(Path(result.path).name, values, None if metric is None else float(metric),
                              None if step is None else int(step), status, error, curve))
     return sort_rows(rows, spec.mode)
@@ -136,8 +136,8 @@ def plot_params(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> list[
                       for r in scored)
         labels = sorted({str(r.values[p.key]) for r in scored}, key=lambda s: (len(s), s))
 
-        def x_of(row: TrialRow):
-            return row.values[p.key] if numeric else labels.index(str(row.values[p.key]))
+        def x_of(row: TrialRow, key: str = p.key, numeric: bool = numeric, labels: list[str] = labels):
+            return row.values[key] if numeric else labels.index(str(row.values[key]))
 
         for status, filled in ((COMPLETE, True), (STOPPED, False)):
             group = [r for r in scored if r.status == status]
@@ -165,7 +165,7 @@ def plot_params(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> list[
     ax = fig.subplots()
     for row in rows:
         if row.curve:
-            steps, values = zip(*row.curve)
+            steps, values = zip(*row.curve, strict=True)
             ax.plot(steps, values, marker=".", linestyle="-" if row.status == COMPLETE else "--", label=row.trial)
     ax.set_xlabel("step")
     ax.set_ylabel(spec.metric)

@@ -240,7 +240,7 @@ def _mode_of(metric: str) -> str | None:
         from ssl_platform.train.online import ONLINE_METRIC
     except ImportError:
         return None
-    return {m: mode for m, mode in ONLINE_METRIC.values()}.get(metric)
+    return dict(ONLINE_METRIC.values()).get(metric)
 
 
 def trial_raw(base: ExperimentConfig | dict, values: dict[str, Any], **top: Any) -> dict:
