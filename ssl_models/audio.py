@@ -70,7 +70,8 @@ class ConvFeatureEncoder(nn.Module):
         in_channels = 1
         for kernel, stride in zip(self.kernels, self.strides, strict=True):
             # No bias: the LayerNorm right after it has its own shift.
-            layers += [nn.Conv1d(in_channels, channels, kernel, stride, bias=False), ChannelLayerNorm(channels), nn.GELU()]
+            layers += [nn.Conv1d(in_channels, channels, kernel, stride, bias=False), ChannelLayerNorm(channels),
+                       nn.GELU()]
             in_channels = channels
         self.layers = nn.Sequential(*layers)
 

@@ -354,7 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sslp bench data``."""
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="output sides in pixels")
     parser.add_argument("--images", type=int, default=None, help="JPEGs per pass (default: 16384 at 32 px, 384 at 224)")
-    parser.add_argument("--batch-size", type=int, default=None, help="records per batch (default: 1024 at 32 px, 32 at 224)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="records per batch (default: 1024 at 32 px, 32 at 224)")
     parser.add_argument("--cpus", type=int, default=None, help="cores for each side (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per figure; the best counts")
     parser.add_argument("--no-per-core", action="store_true", help="skip the single-thread columns")

@@ -67,24 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslp", description="Self-supervised pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("presets", help="list the shipped presets", description="List the presets shipped with the platform.")
+    sub.add_parser("presets", help="list the shipped presets",
+                   description="List the presets shipped with the platform.")
 
     run = sub.add_parser("run", help="pretrain from a preset or YAML file, then evaluate",
                          description="Pretrain from a preset name or YAML file with key=value overrides. "
                                      "Re-running the same run name resumes from its newest checkpoint.")
     run.add_argument("preset", help="preset name (see `sslp presets`) or path to a YAML config")
     _add_run_args(run)
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and the worker layout, do not train")
-    run.add_argument("--help-config", action="store_true", help="list every config key with its default and allowed values")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved config and the worker layout, do not train")
+    run.add_argument("--help-config", action="store_true",
+                     help="list every config key with its default and allowed values")
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a run's (or a checkpoint's) encoder against baselines",
         description="Evaluate the newest checkpoint of RUN_DIR (or the checkpoint directory given) with its method's "
-                    "protocol: linear probe and kNN (SimCLR, BYOL, Barlow Twins, VICReg), zero-shot and retrieval (CLIP), "
-                    "spoken-digit probe (CPC), MLM/NSP accuracy (BERT), perplexity and samples (GPT), each beside its "
-                    "baselines. Features are extracted with Ray Data batch inference. Writes results.json, results.md "
-                    "and report.png.")
-    evaluate.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or one of its checkpoint_* dirs")
+                    "protocol: linear probe and kNN (SimCLR, BYOL, Barlow Twins, VICReg), zero-shot and retrieval "
+                    "(CLIP), spoken-digit probe (CPC), MLM/NSP accuracy (BERT), perplexity and samples (GPT), each "
+                    "beside its baselines. Features are extracted with Ray Data batch inference. Writes results.json, "
+                    "results.md and report.png.")
+    evaluate.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
+                          help="a run directory or one of its checkpoint_* dirs")
     evaluate.add_argument("overrides", nargs="*", metavar="eval.key=value",
                           help="evaluation settings, e.g. eval.knn_k=10 eval.supervised_epochs=0 eval.actors=2")
     evaluate.add_argument("--out", default=None, help="folder for the results (default: the run directory)")
@@ -233,7 +237,8 @@ def _dry_run(cfg: ExperimentConfig) -> int:
     cpus = "auto" if s.cpus_per_worker is None else f"{s.cpus_per_worker:g}"
     print(f"# workers: {s.num_workers} x (CPU={cpus}{', GPU=1' if s.use_gpu else ''}), "
           f"data pipeline keeps {s.data_cpus:g} CPUs")
-    print(f"# global batch {cfg.train.batch_size} = {s.num_workers} x {cfg.train.batch_size // s.num_workers} per worker")
+    print(f"# global batch {cfg.train.batch_size} = {s.num_workers} x "
+          f"{cfg.train.batch_size // s.num_workers} per worker")
     print(f"# run directory: {cfg.run_location()}")
     return 0
 

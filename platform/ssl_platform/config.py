@@ -76,7 +76,8 @@ class DataConfig:
     transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
-    text_unit: str = _f("document", ".txt corpora: one document per blank-line block, or per line", choices=("document", "line"))
+    text_unit: str = _f("document", ".txt corpora: one document per blank-line block, or per line",
+                        choices=("document", "line"))
     text_field: str = _f("text", ".jsonl key / parquet column holding the text")
     tokenizer: str = _f("auto", "tokenizer trained on the corpus (auto: wordpiece for bert, bpe for gpt)",
                         choices=("auto", "wordpiece", "bpe"))
@@ -84,11 +85,14 @@ class DataConfig:
     max_len: int = _f(128, "tokens per sequence (BERT pair) or block (GPT); the model's max_len", min=8, max=65_536)
     mask_prob: float = _f(0.15, "BERT: fraction of non-special tokens selected for masking", min=0.0, max=1.0)
     mask_token_frac: float = _f(0.8, "BERT: of the selected tokens, the fraction replaced by [MASK]", min=0.0, max=1.0)
-    random_token_frac: float = _f(0.1, "BERT: of the selected tokens, the fraction replaced by a random token", min=0.0, max=1.0)
-    next_prob: float = _f(0.5, "BERT: fraction of NSP pairs whose second segment is the true next one", min=0.0, max=1.0)
+    random_token_frac: float = _f(0.1, "BERT: of the selected tokens, the fraction replaced by a random token",
+                                  min=0.0, max=1.0)
+    next_prob: float = _f(0.5, "BERT: fraction of NSP pairs whose second segment is the true next one",
+                          min=0.0, max=1.0)
     # audio (CPC)
     sample_rate: int = _f(16_000, "audio is resampled to this rate (Hz)", min=4_000, max=96_000)
-    crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)", min=0.05, max=60.0)
+    crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)",
+                             min=0.05, max=60.0)
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
     max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
     # --- driver (issue 5, train/trainer.py) ---
@@ -143,7 +147,8 @@ class ScalingConfig:
     use_gpu: bool = _f(False, "one GPU per worker, NCCL backend")
     cpus_per_worker: float | None = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
     data_cpus: float = _f(1.0, "CPUs always left free for the Ray Data pipeline", min=0.0)
-    placement_strategy: str = _f("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    placement_strategy: str = _f("PACK", "placement group strategy",
+                                 choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     # --- per-worker loop (issue 5, train/loop.py) ---
     strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
                               "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
@@ -349,7 +354,8 @@ def _convert(key: str, value: Any, hint: Any, md: Mapping = types.MappingProxyTy
             raise ConfigError(f"{key}={value!r}: expected {_allowed(md, str)}")
     elif _is_int_sequence(hint):
         if isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [value] if isinstance(value, int) else [int(v) for v in str(value).split(",") if v.strip().isdigit()]
+            value = ([value] if isinstance(value, int)
+                     else [int(v) for v in str(value).split(",") if v.strip().isdigit()])
         if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
             raise ConfigError(f"{key}={value!r}: expected a non-empty list of positive ints, e.g. [32,64,128]")
     if "choices" in md and value not in md["choices"]:
@@ -433,15 +439,17 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
                           f"set data.kind={wanted} (and point data.path at one)")
     if not d.path and BUILTIN_KINDS[d.corpus] != wanted:
         fits = [c for c, k in BUILTIN_KINDS.items() if k == wanted]
-        raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but method.name={cfg.method.name} "
-                          f"trains on {wanted}; use data.corpus={' or '.join(fits)} or data.path=...")
+        raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but "
+                          f"method.name={cfg.method.name} trains on {wanted}; use data.corpus={' or '.join(fits)} "
+                          f"or data.path=...")
     # Text corpora hold their own held-out split; the image, caption and audio protocols need the
     # labels (or held-out pairs) of a built-in corpus.
     evaluating = [key for key, on in (("eval.enabled", cfg.eval.enabled), ("eval.online_every", cfg.eval.online_every))
                   if on]
     if evaluating and d.path and wanted != "text":
-        raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs the labelled held-out split of a built-in "
-                          f"corpus, and data.path={d.path} has none; set eval.enabled=false eval.online_every=0")
+        raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs the labelled held-out split of a "
+                          f"built-in corpus, and data.path={d.path} has none; set eval.enabled=false "
+                          f"eval.online_every=0")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 

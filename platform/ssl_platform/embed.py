@@ -162,7 +162,8 @@ def text_ids(batch: dict) -> dict:
 
     import numpy as np
 
-    ids = [f"{s}#{hashlib.sha1(str(t).encode()).hexdigest()[:12]}" for s, t in zip(batch["source"], batch["text"], strict=True)]
+    ids = [f"{s}#{hashlib.sha1(str(t).encode()).hexdigest()[:12]}"
+           for s, t in zip(batch["source"], batch["text"], strict=True)]
     return {**batch, "id": np.array(ids, dtype=object)}
 
 

@@ -261,7 +261,8 @@ def _connect(address: str):
             return JobSubmissionClient(address, headers=token_header())
     except AuthenticationError as e:  # Ray 2.60 clusters require a token by default
         raise _Unreachable(f"the Ray dashboard at {address} refused this machine ({e.message.splitlines()[0]}); "
-                           f"set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its head node)") from None
+                           f"set RAY_AUTH_TOKEN to the cluster's token "
+                           f"(`ray get-auth-token` on its head node)") from None
     except (OSError, RuntimeError, ValueError) as e:  # refused, unresolvable, not a Ray dashboard
         raise _Unreachable(f"no Ray dashboard at {address}: start the cluster or check --address "
                            f"({_first_line(e)})") from None

@@ -79,7 +79,10 @@ class BarlowTwinsLoss(nn.Module):
 
 
 def standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each column to mean 0 and biased variance 1 over the batch, as ``BatchNorm1d(affine=False)``. (N, D) -> (N, D)."""
+    """Each column to mean 0 and biased variance 1 over the batch, as ``BatchNorm1d(affine=False)``.
+
+    (N, D) -> (N, D).
+    """
     centered = z - z.mean(dim=0)
     return centered / torch.sqrt(centered.pow(2).mean(dim=0) + eps)
 

@@ -136,10 +136,12 @@ class CPCLoss(nn.Module):
 
     def _check(self, predictions: Tensor, targets: Tensor, mask: Tensor | None) -> tuple[int, int, int, int]:
         if predictions.dim() != 4 or predictions.shape[2] != self.num_steps:
-            raise ValueError(f"predictions must be (B, T, num_steps={self.num_steps}, D), got {tuple(predictions.shape)}")
+            raise ValueError(f"predictions must be (B, T, num_steps={self.num_steps}, D), "
+                             f"got {tuple(predictions.shape)}")
         b, t, k, d = predictions.shape
         if targets.shape != (b, t, d):
-            raise ValueError(f"targets must be (B, T, D) = {(b, t, d)} to match predictions, got {tuple(targets.shape)}")
+            raise ValueError(f"targets must be (B, T, D) = {(b, t, d)} to match predictions, "
+                             f"got {tuple(targets.shape)}")
         if mask is not None and (mask.shape != (b, t) or mask.dtype != torch.bool):
             raise ValueError(f"mask must be a (B, T) = {(b, t)} bool tensor, got {tuple(mask.shape)} {mask.dtype}")
         return b, t, k, d

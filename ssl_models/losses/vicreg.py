@@ -76,7 +76,10 @@ class VICRegLoss(nn.Module):
 
 
 def _std_hinge(z: Tensor, eps: float = 1e-4) -> Tensor:
-    """mean_d relu(1 - std_d) over the batch; eps keeps the sqrt's gradient finite at zero variance. (N, D) -> scalar."""
+    """mean_d relu(1 - std_d) over the batch; eps keeps the sqrt's gradient finite at zero variance.
+
+    (N, D) -> scalar.
+    """
     std = torch.sqrt(z.var(dim=0) + eps)  # (D,), unbiased
     return F.relu(1 - std).mean()
 

@@ -135,7 +135,8 @@ class CaptionTransform:
     def __init__(self, size: int, context_length: int = 77, seed: int | None = None, epoch: int = 0,
                  crop_scale_min: float = 0.9, flip_prob: float = 0.0):
         if not 0.0 < crop_scale_min <= 1.0 or not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"set crop_scale_min in (0, 1] and flip_prob in [0, 1] (got {crop_scale_min}, {flip_prob})")
+            raise ValueError(f"set crop_scale_min in (0, 1] and flip_prob in [0, 1] "
+                             f"(got {crop_scale_min}, {flip_prob})")
         self.size, self.context_length, self.seed, self.epoch = size, context_length, seed, epoch
         self.crop_scale_min, self.flip_prob = crop_scale_min, flip_prob
 

@@ -9,9 +9,11 @@ arrays, made the way training batches are made but without augmentation, from fi
 |---|---|---|
 | image | built-in corpus: val queries, a labelled train-side bank | image, label, bank_image, bank_label |
 | image-caption | digit-captions val pairs + zero-shot prompts | image, label, text, prompts |
-| text (BERT) | held-out documents, masked once (fixed seed) | input_ids, token_type_ids, attention_mask, mlm_labels, nsp_labels |
+| text (BERT) | held-out documents, masked once (fixed seed) | input_ids, token_type_ids, attention_mask, |
+| | | mlm_labels, nsp_labels |
 | text (GPT) | held-out documents, packed into blocks | input_ids, attention_mask |
-| audio | spoken-digits: val crops, a labelled train-side bank | audio, lengths, label, bank_audio, bank_lengths, bank_label |
+| audio | spoken-digits: val crops, a labelled train-side bank | audio, lengths, label, |
+| | | bank_audio, bank_lengths, bank_label |
 
 Images stay uint8 (4x smaller in the object store) and are normalised on the worker with
 ``transforms.to_float``, as every eval input is. ``eval.online_examples`` bounds the size: for

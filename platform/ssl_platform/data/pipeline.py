@@ -58,7 +58,8 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
     if data.num_records is None and not data.train.take(1):
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
-                         f"corpus is empty); check the path and data.format, or run `sslp data inspect {cfg.data.path}`")
+                         f"corpus is empty); check the path and data.format, or run "
+                         f"`sslp data inspect {cfg.data.path}`")
     return data
 
 

@@ -111,6 +111,7 @@ def audio_to_dataset(split: AudioSplit, num_blocks: int = 8):
     import ray.data
 
     return ray.data.from_items(
-        [{"audio": a, "label": int(y), "path": p} for a, y, p in zip(split.audio, split.labels, split.paths, strict=True)],
+        [{"audio": a, "label": int(y), "path": p}
+         for a, y, p in zip(split.audio, split.labels, split.paths, strict=True)],
         override_num_blocks=num_blocks,
     )

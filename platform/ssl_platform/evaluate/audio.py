@@ -197,7 +197,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
                          f"use ssl_platform.evaluate.evaluate_run, which picks the protocol of the method")
     if d.path:
         raise ValueError(f"evaluating CPC needs the word labels of the built-in spoken-digits corpus, and "
-                         f"data.path={d.path} has no held-out labelled split; evaluate a run on data.corpus=spoken-digits")
+                         f"data.path={d.path} has no held-out labelled split; evaluate a run on "
+                         f"data.corpus=spoken-digits")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
     state = load_payload(checkpoint_dir)["model"]

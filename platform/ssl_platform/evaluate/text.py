@@ -192,13 +192,15 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
     largest = sorted((-c, str(n)) for n, c in zip(names, counts, strict=True) if c >= min_chunks)[:max_classes]
     classes = sorted(n for _, n in largest)
     lookup = {name: i for i, name in enumerate(classes)}
-    labels = np.array([lookup.get(s, -1) if c != PAIR else -1 for s, c in zip(sources, chunks, strict=True)], dtype=np.int64)
+    labels = np.array([lookup.get(s, -1) if c != PAIR else -1 for s, c in zip(sources, chunks, strict=True)],
+                      dtype=np.int64)
     kept = labels >= 0
     even = chunks % 2 == 0
     return labels, np.flatnonzero(kept & even), np.flatnonzero(kept & ~even), classes
 
 
-def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
+def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor],
+              tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
     """Rows (this run, random init), notes and extra results.json content of a BERT run."""
     from ssl_platform.evaluate.inference import extract
 
@@ -209,7 +211,8 @@ def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTo
     held_out = documents(cfg, "val")
     # Training's masking and pairing with a fixed seed: the same positions for every run.
     batcher = BertBatcher(tokenizer, d.max_len, seed=cfg.train.seed, mask_prob=d.mask_prob,
-                          mask_token_frac=d.mask_token_frac, random_token_frac=d.random_token_frac, next_prob=d.next_prob)
+                          mask_token_frac=d.mask_token_frac, random_token_frac=d.random_token_frac,
+                          next_prob=d.next_prob)
     pairs = _map(held_out, batcher, cfg).map_batches(TagPairs(), batch_size=None, batch_format="numpy")
     sequences = pairs.union(_map(held_out, TopicChunks(tokenizer, d.max_len), cfg)).materialize()
 
@@ -221,7 +224,8 @@ def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTo
         count = int(out["mlm_count"].sum())
         if not is_pair.any() or count == 0:
             raise ValueError(f"the held-out split of {d.path or d.corpus} gives no masked token (BERT pairs: "
-                             f"{int(is_pair.sum())}, data.mask_prob={d.mask_prob}); raise data.val_fraction or mask_prob")
+                             f"{int(is_pair.sum())}, data.mask_prob={d.mask_prob}); raise data.val_fraction or "
+                             f"mask_prob")
         row: dict[str, Any] = {"encoder": name, "mlm_accuracy": float(out["mlm_correct"].sum() / count)}
         labelled = out["nsp_labels"] != IGNORE_INDEX  # topic chunks and lone documents' pairs have none
         if labelled.any():

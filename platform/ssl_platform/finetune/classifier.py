@@ -46,7 +46,8 @@ class Classifier(nn.Module):
         # Features standardised by a BatchNorm without affine parameters before the linear layer
         # (as MAE's linear probe, He et al. 2022): encoders' feature scales differ by orders of
         # magnitude, and one learning rate must suit the head of each.
-        self.head = nn.Sequential(nn.BatchNorm1d(features.shape[1], affine=False), nn.Linear(features.shape[1], num_classes))
+        self.head = nn.Sequential(nn.BatchNorm1d(features.shape[1], affine=False),
+                                  nn.Linear(features.shape[1], num_classes))
 
     def logits(self, batch: dict) -> Any:
 

@@ -136,7 +136,8 @@ def train_func(loop_config: dict) -> None:
             if state.step >= t.max_steps:
                 break
         if state.step == epoch_start:
-            raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; lower train.batch_size")
+            raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
+                             f"lower train.batch_size")
         state.epoch += 1
 
 
@@ -144,7 +145,8 @@ def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:
     """Samples per forward pass on one worker: the global batch split over workers and micro-steps."""
     if batch_size % (world * accum_steps):
         raise ValueError(f"train.batch_size={batch_size} does not split into {world} workers x "
-                         f"train.grad_accum_steps={accum_steps} equal micro-batches; use a multiple of {world * accum_steps}")
+                         f"train.grad_accum_steps={accum_steps} equal micro-batches; "
+                         f"use a multiple of {world * accum_steps}")
     return batch_size // (world * accum_steps)
 
 

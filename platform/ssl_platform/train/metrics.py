@@ -175,7 +175,8 @@ class MetricsLogger:
         row = {"step": step, **{k: float(v) for k, v in values.items()},
                **{k: v for k, v in interval.items() if k not in ("samples", "tokens", "steps", "data_wait_s")},
                "samples_per_s": interval["samples"] / seconds, "step_time_s": seconds / steps,
-               "data_wait_s": interval["data_wait_s"], "data_wait_fraction": min(1.0, interval["data_wait_s"] / seconds),
+               "data_wait_s": interval["data_wait_s"],
+               "data_wait_fraction": min(1.0, interval["data_wait_s"] / seconds),
                "elapsed_s": elapsed, "time": time.time()}
         if interval["tokens"]:
             row["tokens_per_s"] = interval["tokens"] / seconds

@@ -7,7 +7,8 @@ Train (and Tune, which stops trials early on it) receives carries the ``val_*`` 
 
 | kind | metrics (primary first, :data:`ONLINE_METRIC`) |
 |---|---|
-| image (SimCLR, BYOL, Barlow Twins, VICReg) | val_knn_top1: weighted kNN of held-out queries against a labelled train-side bank |
+| image (SimCLR, BYOL, Barlow Twins, VICReg) | val_knn_top1: weighted kNN of held-out queries against a |
+| | labelled train-side bank |
 | image-caption (CLIP) | val_zero_shot_top1 with the prompt ensembles; val_loss over all held-out pairs |
 | audio (CPC) | val_knn_top1 of clip features (the spoken digit); val_loss on fixed held-out crops |
 | text (BERT) | val_mlm_accuracy, val_loss (MLM + NSP), val_nsp_accuracy on fixed masked pairs |

@@ -36,7 +36,8 @@ class LARS(torch.optim.Optimizer):
                     grad = grad.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
                     # Trust ratio is 1 where either norm is zero (fresh layers, dead grads).
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
                     grad = grad.mul(trust)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:

@@ -221,7 +221,8 @@ def plan_workers(cfg: ExperimentConfig, nodes: list[dict[str, float]]) -> Worker
         if cpus < 0.05:
             raise ResourceError(
                 f"the cluster has {total_cpu:g} CPUs: not enough for {s.num_workers} train workers plus "
-                f"scaling.data_cpus={s.data_cpus:g} for the data pipeline; lower scaling.num_workers or scaling.data_cpus"
+                f"scaling.data_cpus={s.data_cpus:g} for the data pipeline; lower scaling.num_workers or "
+                f"scaling.data_cpus"
             )
     else:
         cpus = s.cpus_per_worker
@@ -599,7 +600,8 @@ def _failure_reason(error: ray.train.TrainingFailedError, cfg: ExperimentConfig,
         cause = getattr(error, "controller_failure", error)
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
             return (f"the train workers could not be placed within {cfg.scaling.wait_for_resources_s:g} s (other jobs "
-                    f"hold the resources, or a node left); raise scaling.wait_for_resources_s or lower scaling.num_workers")
+                    f"hold the resources, or a node left); raise scaling.wait_for_resources_s or lower "
+                    f"scaling.num_workers")
         first = str(cause).splitlines()[0] if str(cause) else ""
         what = f"the Ray Train controller failed: {type(cause).__name__}: {first}"
     retries = (f"after {max_failures} restart(s)" if max_failures else
@@ -608,7 +610,8 @@ def _failure_reason(error: ray.train.TrainingFailedError, cfg: ExperimentConfig,
             f"run {cfg.name} from its newest checkpoint")
 
 
-def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result, skipped: dict, t0: float) -> RunSummary:
+def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result, skipped: dict,
+               t0: float) -> RunSummary:
     """The final report's metrics carry the loop's own totals (last logged loss, throughput)."""
     m = result.metrics or {}
     # Checkpoint paths are inside the storage's filesystem, without the URI's scheme.

@@ -65,7 +65,8 @@ class GracefulASHA(AsyncHyperBandScheduler):
     def _save_state(self) -> None:
         path = Path(self.trials_dir).parent / self.STATE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"rungs": [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets], "stopped": self._stopped}
+        state = {"rungs": [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets],
+                 "stopped": self._stopped}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)

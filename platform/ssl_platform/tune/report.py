@@ -58,7 +58,8 @@ def trial_rows(results, spec: SweepSpec) -> list[TrialRow]:
         curve = []
         frame = result.metrics_dataframe
         if frame is not None and spec.metric in frame and "step" in frame:
-            curve = [(int(s), float(m)) for s, m in zip(frame["step"], frame[spec.metric], strict=True) if m == m]  # drop NaN
+            curve = [(int(s), float(m)) for s, m in zip(frame["step"], frame[spec.metric], strict=True)
+                     if not math.isnan(m)]
         rows.append(TrialRow(Path(result.path).name, values, None if metric is None else float(metric),
                              None if step is None else int(step), status, error, curve))
     return sort_rows(rows, spec.mode)
@@ -145,7 +146,8 @@ def plot_params(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> list[
                 ax.scatter([x_of(r) for r in group], [r.metric for r in group], s=36, label=status,
                            facecolors="C0" if filled else "none", edgecolors="C0")
         if best is not None:
-            ax.scatter([x_of(best)], [best.metric], s=140, marker="*", color="C3", label=f"best ({best.trial})", zorder=3)
+            ax.scatter([x_of(best)], [best.metric], s=140, marker="*", color="C3", label=f"best ({best.trial})",
+                       zorder=3)
         if p.log_scale:
             ax.set_xscale("log")
         elif numeric:

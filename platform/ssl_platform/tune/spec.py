@@ -83,7 +83,8 @@ class Param:
             return tune.choice(list(self.values))
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](*self.values)
+        sample = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind]
+        return sample(*self.values)
 
     @property
     def log_scale(self) -> bool:
@@ -144,7 +145,8 @@ def list_sweeps() -> dict[str, str]:
 
 def read_sweep(source: str) -> dict:
     """A shipped sweep name or a sweep YAML path -> its raw mapping."""
-    raw = read_yaml_mapping(source, "sweep", list_sweeps(), lambda name: _sweeps_dir().joinpath(name + ".yaml").read_text())
+    raw = read_yaml_mapping(source, "sweep", list_sweeps(),
+                            lambda name: _sweeps_dir().joinpath(name + ".yaml").read_text())
     if "preset" not in raw and "space" not in raw and any(k in raw for k in CONFIG_SECTIONS):
         raise ConfigError(f"{source} is a run config, not a sweep; a sweep YAML has preset: (this config), "
                           f"space: and metric: keys (`sslp presets` lists the shipped sweeps)")
@@ -282,7 +284,8 @@ def load_sweep(source: str, overrides: list[str] = (), *, check_trials: bool = T
         raise ConfigError(f"{source}: preset: name the base preset (or config YAML) every trial starts from")
     fixed = raw.get("overrides") or {}
     if not isinstance(fixed, dict):
-        raise ConfigError(f"{source}: overrides: expected a mapping of config keys to values, e.g. train.max_steps: 300")
+        raise ConfigError(f"{source}: overrides: expected a mapping of config keys to values, "
+                          f"e.g. train.max_steps: 300")
     fixed = {**{str(k): v for k, v in fixed.items()}, **config_over}
     for key in fixed:
         if key.split(".", 1)[0] not in CONFIG_SECTIONS:

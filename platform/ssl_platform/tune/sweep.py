@@ -108,9 +108,10 @@ def _previous_run(sweep: SweepSpec, where: Path) -> dict | None:
     if saved.is_file():
         before = yaml.safe_load(saved.read_text())
         if before != _plain(sweep.to_dict()):
-            changed = sorted(k for k in set(before) | set(sweep.to_dict()) if before.get(k) != _plain(sweep.to_dict()).get(k))
-            raise ConfigError(f"sweep {sweep.name} in {where} was started with different settings ({', '.join(changed)}); "
-                              f"run it with the same ones to resume, or set a new name=")
+            now = _plain(sweep.to_dict())
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ConfigError(f"sweep {sweep.name} in {where} was started with different settings "
+                              f"({', '.join(changed)}); run it with the same ones to resume, or set a new name=")
     else:
         where.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(_plain(sweep.to_dict()), sort_keys=False))
