@@ -9,8 +9,8 @@ returns its table rows (also written as results.json, results.md and report.png)
 - ``audio``: CPC - linear probe and kNN of the context features;
 - ``text``: BERT and GPT - MLM/NSP accuracy, perplexity, probes.
 
-Building blocks: ``inference.extract`` (Ray Data batch inference), ``probe`` (linear probe, kNN),
-``features`` (the supervised baseline), ``report`` (table and figure). Protocol modules are
+Building blocks: ``inference.extract`` (Ray Data batch inference), :mod:`ssl_platform.probes` (linear
+probe, kNN), ``features`` (the supervised baseline), ``report`` (table and figure). Protocol modules are
 imported only when used, so importing this package pulls in neither Ray nor a protocol's
 dependencies.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ssl_platform.config import METHOD_KINDS, ExperimentConfig
 from ssl_platform.evaluate.features import extract_features, train_supervised
-from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import markdown_table, write_results
+from ssl_platform.probes import knn_accuracy, linear_probe
 
 # Kind of data a method trains on (config.METHOD_KINDS) -> the module whose evaluate() scores it.
 PROTOCOLS = {

@@ -31,8 +31,8 @@ from torch import Tensor
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.audio import AudioCrops, ragged
 from ssl_platform.data.spoken_digits import AudioSplit, load_spoken_digits_splits
-from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import markdown_table, write_results
+from ssl_platform.probes import knn_accuracy, linear_probe
 
 N_FFT = 400  # 25 ms windows at 16 kHz, as in speech front ends
 HOP = 160  # 10 ms, CPC's frame rate

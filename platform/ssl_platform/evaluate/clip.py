@@ -35,9 +35,9 @@ from ssl_platform.data.images import split_dataset
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.image import check_builtin
 from ssl_platform.evaluate.inference import check_state, extract
-from ssl_platform.evaluate.probe import linear_probe
 from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, write_results
 from ssl_platform.methods import architecture, expected_derived
+from ssl_platform.probes import linear_probe
 from ssl_platform.train.checkpoint import load_payload
 
 # Values of the "part" column: which rows are train images, held-out pairs, class prompts.

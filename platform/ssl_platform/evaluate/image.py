@@ -26,9 +26,9 @@ from ssl_platform.data.images import split_dataset
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.features import train_supervised
 from ssl_platform.evaluate.inference import build_method, check_state, extract
-from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, write_results
 from ssl_platform.methods import expected_derived
+from ssl_platform.probes import knn_accuracy, linear_probe
 from ssl_platform.train.checkpoint import load_payload
 
 TRAIN, VAL = 0, 1  # values of the "split" column of the evaluation Dataset

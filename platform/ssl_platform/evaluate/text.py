@@ -46,8 +46,8 @@ from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.masking import IGNORE_INDEX, BertBatcher, GptBlocks, tokenize_documents
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.data.tokenizer import TextTokenizer, as_tokenizer
-from ssl_platform.evaluate.probe import knn_accuracy, linear_probe
 from ssl_platform.evaluate.report import markdown_table, write_results
+from ssl_platform.probes import knn_accuracy, linear_probe
 
 TOKENIZER_DIR = "tokenizer"
 MIN_TOPIC_CHUNKS = 4  # a held-out document becomes a probe class with at least this many chunks

@@ -6,7 +6,7 @@ beside two baselines, all scored top-1 on the same held-out split:
 | row | what |
 |---|---|
 | fine-tuned (pretrained) | the run's encoder + a linear head, every weight trained (LP-FT) |
-| linear probe (frozen) | ``evaluate.probe.linear_probe`` on the run's frozen features |
+| linear probe (frozen) | ``probes.linear_probe`` on the run's frozen features |
 | fine-tuned (random init) | the same architecture from the random init evaluation uses |
 
 Both fine-tunes start their head from a linear probe of their own frozen features, then train

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from ssl_platform.config import METHOD_KINDS, ExperimentConfig
 from ssl_platform.data.transforms import to_float
-from ssl_platform.evaluate.probe import knn_accuracy
+from ssl_platform.probes import knn_accuracy
 
 # Each method's primary online metric and its direction: what sweeps optimise and ASHA stops on.
 ONLINE_METRIC: dict[str, tuple[str, str]] = {
