@@ -19,6 +19,15 @@ import sys
 import time
 from datetime import datetime
 
+from ssl_platform.command import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    add_ray_args,
+    on_ray,
+    resolve_checkpoint,
+)
 from ssl_platform.config import (
     BUILTIN_KINDS,
     CORPUS_FORMATS,
@@ -31,9 +40,9 @@ from ssl_platform.config import (
     with_overrides,
 )
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+# The exit statuses and resolve_checkpoint live in ssl_platform.command (shared with the commands'
+# modules, which never import this one) and stay importable from here.
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "resolve_checkpoint"]
 
 # Sub-commands that live in a module of their own: name -> module. Each module defines
 # ``add_parser(sub)`` (registers the sub-command; the module must import nothing heavy, since
@@ -47,16 +56,10 @@ COMMAND_MODULES: dict[str, str] = {
 }
 
 
-def _add_ray_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
-    p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_steps=200 method.temperature=0.2 (see --help-config)")
-    _add_ray_args(p)
+    add_ray_args(p)
     p.add_argument("--max-failures", type=int, default=0,
                    help="restart the worker group from the newest checkpoint this many times if a worker dies "
                         "(-1: without limit). Tests kill rank 0 at step N once with SSLP_CRASH_AT_STEP=N "
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="eval.key=value",
                           help="evaluation settings, e.g. eval.knn_k=10 eval.supervised_epochs=0 eval.actors=2")
     evaluate.add_argument("--out", default=None, help="folder for the results (default: the run directory)")
-    _add_ray_args(evaluate)
+    add_ray_args(evaluate)
 
     sweep = sub.add_parser(
         "sweep", help="a Ray Tune sweep over a preset's config keys",
@@ -102,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(train.max_steps=100). Running the same command again resumes an interrupted sweep.")
     sweep.add_argument("sweep", metavar="SWEEP_OR_YAML", help="shipped sweep name or path to a sweep YAML")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep or trial-config overrides")
-    _add_ray_args(sweep)
+    add_ray_args(sweep)
 
     demo = sub.add_parser("demo", help="SimCLR on the built-in digits with 2 workers, then the results table",
                           description="Pretrain SimCLR on the built-in digits corpus with 2 Ray Train workers, "
@@ -282,50 +285,15 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
             try:
                 evaluate_run(cfg, local_checkpoint(paths, checkpoint), paths.local)
             except KeyboardInterrupt:  # training is complete; a re-run only evaluates
-                raise _Interrupted(f"interrupted during evaluation; run the same command again to evaluate the "
-                                   f"finished checkpoint {checkpoint}") from None
+                raise Interrupted(f"interrupted during evaluation; run the same command again to evaluate the "
+                                  f"finished checkpoint {checkpoint}") from None
             copy_to_storage(paths, "results.json", "results.md", "report.png")
 
-    status = _on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
-                                                          f"Run the same command again to resume.")
+    status = on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
+                                                         f"Run the same command again to resume.")
     if status == 0:
         print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
     return status
-
-
-class _Interrupted(Exception):
-    """Ctrl-C at a point with its own advice (the message)."""
-
-
-def _on_ray(args: argparse.Namespace, work, interrupted: str) -> int:
-    """Start or join Ray, do ``work()``, leave Ray. Returns the exit status, after printing one
-    line for what a user can cause or do (printed once Ray is down, so that no late worker log
-    line follows it)."""
-    import ray
-
-    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, init_ray
-
-    failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
-                StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
-    try:
-        url = init_ray(args.address, dashboard=not args.no_dashboard)
-        if url:
-            print(f"Ray dashboard: {url}", flush=True)
-        work()
-        return 0
-    except KeyboardInterrupt:
-        message = (f"\nsslp: {interrupted}", EXIT_INTERRUPTED)
-    except _Interrupted as e:
-        message = (f"\nsslp: {e}", EXIT_INTERRUPTED)
-    except tuple(failures) as e:
-        what, status = failures[type(e)]
-        message = (f"sslp: {what}: {e}", status)
-    finally:
-        # A local cluster started here goes down with its workers; a joined one is only left.
-        if ray.is_initialized():
-            ray.shutdown()
-    print(message[0], file=sys.stderr)
-    return message[1]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -362,38 +330,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise DataError(str(e)) from None
         print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)
 
-    return _on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written")
-
-
-def resolve_checkpoint(target) -> tuple[Path, dict]:
-    """(checkpoint directory, its run's raw config) for a run directory or a checkpoint directory.
-
-    A run directory's checkpoint is the one its summary.json names (the finished run's), else
-    its newest ``checkpoint_*`` (a run that was stopped early); the config is the one saved in
-    the checkpoint itself, so a checkpoint copied elsewhere evaluates on its own.
-    """
-    import json
-    from pathlib import Path
-
-    from ssl_platform.train.checkpoint import STATE_FILE, load_payload
-
-    target = Path(target)
-    if not target.is_dir():
-        raise FileNotFoundError(f"{target} does not exist; give a run directory (RUNS_DIR/NAME) or a checkpoint in it")
-    if (target / STATE_FILE).is_file():
-        checkpoint = target
-    else:
-        summary = target / "summary.json"
-        named = Path(json.loads(summary.read_text())["checkpoint"]) if summary.is_file() else None
-        candidates = sorted(p for p in target.glob("checkpoint_*") if (p / STATE_FILE).is_file())
-        if named is not None and named.is_dir():
-            checkpoint = named
-        elif candidates:
-            checkpoint = candidates[-1]  # Ray names them checkpoint_<date>_<time>: the newest sorts last
-        else:
-            raise FileNotFoundError(f"{target} holds no checkpoint (no {STATE_FILE} in it or in a checkpoint_* "
-                                    f"directory); train first with `sslp run`")
-    return checkpoint, load_payload(checkpoint)["config"]
+    return on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written")
 
 
 if __name__ == "__main__":

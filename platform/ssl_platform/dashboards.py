@@ -24,6 +24,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from ssl_platform.command import EXIT_USAGE
+
 DASHBOARD_FILES = ("ssl-platform.json",)
 # Ray's temp root (`ray start --temp-dir` or RAY_TMPDIR move it) and the provisioning file Ray
 # generates in each session (ray/dashboard/modules/metrics/metrics_head.py).
@@ -53,8 +55,6 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssl_platform.cli import EXIT_USAGE
-
     try:
         source = shipped_dir()
         if args.dashboards_command == "path":

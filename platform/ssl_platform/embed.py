@@ -27,11 +27,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray
+
 MODALITY_CHOICES = ("images", "texts", "audio")
 
 
 def add_parser(sub) -> None:
-    from ssl_platform.cli import _add_ray_args
     from ssl_platform.config import CORPUS_FORMATS
 
     p = sub.add_parser(
@@ -48,12 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument("--actors", type=int, default=1, help="model replicas embedding in parallel (default 1)")
     p.add_argument("--format", default="auto", choices=CORPUS_FORMATS, help="file format (auto: from the path)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record, naming it")
-    _add_ray_args(p)
+    add_ray_args(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssl_platform.cli import EXIT_USAGE, _on_ray
-
     if args.batch_size < 1 or args.actors < 1:
         print("sslp: embed: --batch-size and --actors must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -83,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
               f"{format_summary(summary.skipped)}", flush=True)
         print(f"output: {summary.out}", flush=True)
 
-    return _on_ray(args, work, interrupted=f"interrupted; {args.out} holds part of the embeddings")
+    return on_ray(args, work, interrupted=f"interrupted; {args.out} holds part of the embeddings")
 
 
 def pick_modality(pretrained, modality: str | None) -> str:

@@ -277,7 +277,7 @@ def load(run_dir_or_checkpoint: str | Path, device: str | torch.device | None = 
         FileNotFoundError: no such directory, or no checkpoint in it.
         ValueError: the checkpoint does not fit its own config (e.g. edited by hand).
     """
-    from ssl_platform.cli import resolve_checkpoint
+    from ssl_platform.command import resolve_checkpoint
     from ssl_platform.config import with_overrides
     from ssl_platform.evaluate.inference import build_method, check_state
     from ssl_platform.methods import expected_derived

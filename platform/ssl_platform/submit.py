@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ssl_platform.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from ssl_platform.config import ConfigError, ExperimentConfig, list_presets, load_config
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Where `ray job submit` looks for the cluster when --address is not given, in this order.
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 # The packages --code ship uploads; both are plain directories found without importing them.

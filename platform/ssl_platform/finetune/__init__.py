@@ -35,13 +35,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray, resolve_checkpoint
+
 FINETUNE_KINDS = ("image", "image-caption")  # run kinds (config.METHOD_KINDS) whose image encoder is fine-tuned
 UNLABELLED_BUILTINS = ("digit-captions", "python-docs")
 
 
 def add_parser(sub) -> None:
-    from ssl_platform.cli import _add_ray_args
-
     p = sub.add_parser(
         "finetune", help="fine-tune a run's encoder with a linear head on labelled data, beside a frozen probe "
                          "and a random-init fine-tune",
@@ -66,11 +66,10 @@ def add_parser(sub) -> None:
                                                                     "data.val_fraction)")
     p.add_argument("--out", default=None, help="folder for the results and the two fine-tune runs "
                                                "(default: RUN_DIR/finetune)")
-    _add_ray_args(p)
+    add_ray_args(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssl_platform.cli import EXIT_USAGE, _on_ray, resolve_checkpoint
     from ssl_platform.config import ConfigError, with_overrides
 
     try:
@@ -98,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
             raise DataError(str(e)) from None
         print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)
 
-    return _on_ray(args, work, interrupted=f"interrupted during fine-tuning; results so far are in {out}")
+    return on_ray(args, work, interrupted=f"interrupted during fine-tuning; results so far are in {out}")
 
 
 def check_supported(method: str, source: str) -> None:

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import yaml
 
+from ssl_platform.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from ssl_platform.config import ConfigError, from_dict
 from ssl_platform.tune.spec import SweepSpec, concurrent_trials, list_sweeps, load_sweep, trial_raw, trial_resources
 
 __all__ = ["list_sweeps", "run_sweep"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SPEC_FILE, STATE_FILE, TUNE_DIR, TRIALS_DIR = "sweep.yaml", "sweep.json", "tune", "trials"
 # What a trial's driver (this trainable) holds: memory for its process, no CPU (see above).
 DRIVER_MEMORY = 256 * 1024**2

@@ -1,0 +1,90 @@
+"""What the ``sslp`` commands share: exit statuses, the Ray options, running work on Ray, and
+finding a run's checkpoint.
+
+Below every command (``cli``, ``tune.sweep``, ``pretrained``, ``embed``, ``finetune``, ...), so
+that none of them imports ``cli``. Imports nothing heavy at module level: every ``sslp`` call
+builds the parser, and ``sslp presets`` answers without Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
+
+
+class Interrupted(Exception):
+    """Ctrl-C at a point with its own advice (the message)."""
+
+
+def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str) -> int:
+    """Start or join Ray, do ``work()``, leave Ray. Returns the exit status, after printing one
+    line for what a user can cause or do (printed once Ray is down, so that no late worker log
+    line follows it)."""
+    import ray
+
+    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, init_ray
+
+    failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
+                StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
+    try:
+        url = init_ray(args.address, dashboard=not args.no_dashboard)
+        if url:
+            print(f"Ray dashboard: {url}", flush=True)
+        work()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        message = (f"\nsslp: {interrupted}", EXIT_INTERRUPTED)
+    except Interrupted as e:
+        message = (f"\nsslp: {e}", EXIT_INTERRUPTED)
+    except tuple(failures) as e:
+        what, status = failures[type(e)]
+        message = (f"sslp: {what}: {e}", status)
+    finally:
+        # A local cluster started here goes down with its workers; a joined one is only left.
+        if ray.is_initialized():
+            ray.shutdown()
+    print(message[0], file=sys.stderr)
+    return message[1]
+
+
+def resolve_checkpoint(target: str | Path) -> tuple[Path, dict]:
+    """(checkpoint directory, its run's raw config) for a run directory or a checkpoint directory.
+
+    A run directory's checkpoint is the one its summary.json names (the finished run's), else
+    its newest ``checkpoint_*`` (a run that was stopped early); the config is the one saved in
+    the checkpoint itself, so a checkpoint copied elsewhere evaluates on its own.
+    """
+    import json
+
+    from ssl_platform.train.checkpoint import STATE_FILE, load_payload
+
+    target = Path(target)
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target} does not exist; give a run directory (RUNS_DIR/NAME) or a checkpoint in it")
+    if (target / STATE_FILE).is_file():
+        checkpoint = target
+    else:
+        summary = target / "summary.json"
+        named = Path(json.loads(summary.read_text())["checkpoint"]) if summary.is_file() else None
+        candidates = sorted(p for p in target.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+        if named is not None and named.is_dir():
+            checkpoint = named
+        elif candidates:
+            checkpoint = candidates[-1]  # Ray names them checkpoint_<date>_<time>: the newest sorts last
+        else:
+            raise FileNotFoundError(f"{target} holds no checkpoint (no {STATE_FILE} in it or in a checkpoint_* "
+                                    f"directory); train first with `sslp run`")
+    return checkpoint, load_payload(checkpoint)["config"]
