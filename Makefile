@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo lint test test-slow install clean
 
 install: $(STAMP)
 
@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/sslp demo
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+# Static checks, also run by `make test`: ruff (style and likely bugs, tests/ included) and
+# import-linter (the layers of DESIGN.md, [tool.importlinter] in pyproject.toml). PYTHONPATH:
+# the contracts are checked on this tree's sources whatever the install.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	PYTHONPATH=platform $(VENV)/bin/lint-imports
+
+test: $(STAMP) lint
+	$(VENV)/bin/python -m pytest --durations=15
 
 # Evaluation protocols trained long enough to beat random init (minutes each on 2 cores).
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info platform/*.egg-info
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info .ruff_cache .import_linter_cache
