@@ -1,30 +1,231 @@
-"""Shared fixtures. ``ray_data``: the one local Ray instance a data test module runs on;
-``one_thread``: torch on one thread for the test (the test machine's 2 cores are shared)."""
+"""Shared fixtures: one Ray head for the whole session, the driver's connection to it, the CLI
+against it, and corpora and checkpoints that several modules need.
+
+Starting Ray is the suite's fixed cost (a local cluster takes ~10 s on 2 cores, joining one
+~1 s), so the session starts one head node (``ray start --head``, 2 CPUs, 100 MiB object
+store, the dashboard and metrics agent on free 127.0.0.1 ports) and everything joins it:
+
+- ``ray_session``: this process as a driver of the head, for a module's in-process tests;
+- ``sslp``: the command line in a subprocess with ``RAY_ADDRESS`` set to the head, so a run
+  is one more job on it, not a cluster of its own;
+- ``trained_simclr``: one small SimCLR checkpoint trained once per session, for every test
+  that needs a trained encoder.
+
+Tests that are about a cluster of their own (Ctrl-C takes down the local cluster the CLI
+started; two raylets for multi-node) still start one. Every cluster of the session, the head's
+included, requires the token this file puts in the environment (Ray 2.60 clusters require one).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-import ray
+
+# One token for every cluster this session starts or joins, set before any `ray.init`.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to run on the machine
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# What the platform's own init_ray sets for a job: no per-print re-routing in workers, Ray Data quiet.
+QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+STORE = 100 * 2**20  # the head's object store; the big corpus below is 2.3x this
+PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+              "--node-manager-port", "--object-manager-port")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:  # all bound at once, so the n ports differ
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str        # GCS address, what RAY_ADDRESS and ray.init take
+    dashboard_url: str  # the Jobs API (`sslp submit --address`)
+    metrics_port: int   # the metrics agent's Prometheus endpoint
+    temp_dir: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a CLI subprocess that joins this head."""
+        return {**os.environ, "RAY_ADDRESS": self.address, **extra}
+
+
+def _answers(url: str) -> bool:
+    """Whether the head's dashboard answers ``url`` (with the session's token)."""
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+    try:
+        urllib.request.urlopen(request, timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A single-node cluster for the session: `ray start --head --block` on 127.0.0.1 with 2 CPUs,
+    every port picked free and its own --temp-dir; ended with SIGTERM to that process (which
+    stops what it started). Jobs submitted to it run `python` from this virtual environment."""
+    temp_dir = tempfile.mkdtemp(prefix="sslp-t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # no 30 s drain at teardown
+           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint within a second
+    log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         f"--object-store-memory={STORE}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    head = RayHead(address=f"127.0.0.1:{ports['--port']}", dashboard_url=f"http://127.0.0.1:{ports['--dashboard-port']}",
+                   metrics_port=ports["--metrics-export-port"], temp_dir=temp_dir)
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"{head.dashboard_url}/api/version"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the session's Ray head did not start:\n{Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def ray_data():
-    """A local Ray instance for the tests of one module (2 CPUs, a small object store), shut down after.
+def ray_session(ray_head: RayHead) -> Iterator[RayHead]:
+    """This process as a driver of the session's head for one module's tests (joining takes ~1 s;
+    leaving only disconnects). A module that needs Ray opts in with
+    ``pytestmark = pytest.mark.usefixtures("ray_session")`` or a test argument."""
+    import ray
 
-    The data test modules opt in (``pytestmark = pytest.mark.usefixtures("ray_data")`` or a
-    test argument); modules with their own Ray setup (streaming, loop) do not use it. If Ray is
-    already running, started by another fixture of the module, that instance is used and left
-    to its owner to shut down.
-    """
-    if ray.is_initialized():
-        yield
-        return
     from ssl_platform.data.pipeline import quiet_progress
 
-    # address="local": a new instance even when a `ray start` cluster runs on this machine (which a
-    # bare ray.init() would join, refusing num_cpus).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
+    ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
     quiet_progress()
-    yield
+    yield ray_head
     ray.shutdown()
+
+
+
+@dataclass
+class Sslp:
+    """``sslp`` in a subprocess that joins the session's head, as a user runs it."""
+
+    head: RayHead
+
+    def __call__(self, *args: str, cwd: Path, env: dict[str, str] | None = None,
+                 timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd,
+                              env=self.head.env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, *args: str, cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd,
+                                env=self.head.env(**(env or {})), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                text=True)
+
+
+@pytest.fixture(scope="session")
+def sslp(ray_head: RayHead) -> Sslp:
+    return Sslp(ray_head)
+
+
+def show(done: subprocess.CompletedProcess) -> str:
+    """A finished command's status and the ends of its output, for an assertion message."""
+    return f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def trained_simclr(tmp_path_factory):
+    """(config, checkpoint dir) of a tiny SimCLR trained in-process for 150 steps on the digits
+    (plain torch, one thread, no Ray; ~20 s): the trained encoder the evaluation, fine-tune and
+    embed tests share instead of each training their own. Measured: probe/kNN 97/94 against
+    random init's 74/59."""
+    import torch
+    from simclr_digits import SIZE, pretrain, save_checkpoint, tiny_cfg
+
+    from ssl_platform.data.builtin import load_digits_splits
+
+    cfg = tiny_cfg("eval.enabled=false", "name=trained-simclr")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's 2 cores are shared with Ray's processes
+    try:
+        method = pretrain(cfg, load_digits_splits(image_size=SIZE)["train"].images, steps=150)
+    finally:
+        torch.set_num_threads(threads)
+    checkpoint = tmp_path_factory.mktemp("trained-simclr") / "checkpoint_000000"
+    checkpoint.mkdir()
+    save_checkpoint(checkpoint, cfg, method, step=150)
+    return cfg, checkpoint
+
+
+BIG_RECORDS, BIG_SIDE = 1200, 256  # 1200 x 192 KiB of uncompressed PNG: ~230 MiB on disk and in flight
+
+
+@pytest.fixture(scope="session")
+def big_image_corpus(tmp_path_factory) -> Path:
+    """A folder of parquet files (``image`` PNG bytes, ``label``), 50 random 256 px images each,
+    ~230 MiB in all: 2.3x the head's object store, for the streaming tests of training and embed.
+    Files are how a real corpus arrives, and each one stays far below the object store."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(rng: np.random.Generator) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (BIG_SIDE, BIG_SIDE, 3), dtype=np.uint8)).save(
+            buf, format="PNG", compress_level=0)
+        return buf.getvalue()
+
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    for start in range(0, BIG_RECORDS, 50):  # written file by file: the test process stays small in memory
+        table = pa.table({"image": [png(rng) for _ in range(50)], "label": list(range(start, start + 50))})
+        pq.write_table(table, root / f"part-{start // 50:03d}.parquet", row_group_size=10)
+    assert sum(p.stat().st_size for p in root.iterdir()) > 2 * STORE
+    return root
+
+
+def spilled_mib() -> float:
+    """MiB of objects the connected cluster has spilled to disk so far (a figure to print)."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    match = re.search(r"Spilled (\d+) MiB", summary)
+    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture

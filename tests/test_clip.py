@@ -10,11 +10,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_ranks
 from open_clip.loss import ClipLoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gloo import run_on_ranks
 from ssl_models import distributed
 from ssl_models.losses.clip import CLIPLoss
 from ssl_models.methods.clip import CLIP, VOCAB_SIZE, tokenize

@@ -226,7 +226,7 @@ def check_sslp_command(argv: list[str]) -> None:
     load_target(target, tuple(args.overrides), sweep)
 
 
-@functools.lru_cache(maxsize=None)  # several files quote the same run; building ResNet-50 once is enough
+@functools.cache  # several files quote the same run; building ResNet-50 once is enough
 def load_target(target: str, overrides: tuple[str, ...], sweep: bool) -> None:
     if sweep:
         load_sweep(target, overrides)

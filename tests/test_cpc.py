@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from gloo import run_on_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gloo import run_on_ranks
 from ssl_models.audio import ConvFeatureEncoder, build_context
 from ssl_models.losses.cpc import CPCLoss, sample_negatives
 from ssl_models.methods.cpc import CPC

@@ -8,8 +8,16 @@ import pytest
 import soundfile
 
 from ssl_platform.data import spoken_digits
-from ssl_platform.data.audio import (AudioCrops, BadAudio, audio_class_names, decode_audio, inspect_audio,
-                                     list_audio_files, read_audio_corpus, span_mask)
+from ssl_platform.data.audio import (
+    AudioCrops,
+    BadAudio,
+    audio_class_names,
+    decode_audio,
+    inspect_audio,
+    list_audio_files,
+    read_audio_corpus,
+    span_mask,
+)
 from ssl_platform.data.inspect import InspectLedger
 from ssl_platform.data.make_spoken_digits import espeak_command, to_pcm16, trim_silence
 from ssl_platform.data.skips import SkipReporter
@@ -144,7 +152,7 @@ def test_spoken_digits_loads_offline_balanced_and_plausible():
     assert np.bincount(corpus.labels).tolist() == [48] * 10
     assert len(set(corpus.voices)) == 8
     seconds = np.array([len(a) for a in corpus.audio]) / SR
-    assert 0.2 <= seconds.min() and seconds.max() <= 2.0
+    assert seconds.min() >= 0.2 and seconds.max() <= 2.0
     assert all(a.dtype == np.float32 and np.abs(a).max() <= 1.0 for a in corpus.audio)
 
 
@@ -207,7 +215,7 @@ def read_with_ledger(source, strict=False, **kw):
     return rows, ledger.summary
 
 
-def test_folder_corpus_counts_good_and_skipped_files(ray_data, corpus):
+def test_folder_corpus_counts_good_and_skipped_files(ray_session, corpus):
     rows, summary = read_with_ledger(corpus)
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
     assert sorted(by_name) == ["loose.flac", "n0.wav", "n1.flac", "n2.ogg", "stereo.wav", "y0.wav", "y1.flac", "y2.ogg"]
@@ -219,13 +227,13 @@ def test_folder_corpus_counts_good_and_skipped_files(ray_data, corpus):
     assert summary["examples"]["corrupt audio"][0].endswith("yes/corrupt.wav")
 
 
-def test_strict_fails_naming_the_file(ray_data, corpus):
+def test_strict_fails_naming_the_file(ray_session, corpus):
     with pytest.raises(Exception, match=r"corrupt\.wav: corrupt audio") as err:
         read_with_ledger(corpus / "yes", strict=True)
     assert "BadRecordError" in str(err.value)  # Ray wraps the worker's error; its type and message survive
 
 
-def test_format_filter_uri_and_long_recordings(ray_data, corpus, tmp_path):
+def test_format_filter_uri_and_long_recordings(ray_session, corpus, tmp_path):
     rows, _ = read_with_ledger(f"file://{corpus}", fmt="ogg")
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["n2.ogg", "y2.ogg"]
     soundfile.write(tmp_path / "long.wav", tone(2.5), SR)
@@ -234,7 +242,7 @@ def test_format_filter_uri_and_long_recordings(ray_data, corpus, tmp_path):
     assert sorted(r["path"][-2:] for r in rows) == ["#0", "#1", "#2"] and {r["label"] for r in rows} == {-1}
 
 
-def test_crops_stream_into_cpc(ray_data):
+def test_crops_stream_into_cpc(ray_session):
     import torch
 
     from ssl_models import build_method
@@ -248,7 +256,7 @@ def test_crops_stream_into_cpc(ray_data):
     assert torch.isfinite(out["loss"])
 
 
-def test_inspect_counts_skips_and_draws(ray_data, corpus, tmp_path):
+def test_inspect_counts_skips_and_draws(ray_session, corpus, tmp_path):
     report = inspect_audio(str(corpus), tmp_path, mask_prob=0.065, crop_seconds=0.5, num_examples=3)
     assert report["records"] == 8 and report["skipped"]["by_reason"] == {"corrupt audio": 1, "empty audio": 1}
     assert report["example"]["audio"] == "float32 (3, 8000)" and "masked" in report["example"]["mask"]
@@ -261,7 +269,7 @@ def test_inspect_counts_skips_and_draws(ray_data, corpus, tmp_path):
         assert spoken_digits.DIGIT_NAMES[label] == path.split("/")[-2]  # not the folders' sorted order
 
 
-def test_a_corpus_without_one_good_file_reports_zero_records(ray_data, tmp_path):
+def test_a_corpus_without_one_good_file_reports_zero_records(ray_session, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"nope")
     (tmp_path / "empty.ogg").write_bytes(b"")
     report = inspect_audio(str(tmp_path), tmp_path / "out")

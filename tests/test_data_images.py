@@ -17,7 +17,7 @@ from ssl_platform.data.inspect import InspectLedger
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.data.text import list_text_files
 
-pytestmark = pytest.mark.usefixtures("ray_data")
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def encoded(value: int, fmt: str = "PNG", shape=(20, 30, 3)) -> bytes:

@@ -16,7 +16,7 @@ from ssl_platform.data.skips import BadRecordError, SkipReporter
 from ssl_platform.data.text import inspect_text, list_text_files, read_text_corpus, select_split, split_sentences
 from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 
-pytestmark = pytest.mark.usefixtures("ray_data")
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def read(source, **kwargs):

@@ -1,36 +1,22 @@
 """`sslp embed`: a run's embeddings of a corpus, streamed to parquet by Ray Data batch inference."""
 
 import io
-import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
+from conftest import BIG_RECORDS, spilled_mib
 from PIL import Image
+from simclr_digits import DERIVED, TINY, save_checkpoint
 
 from ssl_platform import cli
 from ssl_platform.config import load_config
 from ssl_platform.embed import embed
 from ssl_platform.evaluate.inference import build_method
 from ssl_platform.pretrained import load
-from test_eval_image import DERIVED, TINY, save_checkpoint
 
-pytestmark = pytest.mark.ray
-
-STORE = 100 * 2**20  # the big corpus below is ~230 MiB of image bytes
-RECORDS, SIDE = 1200, 256
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_store():
-    from ssl_platform.data.pipeline import quiet_progress
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=STORE)
-    quiet_progress()
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]  # see conftest
 
 
 @pytest.fixture(scope="module")
@@ -92,25 +78,10 @@ def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
     assert np.isfinite(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))).all()
 
 
-def spilled_mib() -> float:
-    from ray._private.internal_api import memory_summary
-
-    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-    match = re.search(r"Spilled (\d+) MiB", summary)
-    return float(match.group(1)) if match else 0.0
-
-
-def test_corpus_larger_than_the_object_store_streams_through(run, tmp_path):
-    corpus = tmp_path / "big"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for start in range(0, RECORDS, 50):  # parquet files of 50 uncompressed PNGs (~192 KiB each)
-        images = [png(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8), compress_level=0) for _ in range(50)]
-        pq.write_table(pa.table({"image": images}), corpus / f"part-{start // 50:03d}.parquet", row_group_size=10)
-    assert sum(p.stat().st_size for p in corpus.iterdir()) > 2 * STORE
-    summary = embed(load(run), str(corpus), tmp_path / "out", batch_size=64)
-    assert summary.rows == read(tmp_path / "out").num_rows == RECORDS
-    assert len(set(read(tmp_path / "out").column("id").to_pylist())) == RECORDS
+def test_corpus_larger_than_the_object_store_streams_through(run, big_image_corpus, tmp_path):
+    summary = embed(load(run), str(big_image_corpus), tmp_path / "out", batch_size=64)
+    assert summary.rows == read(tmp_path / "out").num_rows == BIG_RECORDS
+    assert len(set(read(tmp_path / "out").column("id").to_pylist())) == BIG_RECORDS
     print(f"object store spilled {spilled_mib():.0f} MiB")  # a figure for the report, not an assertion
 
 
@@ -131,10 +102,11 @@ def by_id(out) -> dict[str, np.ndarray]:
 
 
 def test_clip_texts_bert_texts_and_cpc_audio_equal_load(tmp_path, one_thread):
+    from test_pretrained import make_run
+
     from ssl_platform.data.digit_captions import load_digit_caption_splits
     from ssl_platform.data.python_docs import python_docs_documents
     from ssl_platform.data.spoken_digits import load_spoken_digits
-    from test_pretrained import make_run
 
     clip = load(make_run(tmp_path, "clip")[0])
     summary = embed(clip, "digit-captions", tmp_path / "texts", modality="texts")

@@ -13,7 +13,15 @@ from ssl_platform import methods
 from ssl_platform.config import load_config
 from ssl_platform.data.audio import AudioCrops, normalize_real, ragged
 from ssl_platform.data.spoken_digits import load_spoken_digits_splits
-from ssl_platform.evaluate.audio import N_MELS, evaluate, full_clips, hz_to_mel, log_mel_stats, mel_filterbank, mel_to_hz
+from ssl_platform.evaluate.audio import (
+    N_MELS,
+    evaluate,
+    full_clips,
+    hz_to_mel,
+    log_mel_stats,
+    mel_filterbank,
+    mel_to_hz,
+)
 from ssl_platform.train.checkpoint import TrainState, rng_state, save_state
 
 RATE = 16_000
@@ -120,7 +128,7 @@ def run_protocol(tmp_path, steps: int, overrides=()):
     return {r["encoder"]: r for r in evaluate(cfg, checkpoint, tmp_path / "run")}
 
 
-def test_cpc_protocol_numbers_in_range(ray_data, tmp_path):
+def test_cpc_protocol_numbers_in_range(ray_session, tmp_path):
     rows = run_protocol(tmp_path, steps=30)
     assert set(rows) == {"CPC (this run)", "random init", f"log-mel ({N_MELS} bands, mean+std)"}
     for row in rows.values():

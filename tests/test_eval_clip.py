@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from ssl_platform.config import load_config
@@ -20,16 +19,6 @@ TINY = [f"data.image_size={SIZE}", "model.embed_dim=32", "model.vision_width=32"
         "model.vision_heads=2", "model.text_width=32", "model.text_layers=1", "model.text_heads=2",
         f"model.context_length={CONTEXT}", "eval.batch_size=256", "eval.enabled=true"]
 METRICS = ("zero_shot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "linear_probe_top1")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from ssl_platform.data.pipeline import quiet_progress
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-    quiet_progress()
-    yield
-    ray.shutdown()
 
 
 # --- the metrics, no Ray ------------------------------------------------------------------
@@ -111,7 +100,7 @@ def pretrain_clip(cfg, steps: int, seed: int = 0):
     return method.eval(), optimizer
 
 
-def test_trained_clip_beats_random_init_zero_shot_and_retrieval(tmp_path, ray_local):
+def test_trained_clip_beats_random_init_zero_shot_and_retrieval(tmp_path, ray_session):
     cfg = load_config("clip-digit-captions", TINY)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model; OpenMP threads only spin on a shared 2-core machine

@@ -169,7 +169,7 @@ TINY_TEXT = ["data.vocab_size=512", "data.max_len=32", "model.dim=32", "model.de
              "eval.batch_size=128", "eval.sample_tokens=8"]
 
 
-def test_gpt_protocol_beats_random_init_and_unigram(ray_data, tmp_path):
+def test_gpt_protocol_beats_random_init_and_unigram(ray_session, tmp_path):
     cfg = load_config("gpt-python-docs", TINY_TEXT)
     method, optimizer, tok = train_tiny(cfg, lambda tok, docs: GptBlocks(tok, cfg.data.max_len)(docs), 150, 3e-3)
     checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint_000150", method, optimizer, cfg, tok, 150)
@@ -190,7 +190,7 @@ def test_gpt_protocol_beats_random_init_and_unigram(ray_data, tmp_path):
     assert "few-shot" in markdown and results["samples"][0]["completion"] in markdown
 
 
-def test_bert_protocol_beats_random_init(ray_data, tmp_path):
+def test_bert_protocol_beats_random_init(ray_session, tmp_path):
     cfg = load_config("bert-python-docs", TINY_TEXT)
 
     def pairs(tok, docs):  # training's dynamic masks, fixed here so the test is repeatable

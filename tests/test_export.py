@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from test_pretrained import TEXTS, make_run
 
 import ssl_platform
 from ssl_platform.cli import main as sslp
 from ssl_platform.export import export, modeling_source
-from test_pretrained import TEXTS, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 

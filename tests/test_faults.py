@@ -1,16 +1,19 @@
 """Faults and interruptions of `sslp run`, through the CLI as a user meets them.
 
-- A worker process killed mid-run (the SSLP_CRASH_AT_STEP fault injection: rank 0 exits at that
-  step, once per invocation): without --max-failures the CLI exits 1 with one line; with it the
-  run restarts the worker group from the newest checkpoint and finishes. Because loop.py
-  waits until Ray has registered each reported checkpoint, the restart repeats at most
-  ``train.checkpoint_every`` steps.
+- A worker process killed mid-run: without --max-failures the CLI exits 1 with one line; with
+  it the run restarts the worker group from the newest checkpoint and finishes, whether the
+  worker died by itself (the SSLP_CRASH_AT_STEP fault injection: rank 0 calls ``os._exit`` at
+  that step, once per invocation) or was killed from outside (SIGKILL of its pid, as a node's
+  OOM killer does). Because loop.py waits until Ray has registered each reported checkpoint, a
+  restart repeats at most ``train.checkpoint_every`` steps, and metrics.jsonl still holds every
+  step exactly once.
 - Re-running a finished run neither trains nor starts Ray.
 - Ctrl-C (SIGINT to the CLI) stops the run with status 130, keeps the newest checkpoint, leaves
   no Ray process behind, and the same command resumes and reaches the same final step. That
   run keeps its files in ``file://`` storage, the code path of s3:// and gs:// runs.
 
-Each CLI call starts and stops its own local Ray cluster; this module starts none.
+The runs are jobs on the session's Ray head (conftest.sslp), except the one interrupted with
+Ctrl-C, which starts (and must take down) a local cluster of its own.
 """
 
 import json
@@ -26,8 +29,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import show
 from test_run_e2e import TINY
 
+from ssl_platform import cli
 from ssl_platform.config import load_config
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV
 from ssl_platform.train.trainer import run_paths
@@ -35,18 +40,8 @@ from ssl_platform.train.trainer import run_paths
 pytestmark = pytest.mark.ray
 
 EVERY = 10  # TINY's train.checkpoint_every
-STEPS = 30
-RUN = ("run", "simclr-digits", f"train.max_steps={STEPS}", "eval.enabled=false", "--no-dashboard", *TINY)
-
-
-def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def show(done: subprocess.CompletedProcess) -> str:
-    return f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+STEPS = 40
+RUN = ("run", "simclr-digits", f"train.max_steps={STEPS}", "eval.enabled=false", *TINY, "train.log_every=1")
 
 
 def resumed_steps(stdout: str) -> list[int]:
@@ -57,19 +52,59 @@ def checkpoint_step(path: str | Path) -> int:
     return int(torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)["step"])
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_worker_pids() -> list[int]:
+    """Pids of the live Ray Train worker processes on this machine (their title names the actor)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_for(condition, what: str, seconds: float = 300) -> None:
+    """Poll ``condition()`` until true; fail naming ``what`` if it never is (never hang)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
-def killed_runs(tmp_path_factory):
+def killed_runs(sslp, tmp_path_factory):
     """One run name, three commands: killed at step 15 without retries; the same command with
-    --max-failures 1, killed again at step 25; and once more after it finished. ``runs_dir`` is
-    relative: the driver resolves it, the workers run in a directory of Ray's."""
+    --max-failures 2, where rank 0 dies by itself at step 25 and, once the group has restarted
+    from step 20, a worker is SIGKILLed from outside; and once more after it finished.
+    ``runs_dir`` is relative: the driver resolves it, the workers run in a directory of Ray's."""
     root = tmp_path_factory.mktemp("faults")
+    run_dir = root / "runs" / "killed"
     args = (*RUN, "name=killed", "runs_dir=runs")
-    failed = cli(*args, cwd=root, env={CRASH_AT_STEP_ENV: "15"})
-    restarted = cli(*args, "--max-failures", "1", cwd=root, env={CRASH_AT_STEP_ENV: "25"})
-    checkpoints = sorted(p.name for p in (root / "runs" / "killed").glob("checkpoint_*") if p.is_dir())
-    metrics = (root / "runs" / "killed" / "metrics.jsonl").read_bytes()
-    again = cli(*args, cwd=root)
-    return root / "runs" / "killed", failed, restarted, again, (checkpoints, metrics)
+    failed = sslp(*args, cwd=root, env={CRASH_AT_STEP_ENV: "15"})
+
+    log = root / "restarted.log"
+    proc = sslp.popen(*args, "--max-failures", "2", cwd=root, log=log,
+                      env={CRASH_AT_STEP_ENV: "25", "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: resumed_steps(log.read_text())[1:] or proc.poll() is not None,
+                 "the restart after the crash at step 25")
+        wait_for(lambda: train_worker_pids() or proc.poll() is not None, "a live train worker")
+        killed = train_worker_pids()[:1]
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        returncode = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    restarted = subprocess.CompletedProcess(proc.args, returncode, log.read_text(), "")
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    return run_dir, failed, restarted, killed, (checkpoints, metrics)
 
 
 def test_a_killed_worker_without_retries_fails_with_one_line(killed_runs):
@@ -81,16 +116,24 @@ def test_a_killed_worker_without_retries_fails_with_one_line(killed_runs):
     assert "Training failed due to worker errors" in (run_dir / "error.log").read_text()  # the full error
 
 
-def test_max_failures_restarts_from_the_newest_checkpoint(killed_runs):
-    run_dir, _, restarted, *_ = killed_runs
+def test_max_failures_survives_a_crash_and_an_outside_kill_from_the_newest_checkpoint(killed_runs):
+    run_dir, _, restarted, killed, _ = killed_runs
+    assert killed, "no train worker was alive to kill"
     assert restarted.returncode == 0, show(restarted)
-    # The command resumes from the failed run's checkpoint (step 10), is killed at step 25 and
-    # restarts from the checkpoint it wrote at step 20: 5 steps are trained twice.
-    assert resumed_steps(restarted.stdout) == [10, 20], show(restarted)
-    assert 25 - 20 <= EVERY
+    # The command resumes from the failed run's checkpoint (step 10); rank 0 dies at step 25 and
+    # the group restarts from the checkpoint of step 20 (5 steps trained twice); the outside kill
+    # comes during that attempt, whose newest checkpoint is then at most one interval old.
+    first, second, third = resumed_steps(restarted.stdout)
+    assert (first, second) == (10, 20), show(restarted)
+    assert third in range(20, STEPS, EVERY), show(restarted)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and checkpoint_step(summary["checkpoint"]) == STEPS
     assert Path(summary["checkpoint"]).parent == run_dir  # the relative runs_dir, resolved on the driver
+
+
+def test_metrics_hold_every_step_once_after_the_failures(killed_runs):
+    run_dir, *_ = killed_runs
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def test_the_driver_prints_and_writes_a_summary(killed_runs):
@@ -105,11 +148,20 @@ def test_the_driver_prints_and_writes_a_summary(killed_runs):
         assert line in text
 
 
-def test_a_finished_run_is_not_trained_again(killed_runs):
-    run_dir, *_, again, (checkpoints, metrics) = killed_runs
-    assert again.returncode == 0, show(again)
-    assert f"run killed is already complete: step {STEPS} of train.max_steps={STEPS}" in again.stdout
-    assert "training simclr" not in again.stdout and "run directory" not in again.stdout  # Ray never started
+def test_a_finished_run_is_not_trained_again(killed_runs, capsys, monkeypatch):
+    import ray
+
+    run_dir, *_, (checkpoints, metrics) = killed_runs
+    monkeypatch.chdir(run_dir.parent.parent)  # runs_dir=runs is relative to it
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a finished run")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert cli.main([*RUN, "name=killed", "runs_dir=runs"]) == 0
+    out = capsys.readouterr().out
+    assert f"run killed is already complete: step {STEPS} of train.max_steps={STEPS}" in out
+    assert "training simclr" not in out and "run directory" not in out
     assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == checkpoints
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
@@ -130,30 +182,33 @@ def ray_processes(marker: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory):
-    """A 60-step run in file:// storage, SIGINT once Ray has registered its first checkpoint
-    (Ray's snapshot file appears), then the same command again."""
+def interrupted_run(sslp, tmp_path_factory):
+    """A 60-step run in file:// storage on a local cluster of its own, SIGINT once Ray has
+    registered its first checkpoint (Ray's snapshot file appears), then the same command again
+    (on the session's head: where it runs does not matter to the resume)."""
     root = tmp_path_factory.mktemp("ctrlc")
     steps = 60
     args = (*RUN, "name=ctrlc", f"runs_dir={(root / 'store').as_uri()}", f"train.max_steps={steps}")
     # Its own Ray temp dir marks this cluster's processes; short, as Ray's socket paths must fit in 107 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="sslp-", dir="/tmp")
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # no RAY_ADDRESS (see conftest): a local cluster
     proc = subprocess.Popen([sys.executable, "-m", "ssl_platform.cli", *args], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshot = root / "store" / "ctrlc" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 240
-    while not snapshot.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=180)
+    try:
+        wait_for(lambda: snapshot.exists() or proc.poll() is not None, "the first registered checkpoint")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     interrupted = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    leftovers, deadline = ray_processes(ray_tmp), time.monotonic() + 30
-    while leftovers and time.monotonic() < deadline:  # give exiting processes a moment
+    leftovers, deadline = ray_processes(ray_tmp), time.monotonic() + 180
+    while leftovers and time.monotonic() < deadline:  # exiting processes may take a while on a busy machine
         time.sleep(0.5)
         leftovers = ray_processes(ray_tmp)
     kept = sorted(checkpoint_step(p) for p in (root / "store" / "ctrlc").glob("checkpoint_*") if p.is_dir())
-    resumed = cli(*args, cwd=root)
+    resumed = sslp(*args, cwd=root)
     yield root / "store" / "ctrlc", steps, interrupted, leftovers, kept, resumed
     shutil.rmtree(ray_tmp, ignore_errors=True)
     shutil.rmtree(run_paths(load_config("simclr-digits", [f"runs_dir={(root / 'store').as_uri()}", "name=ctrlc"])).local,
@@ -180,5 +235,6 @@ def test_the_same_command_resumes_an_interrupted_run(interrupted_run):
     assert checkpoint_step(summary["checkpoint"].removeprefix("file://")) == steps
     # The driver's and rank 0's files reached the storage, not only the local staging directory.
     assert (store / "config.yaml").is_file()
-    logged = [json.loads(r)["step"] for r in (store / "metrics.jsonl").read_text().splitlines()]
-    assert logged[0] == 2 and logged[-1] == steps  # rows of both invocations
+    # Rows of both invocations, every step exactly once: the steps after the checkpoint it
+    # resumed from were logged by the interrupted run and dropped when they were trained again.
+    assert logged_steps(store) == list(range(1, steps + 1))

@@ -11,28 +11,17 @@ import torch
 from PIL import Image
 
 from ssl_platform import cli
-from ssl_platform.config import load_config
-from ssl_platform.data.builtin import load_digits_splits
 from ssl_platform.finetune import Settings
 from ssl_platform.finetune.protocol import finetune
 from ssl_platform.train.checkpoint import load_payload
-from test_eval_image import TINY, pretrain, save_checkpoint
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_data")]  # see conftest
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]  # see conftest
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A SimCLR digits encoder pretrained in-process for 150 steps (its frozen probe: ~90% on 50 labels)."""
-    cfg = load_config("simclr-digits", [*TINY, "eval.enabled=false", "name=ft-source"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared (see conftest's one_thread)
-    method = pretrain(cfg, load_digits_splits(image_size=16)["train"].images, steps=150)
-    torch.set_num_threads(threads)
-    checkpoint = tmp_path_factory.mktemp("run") / "checkpoint_000000"
-    checkpoint.mkdir()
-    save_checkpoint(checkpoint, cfg, method)
-    return cfg, checkpoint
+def pretrained(trained_simclr):
+    """The session's SimCLR digits encoder, 150 steps (its frozen probe: ~90% on 50 labels)."""
+    return trained_simclr
 
 
 def test_finetuning_the_pretrained_encoder_beats_random_init(pretrained, tmp_path):

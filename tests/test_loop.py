@@ -7,15 +7,28 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from gloo import run_on_ranks
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 import ssl_models
-from gloo import run_on_ranks
-from ssl_platform.train.checkpoint import (TrainState, all_rng_states, full_state_dicts, load_payload, restore_state,
-                                           save_state)
-from ssl_platform.train.loop import (accumulate_gradients, autocast_context, clip_gradients, groups_of,
-                                     micro_batch_size, seed_everything, shard_model)
+from ssl_platform.train.checkpoint import (
+    TrainState,
+    all_rng_states,
+    full_state_dicts,
+    load_payload,
+    restore_state,
+    save_state,
+)
+from ssl_platform.train.loop import (
+    accumulate_gradients,
+    autocast_context,
+    clip_gradients,
+    groups_of,
+    micro_batch_size,
+    seed_everything,
+    shard_model,
+)
 from ssl_platform.train.metrics import read_metrics
 from ssl_platform.train.optim import build_optimizer
 
@@ -241,16 +254,6 @@ def test_two_ranks_with_accumulation_match_one_process_on_the_whole_batch(strate
 
 # ----------------------------------------------------------------------------- a tiny Ray Train run
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    yield
-    ray.shutdown()
-
-
 def _fit_byol(run_dir, max_steps: int):
     """BYOL through the real train_func: FSDP, 2 micro-batches per step, bf16 autocast on CPU,
     momentum_base=0 so the EMA target is either copied (tau=0) or frozen (tau=1) at a step."""
@@ -284,7 +287,7 @@ def _fit_byol(run_dir, max_steps: int):
 
 
 @pytest.fixture(scope="module")
-def byol_runs(ray_local, tmp_path_factory):
+def byol_runs(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "byol-resume"
     first = _fit_byol(run_dir, max_steps=2)
     at_two = load_payload(first.checkpoint.path)

@@ -8,10 +8,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from gloo import run_on_ranks, tiny_projector, two_view_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gloo import run_on_ranks, tiny_projector, two_view_batch
 from ssl_models import distributed
 from ssl_models.losses import NTXentLoss
 

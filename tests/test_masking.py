@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_platform.data.masking import (IGNORE_INDEX, IS_NEXT, NOT_NEXT, BertBatcher, GptBlocks, encode_pairs,
-                                       mask_tokens, nsp_pairs, pack_blocks, truncate_pair)
+from ssl_platform.data.masking import (
+    IGNORE_INDEX,
+    IS_NEXT,
+    NOT_NEXT,
+    BertBatcher,
+    GptBlocks,
+    encode_pairs,
+    mask_tokens,
+    nsp_pairs,
+    pack_blocks,
+    truncate_pair,
+)
 from ssl_platform.data.python_docs import python_docs_documents
 from ssl_platform.data.tokenizer import EOT, TextTokenizer, TokenizerConfig, train_tokenizer
 

@@ -5,11 +5,18 @@ import time
 
 import pytest
 import torch
-
 from gloo import run_on_ranks
+
 from ssl_platform.data.skips import SKIPPED_METRIC
-from ssl_platform.train.metrics import (GAUGES, METRICS, MetricsLogger, StepMeter, count_tokens, drop_rows_after,
-                                        read_metrics)
+from ssl_platform.train.metrics import (
+    GAUGES,
+    METRICS,
+    MetricsLogger,
+    StepMeter,
+    count_tokens,
+    drop_rows_after,
+    read_metrics,
+)
 
 
 def test_one_prefix_and_one_list_of_names():

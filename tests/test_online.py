@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_ranks
 
 import ssl_models
-from gloo import run_on_ranks
 from ssl_platform import methods
 from ssl_platform.config import load_config
 from ssl_platform.data.online import balanced_subset, online_split
@@ -235,19 +235,6 @@ def test_fsdp_ranks_each_get_the_single_process_numbers(tmp_path):
 
 # ----------------------------------------------------------------------------- one real fit
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from ssl_platform.data.pipeline import quiet_progress
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}})
-    quiet_progress()
-    yield
-    ray.shutdown()
-
-
 class _RecordReports:
     """A Ray Train callback (it runs in the controller) that appends rank 0's reported metrics to a file."""
 
@@ -263,7 +250,7 @@ class _RecordReports:
 
 
 @pytest.mark.ray
-def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_local, tmp_path):
+def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_session, tmp_path):
     """data.path text: the documents its hash holds out, read with Ray Data, the same ones every time."""
     from ssl_platform.data.text import in_split
 
@@ -288,7 +275,7 @@ def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_local, tmp_pa
 
 
 @pytest.mark.ray
-def test_fit_reports_and_logs_the_online_metric(ray_local, tmp_path):
+def test_fit_reports_and_logs_the_online_metric(ray_session, tmp_path):
     from ssl_platform.train.trainer import fit, run_paths
 
     cfg = tiny_config("simclr", "name=online-fit", f"runs_dir={tmp_path / 'runs'}", "train.max_steps=10",

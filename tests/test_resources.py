@@ -5,7 +5,13 @@ import pytest
 
 from ssl_platform.config import load_config
 from ssl_platform.train.trainer import (
-    ResourceError, StorageError, cluster_nodes, completed_run, plan_workers, run_paths, wait_for_free_resources,
+    ResourceError,
+    StorageError,
+    cluster_nodes,
+    completed_run,
+    plan_workers,
+    run_paths,
+    wait_for_free_resources,
 )
 
 

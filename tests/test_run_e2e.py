@@ -1,17 +1,15 @@
-"""`sslp run` end to end: 2 Ray Train workers on a local cluster, checkpoint, metrics, report, resume.
+"""`sslp run` end to end: 2 Ray Train workers, checkpoint, metrics, report, `sslp eval`, resume.
 
-One local Ray cluster per invocation of the CLI (the CLI starts and stops it), so this module
-starts no Ray instance of its own.
+Each command is a job on the session's Ray head (conftest.sslp); refusals are tested in-process.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import show
+
+from ssl_platform import cli
 
 pytestmark = pytest.mark.ray
 
@@ -20,19 +18,11 @@ TINY = ["model.encoder_widths=[8,16]", "model.projector_width=64", "model.projec
         "train.warmup_steps=2", "train.optimizer=adamw", "train.lr=0.004", "eval.supervised_epochs=1"]
 
 
-def sslp(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"sslp {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(sslp, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={root}", "train.max_steps=30", "--no-dashboard", *TINY,
-                cwd=root)
+    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={root}", "train.max_steps=30", *TINY, cwd=root)
+    assert done.returncode == 0, show(done)
     return root / "tiny", done
 
 
@@ -62,11 +52,11 @@ def test_loss_decreases_on_average(first_run):
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third
 
 
-def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(first_run, tmp_path):
+def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(sslp, first_run, tmp_path):
     run_dir, _ = first_run
     checkpoint = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    done = sslp("eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0", "--no-dashboard",
-                cwd=tmp_path)
+    done = sslp("eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0", cwd=tmp_path)
+    assert done.returncode == 0, show(done)
     assert "SimCLR (this run)" in done.stdout
     again = {r["encoder"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     at_end = {r["encoder"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
@@ -76,21 +66,22 @@ def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(first_run, 
         assert again[encoder]["knn_top1"] == pytest.approx(at_end[encoder]["knn_top1"], abs=1e-6)
 
 
-def test_sslp_eval_rejects_what_it_cannot_evaluate(first_run, tmp_path):
+def test_sslp_eval_rejects_what_it_cannot_evaluate(first_run, tmp_path, capsys):
     run_dir, _ = first_run
     for args, says in [((str(tmp_path),), "holds no checkpoint"),
                        ((str(tmp_path / "missing"),), "does not exist"),
                        ((str(run_dir), "model.projector_dim=4"), "takes eval.* settings only"),
                        ((str(run_dir), "eval.knn_k=0"), "eval.knn_k")]:
-        done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "eval", *args], capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+        assert cli.main(["eval", *args]) == cli.EXIT_USAGE, args
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, (args, err)
 
 
-def test_same_name_resumes_from_newest_checkpoint(first_run):
+def test_same_name_resumes_from_newest_checkpoint(sslp, first_run):
     run_dir, _ = first_run
     done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={run_dir.parent}", "train.max_steps=40",
-                "eval.enabled=false", "--no-dashboard", *TINY, cwd=run_dir.parent)
+                "eval.enabled=false", *TINY, cwd=run_dir.parent)
+    assert done.returncode == 0, show(done)
     assert "resumed from step 30" in done.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 40

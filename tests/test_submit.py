@@ -1,24 +1,16 @@
 """`sslp submit` against a real head node: a run that succeeds, a job that fails, and refusals
 that submit nothing.
 
-The module starts its own head (`ray start --head --block` on 127.0.0.1, every port picked free,
-its own --temp-dir) and ends it with SIGTERM to that `ray start` process, which takes its own
-processes down: `ray stop` would also kill the other Ray instances of this machine.
+The head is the session's (conftest.ray_head: `ray start --head` on 127.0.0.1 with its
+dashboard, which serves the Jobs API, and the token every cluster of the session requires);
+jobs run `python` from this virtual environment.
 """
 
-import os
-import shutil
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_ports
 from ray.job_submission import JobSubmissionClient
 
 from ssl_platform.cli import main as sslp
@@ -30,71 +22,14 @@ pytestmark = pytest.mark.ray
 TINY = ["train.max_steps=3", "train.batch_size=16", "train.log_every=1", "train.warmup_steps=0",
         "scaling.num_workers=1", "eval.enabled=false", "eval.online_every=0", "data.image_size=16",
         "model.encoder_widths=[8,16]", "model.projector_width=32", "model.projector_dim=16"]
-PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-              "--node-manager-port", "--object-manager-port")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:  # all bound at once, so the n ports differ
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def submitted_id(out: str) -> str:
     return next(line.split(" as job ")[1].split()[0] for line in out.splitlines() if " as job " in line)
 
 
 @pytest.fixture(scope="module")
-def head():
-    """The dashboard address of a fresh single-node cluster (2 CPUs) that requires a token, this
-    module's own (Ray 2.60's default), which the client finds in $RAY_AUTH_TOKEN."""
-    token, saved = secrets.token_hex(32), os.environ.get("RAY_AUTH_TOKEN")
-    os.environ["RAY_AUTH_TOKEN"] = token
-    temp_dir = tempfile.mkdtemp(prefix="sslp-submit-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    bin_dir = Path(sys.executable).parent
-    # The job's entrypoint runs `python` from the head's PATH: this virtual environment's.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # the SIGTERM below: no 30 s drain of a test node
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-    log = open(Path(temp_dir) / "ray_start.log", "w")
-    proc = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         "--object-store-memory=200000000", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:  # until the job API answers (with this machine's token: Ray 2.60 clusters require one)
-            assert proc.poll() is None, f"ray start exited:\n{Path(log.name).read_text()[-3000:]}"
-            try:
-                JobSubmissionClient(address, headers=token_header()).list_jobs()
-                break
-            except (ConnectionError, RuntimeError):
-                pass
-            assert time.monotonic() < deadline, f"no dashboard at {address}:\n{Path(log.name).read_text()[-3000:]}"
-            time.sleep(1)
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("RAY_AUTH_TOKEN")
-        else:
-            os.environ["RAY_AUTH_TOKEN"] = saved
+def head(ray_head):
+    """The dashboard address of the session's head: its Jobs API, with the session's token."""
+    return ray_head.dashboard_url
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +109,7 @@ def test_failing_job_returns_its_exit_code_and_log_tail(head, client, tmp_path, 
     job_id = submitted_id(out)
     assert "py_modules" not in (client.get_job_info(job_id).runtime_env or {})  # --code installed
     assert "step 1/" not in out  # --wait does not stream the log
-    assert f"last" in err and "sslp: data:" in err and missing in err  # the job's own error line, in the tail
+    assert "last" in err and "sslp: data:" in err and missing in err  # the job's own error line, in the tail
     assert err.strip().splitlines()[-1].startswith(f"sslp: submit: job {job_id} FAILED (exit code 2)")
 
 

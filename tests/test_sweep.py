@@ -1,17 +1,14 @@
-"""`sslp sweep`: the sweep YAML is checked before Ray, and a 4-trial sweep on 2 CPUs finishes,
-with ASHA stopping the trials that cannot learn, a resumed interruption that keeps finished
-trials, and a best.yaml that `sslp run` trains.
+"""`sslp sweep`: the sweep YAML is checked before Ray, and a 2-trial sweep on 2 CPUs finishes,
+with ASHA stopping the trial that cannot learn, a resumed interruption that keeps the finished
+trial, and a best.yaml that `sslp run` takes as it is.
 
-The integration part runs the real command line in subprocesses (one local Ray cluster each):
-the sweep is interrupted with SIGINT once a trial has finished, run again to the end, and the
-best config is trained. Trials are tiny (2 workers x 0.5 CPU, 10 steps); one at a time, so
-ASHA's decisions do not depend on which trial reaches a rung first.
+The integration part runs the real command line in subprocesses (jobs on the session's Ray
+head, see conftest): the sweep is interrupted with SIGINT once a trial has finished and run
+again to the end. Trials are tiny (2 workers x 0.5 CPU, 10 steps); one at a time, so ASHA's
+decision does not depend on which trial reaches a rung first.
 """
 
-import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +31,10 @@ TINY = {
 def write_sweep(path: Path, runs_dir: Path, **changes) -> Path:
     """A sweep over train.lr in {0.02, 0}: a trial with lr=0 cannot learn, so its loss at the
     rung (step 5; the only one below 10 steps with reduction factor 2) is clearly worse than
-    that of a trial that trains. The grid runs lr=0.02, 0, 0.02, 0 in that order."""
+    that of a trial that trains. The grid runs lr=0.02, then 0."""
     spec = {
         "name": "tiny", "preset": "simclr-digits", "overrides": {"runs_dir": str(runs_dir), **TINY},
-        "metric": "loss", "mode": "min", "num_samples": 2, "max_concurrent_trials": 1,
+        "metric": "loss", "mode": "min", "num_samples": 1, "max_concurrent_trials": 1,
         "scheduler": {"grace_period": 5, "reduction_factor": 2},
         "space": {"train.lr": {"grid": [0.02, 0.0]}},
         **changes,
@@ -152,29 +149,23 @@ def test_param_samples_cover_every_choice():
 
 # ----------------------------------------------------------------------------- a real sweep
 
-def sslp(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    return subprocess.Popen([sys.executable, "-m", "ssl_platform.cli", *args], cwd=cwd, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-
-
 def finished_trials(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.glob("trials/*/summary.json"))
 
 
 @pytest.fixture(scope="module")
-def sweep():
+def sweep(sslp):
     """Start the sweep, SIGINT it once a trial has finished, run the same command again.
     (A directory of its own: pytest's numbered base directories are rotated by other pytest
     runs on the machine, and this fixture lives for minutes.)"""
     with tempfile.TemporaryDirectory(prefix="sslp-sweep-test-") as d:
-        yield run_interrupted_sweep(Path(d))
+        yield run_interrupted_sweep(sslp, Path(d))
 
 
-def run_interrupted_sweep(root: Path) -> dict:
+def run_interrupted_sweep(sslp, root: Path) -> dict:
     spec = write_sweep(root / "tiny.yaml", root)
     sweep_dir = root / "tiny"
-    first = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "first.log")
+    first = sslp.popen("sweep", str(spec), cwd=root, log=root / "first.log")
     try:
         deadline = time.monotonic() + 900
         while not finished_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
@@ -190,7 +181,7 @@ def run_interrupted_sweep(root: Path) -> dict:
         if first.poll() is None:
             first.kill()
 
-    second = sslp("sweep", str(spec), "--no-dashboard", cwd=root, log=root / "second.log")
+    second = sslp.popen("sweep", str(spec), cwd=root, log=root / "second.log")
     try:
         second_rc = second.wait(timeout=1500)
     finally:
@@ -209,13 +200,13 @@ def rows_of(sweep_dir: Path) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_exits_130_and_the_rerun_finishes_all_four_trials(sweep):
+def test_interrupted_sweep_exits_130_and_the_rerun_finishes_both_trials(sweep):
     assert sweep["first_rc"] == EXIT_INTERRUPTED, sweep["first_log"][-4000:]
     assert sweep["second_rc"] == 0, sweep["second_log"][-6000:]
     assert "resuming sweep tiny" in sweep["second_log"]
     rows = rows_of(sweep["dir"])
-    assert len(rows) == 4
-    assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.0, 0.02, 0.02]
+    assert len(rows) == 2
+    assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.02]
     for name in ("trials.md", "best.yaml", "curves.png", "metric_vs_train.lr.png"):
         assert (sweep["dir"] / name).is_file(), name
 
@@ -232,13 +223,13 @@ def test_rerun_does_not_train_a_finished_trial_again(sweep):
 
 
 @pytest.mark.ray
-def test_asha_stops_the_trials_that_cannot_learn_at_the_first_rung(sweep):
+def test_asha_stops_the_trial_that_cannot_learn_at_the_first_rung(sweep):
     rows = rows_of(sweep["dir"])
     stopped = [r for r in rows if r["status"] == "stopped early"]
     complete = [r for r in rows if r["status"] == "complete"]
     assert stopped, "ASHA stopped no trial"
-    assert sorted(float(r["train.lr"]) for r in stopped) == [0.0, 0.0] and all(int(r["step"]) == 5 for r in stopped)
-    assert sorted(float(r["train.lr"]) for r in complete) == [0.02, 0.02] and all(int(r["step"]) == 10 for r in complete)
+    assert [float(r["train.lr"]) for r in stopped] == [0.0] and all(int(r["step"]) == 5 for r in stopped)
+    assert [float(r["train.lr"]) for r in complete] == [0.02] and all(int(r["step"]) == 10 for r in complete)
     assert max(float(r["loss"]) for r in complete) < min(float(r["loss"]) for r in stopped)
     # A stopped trial's run ended at its rung, short of its summary (written only by a complete run).
     for r in stopped:
@@ -250,17 +241,19 @@ def test_asha_stops_the_trials_that_cannot_learn_at_the_first_rung(sweep):
 
 
 @pytest.mark.ray
-def test_best_yaml_trains_with_sslp_run(sweep):
+def test_best_yaml_is_the_best_trials_config_and_sslp_run_takes_it(sweep, capsys):
+    from ssl_platform import cli
+    from ssl_platform.config import load_config
+
     best = sweep["dir"] / "best.yaml"
     cfg = yaml.safe_load(best.read_text())
     assert cfg["name"] == "tiny-best" and cfg["train"]["lr"] == 0.02
-    # eval.enabled=false: this test is about the config; evaluation has tests of its own.
-    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "run", str(best), "eval.enabled=false",
-                           "--no-dashboard"], cwd=sweep["root"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = Path(cfg["runs_dir"]) / "tiny-best"
-    assert (run_dir / "summary.json").is_file()
-    assert "steps       10/10" in done.stdout
+    # The best trial's own resolved config (its run wrote it), under the new name: `sslp run
+    # best.yaml` trains exactly what that trial trained (training itself has tests of its own).
+    trial = load_config(str(sweep["dir"] / "trials" / rows_of(sweep["dir"])[0]["trial"] / "config.yaml"))
+    assert load_config(str(best)).to_dict() == {**trial.to_dict(), "name": "tiny-best"}
+    assert cli.main(["run", str(best), "--dry-run"]) == 0
+    assert "# run directory:" in capsys.readouterr().out
 
 
 @pytest.mark.ray

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from gloo import run_on_ranks, tiny_projector, two_view_batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gloo import run_on_ranks, tiny_projector, two_view_batch
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss
 from ssl_models.losses.byol import BYOLLoss
 from ssl_models.losses.vicreg import VICRegLoss

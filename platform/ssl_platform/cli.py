@@ -215,6 +215,14 @@ def _inspect(args: argparse.Namespace) -> int:
         "text": ("text", "inspect_text", {}),
         "audio": ("audio", "inspect_audio", {}),
     }[kind]
+    if args.source not in BUILTIN_KINDS:  # a path that is not there is said before Ray starts (seconds)
+        from ssl_platform.data.sources import locate
+
+        try:
+            locate(args.source, globs=True)
+        except ValueError as e:
+            print(f"sslp: data: {e}", file=sys.stderr)
+            return EXIT_USAGE
     inspect = getattr(importlib.import_module(f"ssl_platform.data.{module}"), function)
     init_ray(None, dashboard=False)
     try:

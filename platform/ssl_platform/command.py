@@ -39,6 +39,7 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str)
 
     failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
                 StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
+    joined = ray.is_initialized()  # a caller's connection (an embedding program, a test) stays as it is
     try:
         url = init_ray(args.address, dashboard=not args.no_dashboard)
         if url:
@@ -54,7 +55,7 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str)
         message = (f"sslp: {what}: {e}", status)
     finally:
         # A local cluster started here goes down with its workers; a joined one is only left.
-        if ray.is_initialized():
+        if ray.is_initialized() and not joined:
             ray.shutdown()
     print(message[0], file=sys.stderr)
     return message[1]

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 
@@ -61,6 +59,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     train_x, train_y, test_x, test_y = _check_inputs(train_x, train_y, test_x, test_y)
     if len(np.unique(train_y)) < 2:
         raise ValueError("the linear probe needs at least two classes in train_y; check the labels and the split")
+    # Imported here: scikit-learn takes a second to import, and every train worker imports this module.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(train_x)
     # lbfgs on standardised features converges in a few hundred iterations for ~1500 x 128;
     # 1000 leaves room for raw pixels (D=1024) without a ConvergenceWarning.

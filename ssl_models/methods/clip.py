@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip import CLIPTextCfg, CLIPVisionCfg
 from torch import Tensor, nn
 
 from ssl_models.losses.clip import CLIPLoss
@@ -38,6 +36,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> Tensor:
     """
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+    import open_clip  # on first use: importing it takes ~0.5 s in every process that imports ssl_models
+
     return open_clip.tokenize(texts if isinstance(texts, str) else list(texts), context_length=context_length)
 
 
@@ -121,14 +121,16 @@ class CLIP(nn.Module):
         self.embed_dim = embed_dim
         self.max_log_scale = math.log(max_logit_scale)
 
+        import open_clip  # on first use (see tokenize)
+
         if image_tower == "vit":
-            vision_cfg = CLIPVisionCfg(layers=vision_layers, width=vision_width,
+            vision_cfg = open_clip.CLIPVisionCfg(layers=vision_layers, width=vision_width,
                                        head_width=vision_width // vision_heads, patch_size=patch_size,
                                        image_size=image_size)
         else:  # a tuple of layers is how open_clip selects its ModifiedResNet
-            vision_cfg = CLIPVisionCfg(layers=tuple(int(n) for n in resnet_layers), width=vision_width,
+            vision_cfg = open_clip.CLIPVisionCfg(layers=tuple(int(n) for n in resnet_layers), width=vision_width,
                                        head_width=64, image_size=image_size)
-        text_cfg = CLIPTextCfg(context_length=context_length, vocab_size=VOCAB_SIZE, width=text_width,
+        text_cfg = open_clip.CLIPTextCfg(context_length=context_length, vocab_size=VOCAB_SIZE, width=text_width,
                                heads=text_heads, layers=text_layers)
         self.towers = open_clip.CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=math.log(1 / temperature))
         self.criterion = CLIPLoss(gather_distributed)
