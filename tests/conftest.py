@@ -3,7 +3,8 @@ against it, and corpora and checkpoints that several modules need.
 
 Starting Ray is the suite's fixed cost (a local cluster takes ~10 s on 2 cores, joining one
 ~1 s), so the session starts one head node (``ray start --head``, 2 CPUs, 100 MiB object
-store, the dashboard and metrics agent on free 127.0.0.1 ports) and everything joins it:
+store, its metrics agent on a free 127.0.0.1 port; no dashboard, which costs every run on 2
+cores ~15% of its time) and everything joins it:
 
 - ``ray_session``: this process as a driver of the head, for a module's in-process tests;
 - ``sslp``: the command line in a subprocess with ``RAY_ADDRESS`` set to the head, so a run
@@ -11,9 +12,10 @@ store, the dashboard and metrics agent on free 127.0.0.1 ports) and everything j
 - ``trained_simclr``: one small SimCLR checkpoint trained once per session, for every test
   that needs a trained encoder.
 
-Tests that are about a cluster of their own (Ctrl-C takes down the local cluster the CLI
-started; two raylets for multi-node) still start one. Every cluster of the session, the head's
-included, requires the token this file puts in the environment (Ray 2.60 clusters require one).
+Tests that are about a cluster of their own still start one: Ctrl-C takes down the local
+cluster the CLI started, multi-node needs two raylets, `sslp submit` a head with the Jobs API.
+Every cluster of the session requires the token this file puts in the environment (Ray 2.60
+clusters require one).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 # What the platform's own init_ray sets for a job: no per-print re-routing in workers, Ray Data quiet.
 QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+# Ray Train settings for every cluster of the session (their processes inherit the environment):
+# the watcher of node drains (spot preemption) is one more actor process per worker-group start
+# (~3 s of a 2-core machine) and a test node is never drained; the controller polls its workers
+# every 0.25 s instead of 2 s, so a run's start and end are noticed at once.
+os.environ.update({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
 STORE = 100 * 2**20  # the head's object store; the big corpus below is 2.3x this
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
@@ -60,9 +67,8 @@ def free_ports(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class RayHead:
-    address: str        # GCS address, what RAY_ADDRESS and ray.init take
-    dashboard_url: str  # the Jobs API (`sslp submit --address`)
-    metrics_port: int   # the metrics agent's Prometheus endpoint
+    address: str       # GCS address, what RAY_ADDRESS and ray.init take
+    metrics_port: int  # the metrics agent's Prometheus endpoint
     temp_dir: str
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -71,7 +77,7 @@ class RayHead:
 
 
 def _answers(url: str) -> bool:
-    """Whether the head's dashboard answers ``url`` (with the session's token)."""
+    """Whether ``url`` answers (with the session's token)."""
     import urllib.request
 
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
@@ -82,41 +88,59 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def ray_head() -> Iterator[RayHead]:
-    """A single-node cluster for the session: `ray start --head --block` on 127.0.0.1 with 2 CPUs,
-    every port picked free and its own --temp-dir; ended with SIGTERM to that process (which
-    stops what it started). Jobs submitted to it run `python` from this virtual environment."""
+def start_head(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict[str, int], str]:
+    """`ray start --head --block` on 127.0.0.1 with 2 CPUs, every port picked free and a --temp-dir
+    of its own (so no other cluster of the machine is touched: `ray stop` would kill them all);
+    returns (process, ports by flag, temp dir). Jobs it runs use this virtual environment's `python`."""
     temp_dir = tempfile.mkdtemp(prefix="sslp-t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # no 30 s drain at teardown
-           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint within a second
-    log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed at teardown)
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(env or {})}  # no 30 s drain at teardown
+    log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed by stop_head)
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         f"--object-store-memory={STORE}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
+         "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats", *flags,
+         *(f"{k}={v}" for k, v in ports.items())],
         env=env, stdout=log, stderr=subprocess.STDOUT)
-    head = RayHead(address=f"127.0.0.1:{ports['--port']}", dashboard_url=f"http://127.0.0.1:{ports['--dashboard-port']}",
-                   metrics_port=ports["--metrics-export-port"], temp_dir=temp_dir)
+    proc.log = log
+    return proc, ports, temp_dir
+
+
+def wait_for_head(proc: subprocess.Popen, url: str) -> None:
+    """Until ``url`` on the new head answers; fail with its log if it exits or takes 2 minutes."""
+    deadline = time.monotonic() + 120
+    while not _answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the Ray head did not start:\n{Path(proc.log.name).read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to `ray start --block`, which stops the processes it started."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 120
-        while not _answers(f"{head.dashboard_url}/api/version"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the session's Ray head did not start:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.5)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """The session's single-node cluster (see the module docstring)."""
+    proc, ports, temp_dir = start_head(
+        "--include-dashboard=false", f"--object-store-memory={STORE}",
+        env={"RAY_metrics_report_interval_ms": "2000"})  # metrics reach the endpoint within seconds (default: 10)
+    head = RayHead(address=f"127.0.0.1:{ports['--port']}", metrics_port=ports["--metrics-export-port"],
+                   temp_dir=temp_dir)
+    try:
+        wait_for_head(proc, f"http://127.0.0.1:{head.metrics_port}/metrics")
         yield head
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(proc, temp_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_step_end_changes_nothing
 from gloo import run_on_ranks
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -75,7 +76,7 @@ def test_clip_loss_equals_open_clip_single_process(batch, scale):
     torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
     loss.backward()
     reference.backward()
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
 
 
@@ -272,7 +273,7 @@ def test_clip_forward_backward(tower, size, extra):
     assert 0 <= out["image_text_acc"].item() <= 1
     out["loss"].backward()
     assert_every_parameter_gets_a_finite_gradient(method)
-    method.on_train_step_end(step=1, max_steps=10)
+    assert_step_end_changes_nothing(method, step=1, max_steps=10)
 
 
 def test_clip_loss_decreases_on_a_fixed_batch():

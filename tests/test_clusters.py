@@ -96,7 +96,7 @@ def test_ray_up_nodes_run_the_project_with_dashboard_and_metrics(name):
     assert f"ray up clusters/{name}" in (CLUSTERS / name).read_text()
 
 
-@pytest.mark.parametrize("name", ("aws.yaml", "gcp.yaml"))
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
 def test_cloud_clusters_have_an_idle_head_and_autoscaling_gpu_and_cpu_groups(name):
     raw = load(name)
     types = raw["available_node_types"]
@@ -258,7 +258,8 @@ def test_sslp_command_is_real(name, argv):
     ("sslp run simclr-resnet50-imagenet trian.max_steps=10", ConfigError),         # no such key
     ("sslp run simclr-resnet50-imagenet --retries 3", SystemExit),               # no such flag
     ("sslp sweep simclr-digits num_sample=4", ConfigError),                        # no such sweep key
-    ("sslp submit --address http://h:8265 --sweep simclr-digits runs_dir=s3://b/r", ConfigError),  # a sweep needs a path
+    ("sslp submit --address http://h:8265 --sweep simclr-digits runs_dir=s3://b/r",
+     ConfigError),  # a sweep needs a path
     ("sslp submit --address http://h:8265 simclr-digits --sweeps", SystemExit),     # no such flag
 ])
 def test_a_wrong_command_is_caught(command, error):

@@ -40,8 +40,8 @@ def test_int_is_accepted_for_float_and_saved_config_round_trips():
     ("method.temperature=0", "method simclr: temperature must be positive, got 0.0"),
     ("method.temperature=cold", "method.temperature='cold': expected a float"),
     ("method.projector_width=64", "projector_width is an architecture setting; set model.projector_width instead"),
-    ("model.projector_widht=64", "unknown config key 'model.projector_widht' for method simclr; did you mean "
-                                 "model.projector_width?"),
+    ("model.projector_widht=64", ("unknown config key 'model.projector_widht' for method simclr; did you mean "
+                                 "model.projector_width?")),
     ("model.in_channels=3", "model.in_channels is set by the platform from the corpus"),
     ("train.optimizer=adam", "expected one of lars, adamw, sgd"),
     ("scaling.use_gpu=yes please", "expected true or false"),
@@ -118,9 +118,9 @@ def test_user_corpus_keys():
 
 def test_evaluation_needs_a_labelled_split():
     # An image folder has no labelled held-out split: refused up front, at either evaluation.
-    with pytest.raises(ConfigError, match="eval.enabled: .*set eval.enabled=false eval.online_every=0"):
+    with pytest.raises(ConfigError, match=r"eval.enabled: .*set eval.enabled=false eval.online_every=0"):
         load_config("simclr-digits", ["data.path=/data/images"])
-    with pytest.raises(ConfigError, match="eval.online_every: "):
+    with pytest.raises(ConfigError, match=r"eval.online_every: "):
         load_config("simclr-digits", ["data.path=/data/images", "eval.enabled=false", "eval.online_every=10"])
     # Every method evaluates on its built-in corpus, and text methods on a user corpus's held-out split.
     for preset in ("clip-digit-captions", "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"):

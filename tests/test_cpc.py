@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from checks import assert_step_end_changes_nothing
 from gloo import run_on_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -106,7 +107,7 @@ def test_sample_negatives_skips_the_positive_and_padding():
     candidate_mask = torch.tensor([True, False, True, True, False, True])
     positives = torch.tensor([0, 2, 3, 5])
     negatives = sample_negatives(candidate_mask, positives, 3000)  # (4, 3000)
-    for positive, row in zip(positives.tolist(), negatives):
+    for positive, row in zip(positives.tolist(), negatives, strict=True):
         others = {0, 2, 3, 5} - {positive}
         counts = torch.bincount(row, minlength=6)
         assert set(row.unique().tolist()) == others  # every other real frame, nothing else
@@ -148,10 +149,11 @@ def test_cpc_loss_in_bf16_is_float32_and_close():
     assert loss.item() == pytest.approx(CPCLoss(2)(p, z).loss.item(), rel=2e-2)
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_steps=0), dict(num_negatives=0), dict(num_negatives="some"),
-                                    dict(temperature=0.0)])
-def test_cpc_loss_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, says", [(dict(num_steps=0), "num_steps"), (dict(num_negatives=0), "num_negatives"),
+                                          (dict(num_negatives="some"), "num_negatives"),
+                                          (dict(temperature=0.0), "temperature")])
+def test_cpc_loss_rejects_bad_arguments(kwargs, says):
+    with pytest.raises(ValueError, match=says):
         CPCLoss(**kwargs)
 
 
@@ -237,7 +239,7 @@ def test_cpc_forward_backward(context):
     for name, param in method.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
-    method.on_train_step_end(step=1, max_steps=10)
+    assert_step_end_changes_nothing(method, step=1, max_steps=10)
 
 
 @pytest.mark.parametrize("context", ["gru", "transformer"])
@@ -345,7 +347,7 @@ def test_two_ranks_give_the_single_process_loss_and_gradients(two_rank_results, 
     ranks = [res[case] for res in two_rank_results]
     torch.testing.assert_close(torch.stack([res["loss"] for res in ranks]).mean(), whole["loss"], rtol=0, atol=1e-10)
     for res in ranks:  # DDP leaves the same averaged gradient on every rank
-        for got, want in zip(res["grads"], whole["grads"]):
+        for got, want in zip(res["grads"], whole["grads"], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 

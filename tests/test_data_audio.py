@@ -69,7 +69,7 @@ def test_bad_blobs_raise_with_a_short_reason(blob, reason):
 def test_missing_path_and_audio_less_folder_fail_up_front(tmp_path):
     with pytest.raises(ValueError, match="nowhere/at-all"):
         list_audio_files(tmp_path / "nowhere" / "at-all")
-    with pytest.raises(ValueError, match="data.format=parquet"):
+    with pytest.raises(ValueError, match=r"data.format=parquet"):
         list_audio_files(tmp_path, fmt="parquet")
     (tmp_path / "notes.txt").write_text("not audio")
     with pytest.raises(ValueError, match="holds no wav/flac/ogg files"):
@@ -104,7 +104,7 @@ def test_crops_shapes_padding_and_lengths():
 
 def test_normalisation_over_the_real_samples_only():
     out = AudioCrops(crop_seconds=1.0, seed=0)(clips_batch([20_000, 6_000]))
-    for row, n in zip(out["audio"], out["lengths"]):
+    for row, n in zip(out["audio"], out["lengths"], strict=True):
         assert abs(row[:n].mean()) < 1e-4 and abs(row[:n].std() - 1.0) < 1e-3
         assert not row[n:].any()  # padding stays zero
 
@@ -164,7 +164,7 @@ def test_spoken_digits_split_is_stratified_voice_balanced_and_seeded():
     per_voice = collections.Counter(val.voices).values()
     assert max(per_voice) - min(per_voice) <= 1  # 100 clips over 8 voices: 12 or 13 each
     for c in range(10):  # within a class every voice gives one clip before any gives a third
-        counts = collections.Counter(v for v, y in zip(val.voices, val.labels) if y == c).values()
+        counts = collections.Counter(v for v, y in zip(val.voices, val.labels, strict=True) if y == c).values()
         assert len(counts) == 8 and max(counts) <= 2
     assert spoken_digits.load_spoken_digits_splits(seed=0)["val"].paths == val.paths
     assert spoken_digits.load_spoken_digits_splits(seed=1)["val"].paths != val.paths
@@ -172,7 +172,7 @@ def test_spoken_digits_split_is_stratified_voice_balanced_and_seeded():
 
 def test_missing_spoken_digits_data_says_how_to_generate_it(tmp_path, monkeypatch):
     monkeypatch.setattr(spoken_digits, "DATA_DIR", tmp_path / "gone")
-    with pytest.raises(FileNotFoundError, match="python -m ssl_platform.data.make_spoken_digits"):
+    with pytest.raises(FileNotFoundError, match=r"python -m ssl_platform.data.make_spoken_digits"):
         spoken_digits.data_dir()
 
 
@@ -208,7 +208,7 @@ def corpus(tmp_path_factory):
     return root
 
 
-def read_with_ledger(source, strict=False, **kw):
+def read_with_ledger(source, strict=True, **kw):
     """Rows of a corpus and the skip summary of its own ledger."""
     with InspectLedger(strict) as ledger:
         rows = read_audio_corpus(source, reporter=ledger.reporter, **kw).take_all()
@@ -265,7 +265,8 @@ def test_inspect_counts_skips_and_draws(ray_session, corpus, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     digits = inspect_audio("spoken-digits", tmp_path / "sd", num_examples=2)
     assert digits["records"] == 480 and digits["skipped"]["total"] == 0
-    for path, label in zip(digits["example"]["path"], digits["example"]["label"]):  # word order (zero = 0),
+    example = digits["example"]
+    for path, label in zip(example["path"], example["label"], strict=True):  # word order (zero = 0),
         assert spoken_digits.DIGIT_NAMES[label] == path.split("/")[-2]  # not the folders' sorted order
 
 

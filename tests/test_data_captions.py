@@ -29,7 +29,7 @@ def digit_captions():
     return load_digit_caption_splits(image_size=16, seed=0)
 
 
-def read(source, strict=False, **kwargs):
+def read(source, strict=True, **kwargs):
     return read_with_ledger(read_caption_corpus, source, strict, **kwargs)
 
 
@@ -118,7 +118,7 @@ def test_digit_captions_name_exactly_their_digit(digit_captions):
     train, val = digit_captions["train"], digit_captions["val"]
     assert len(train) + len(val) == 1797 and train.images.shape[1:] == (1, 16, 16)
     for split in (train, val):
-        for caption, label in zip(split.captions, split.labels):
+        for caption, label in zip(split.captions, split.labels, strict=True):
             assert mentioned_digits(caption) == {int(label)}, caption
     used = {t for t in CAPTION_TEMPLATES for c in train.captions[:400]
             if re.fullmatch(re.escape(t).replace(r"\{word\}", "[a-z]+").replace(r"\{numeral\}", r"\d"), c)}

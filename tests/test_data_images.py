@@ -36,7 +36,7 @@ def write_images(folder, values, corrupt: str | None = None, fmt: str = "PNG"):
         (folder / corrupt).write_bytes(b"corrupt")
 
 
-def read_with_ledger(reader, source, strict=False, **kwargs):
+def read_with_ledger(reader, source, strict=True, **kwargs):
     """``reader(source, ...)`` with a fresh ledger of its own: (rows sorted by path, skip summary, corpus)."""
     with InspectLedger(strict) as ledger:
         corpus = reader(str(source), reporter=ledger.reporter, **{"size": 16, "channels": 3, **kwargs})
@@ -44,7 +44,7 @@ def read_with_ledger(reader, source, strict=False, **kwargs):
     return rows, ledger.summary, corpus
 
 
-def read(source, strict=False, **kwargs):
+def read(source, strict=True, **kwargs):
     return read_with_ledger(read_image_corpus, source, strict, **kwargs)
 
 
@@ -142,13 +142,13 @@ def test_webdataset_shards_skip_bad_samples_and_unreadable_shards(tmp_path):
 
 def test_strict_fails_naming_the_file(tmp_path):
     write_images(tmp_path, (1,), corrupt="culprit.png")
-    with pytest.raises(Exception, match="culprit.png: corrupt image"):
+    with pytest.raises(Exception, match=r"culprit.png: corrupt image"):
         read(tmp_path, strict=True)
 
 
 def test_bad_sources_fail_before_any_dataset(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(ValueError, match="nope.*does not exist"):
+    with pytest.raises(ValueError, match=r"nope.*does not exist"):
         read_image_corpus(str(missing), size=8, channels=3, reporter=SkipReporter())
     (tmp_path / "readme.md").write_text("no images here")
     with pytest.raises(ValueError, match="no corpus files"):

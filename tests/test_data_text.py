@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def read(source, **kwargs):
     """Rows of a corpus and the skip counts of its own ledger."""
-    with InspectLedger(strict=False) as ledger:
+    with InspectLedger(strict=True) as ledger:
         rows = read_text_corpus(source, reporter=ledger.reporter, **kwargs).take_all()
     return sorted(rows, key=lambda r: r["source"]), ledger.summary["by_reason"]
 
@@ -62,13 +62,14 @@ def test_jsonl_counts_good_and_skipped_and_reads_gzip(tmp_path):
 
 
 def test_parquet_counts_good_skipped_and_unreadable(tmp_path):
-    pq.write_table(pa.table({"body": ["a doc", "", None, "another doc"], "id": [1, 2, 3, 4]}), tmp_path / "good.parquet")
+    pq.write_table(pa.table({"body": ["a doc", "", None, "another doc"], "id": [1, 2, 3, 4]}),
+                   tmp_path / "good.parquet")
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
     rows, skipped = read(tmp_path, text_field="body")
     assert [(r["text"], r["source"].rsplit("/", 1)[1]) for r in rows] == [("a doc", "good.parquet:0"),
                                                                           ("another doc", "good.parquet:3")]
     assert skipped == {"empty text": 2, "unreadable file": 1}
-    with pytest.raises(ValueError, match="no column 'text'.*body"):  # a wrong field fails up front
+    with pytest.raises(ValueError, match=r"no column 'text'.*body"):  # a wrong field fails up front
         read_text_corpus(tmp_path / "good.parquet", reporter=SkipReporter())
 
 

@@ -57,7 +57,7 @@ def test_builtin_corpus_one_row_per_record_equal_to_load(run, tmp_path):
     train = load_image_corpus("digits", cfg.data.image_size, cfg.data.val_fraction, cfg.train.seed)["train"]
     picks = [0, 7, 500]
     expected = pretrained.embed_images(train.images[picks].transpose(0, 2, 3, 1))  # (3, D) from (N, H, W, C)
-    by_id = dict(zip(ids, table.column("embedding").to_numpy(zero_copy_only=False)))
+    by_id = dict(zip(ids, table.column("embedding").to_numpy(zero_copy_only=False), strict=True))
     got = np.stack([by_id[f"digits/train/{i:06d}"] for i in picks])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -74,7 +74,8 @@ def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
     table = read(tmp_path / "out")
     assert summary.rows == table.num_rows == 12
     assert summary.skipped["by_reason"] == {"corrupt image": 1, "empty image": 1}, summary.skipped
-    assert sorted(p.rsplit("/", 1)[-1] for p in table.column("id").to_pylist()) == [f"good{i:02d}.png" for i in range(12)]
+    names = sorted(p.rsplit("/", 1)[-1] for p in table.column("id").to_pylist())
+    assert names == [f"good{i:02d}.png" for i in range(12)]
     assert np.isfinite(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))).all()
 
 
@@ -86,7 +87,8 @@ def test_corpus_larger_than_the_object_store_streams_through(run, big_image_corp
 
 
 def test_cli_refuses_a_wrong_modality_and_an_existing_out(run, tmp_path, capsys):
-    assert cli.main(["embed", str(run), "digits", "--out", str(tmp_path / "o"), "--modality", "texts"]) == cli.EXIT_USAGE
+    assert cli.main(["embed", str(run), "digits", "--out", str(tmp_path / "o"), "--modality",
+                     "texts"]) == cli.EXIT_USAGE
     assert "embeds images" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.parquet").write_bytes(b"")
@@ -98,7 +100,8 @@ def test_cli_refuses_a_wrong_modality_and_an_existing_out(run, tmp_path, capsys)
 
 def by_id(out) -> dict[str, np.ndarray]:
     table = read(out)
-    return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False)))
+    return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False),
+                    strict=True))
 
 
 def test_clip_texts_bert_texts_and_cpc_audio_equal_load(tmp_path, one_thread):

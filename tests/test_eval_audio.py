@@ -13,9 +13,9 @@ from ssl_platform import methods
 from ssl_platform.config import load_config
 from ssl_platform.data.audio import AudioCrops, normalize_real, ragged
 from ssl_platform.data.spoken_digits import load_spoken_digits_splits
+from ssl_platform.evaluate import evaluate_run  # what `sslp run` and `sslp eval` call
 from ssl_platform.evaluate.audio import (
     N_MELS,
-    evaluate,
     full_clips,
     hz_to_mel,
     log_mel_stats,
@@ -125,7 +125,7 @@ def run_protocol(tmp_path, steps: int, overrides=()):
     cfg = load_config("cpc-spoken-digits", [*TINY_CPC, *overrides])
     method, optimizer = train_tiny_cpc(cfg, steps)
     checkpoint = save_checkpoint(tmp_path / "run" / f"checkpoint_{steps:06d}", method, optimizer, cfg, steps)
-    return {r["encoder"]: r for r in evaluate(cfg, checkpoint, tmp_path / "run")}
+    return {r["encoder"]: r for r in evaluate_run(cfg, checkpoint, tmp_path / "run")}
 
 
 def test_cpc_protocol_numbers_in_range(ray_session, tmp_path):

@@ -17,10 +17,10 @@ from ssl_platform.config import load_config
 from ssl_platform.data.masking import IGNORE_INDEX, BertBatcher, GptBlocks
 from ssl_platform.data.python_docs import load_python_docs
 from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
+from ssl_platform.evaluate import evaluate_run  # what `sslp run` and `sslp eval` call
 from ssl_platform.evaluate.text import (
     PAIR,
     TopicChunks,
-    evaluate,
     score_bert,
     score_gpt,
     target_tokens,
@@ -174,7 +174,7 @@ def test_gpt_protocol_beats_random_init_and_unigram(ray_session, tmp_path):
     method, optimizer, tok = train_tiny(cfg, lambda tok, docs: GptBlocks(tok, cfg.data.max_len)(docs), 150, 3e-3)
     checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint_000150", method, optimizer, cfg, tok, 150)
 
-    rows = {r["encoder"]: r for r in evaluate(cfg, checkpoint, tmp_path / "run")}
+    rows = {r["encoder"]: r for r in evaluate_run(cfg, checkpoint, tmp_path / "run")}
     trained, random_init = rows["GPT (this run)"], rows["random init"]
     unigram = next(r for name, r in rows.items() if name.startswith("unigram"))
     for row in rows.values():
@@ -199,7 +199,7 @@ def test_bert_protocol_beats_random_init(ray_session, tmp_path):
     method, optimizer, tok = train_tiny(cfg, pairs, 150, 3e-3)
     checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint_000150", method, optimizer, cfg, tok, 150)
 
-    rows = {r["encoder"]: r for r in evaluate(cfg, checkpoint, tmp_path / "run")}
+    rows = {r["encoder"]: r for r in evaluate_run(cfg, checkpoint, tmp_path / "run")}
     trained, random_init = rows["BERT (this run)"], rows["random init"]
     for row in rows.values():
         for key in ("mlm_accuracy", "nsp_accuracy", "linear_probe_top1", "knn_top1"):

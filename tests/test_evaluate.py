@@ -146,7 +146,7 @@ def test_random_shift_moves_whole_images_by_at_most_the_limit():
     assert shifted.shape == x.shape
     rows, cols = (shifted[:, 0] == 1).nonzero()[:, 1:].T  # one hit per image
     assert len(rows) == 64 and (rows - 6).abs().max() <= 3 and (cols - 6).abs().max() <= 3
-    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # offsets actually vary
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # offsets actually vary
     assert torch.equal(shifted[:, 0], shifted[:, 1])  # channels move together
 
 
@@ -189,7 +189,7 @@ def test_markdown_table_format():
     assert table == "| encoder | linear probe top-1 | kNN top-1 |\n|---|---|---|\n| random init | 85.3 | 80.1 |"
     with pytest.raises(ValueError, match="lacks 'encoder'"):
         markdown_table([{"knn_top1": 0.5}])
-    with pytest.raises(ValueError, match="fractions in 0..1"):
+    with pytest.raises(ValueError, match=r"fractions in 0..1"):
         markdown_table([{"encoder": "x", "linear_probe_top1": 85.3, "knn_top1": 0.5}])
     with pytest.raises(ValueError, match="finite"):
         markdown_table([{"encoder": "x", "perplexity": float("nan")}])
@@ -203,12 +203,14 @@ def test_markdown_table_shows_only_present_columns_and_dashes_for_missing_metric
     assert lines[0] == "| encoder | linear probe top-1 | zero-shot top-1 | image->text R@1 |"
     assert lines[2] == "| CLIP (this run) | 95.0 | 91.2 | 50.0 |"
     assert lines[3] == "| raw pixels | 90.0 | - | - |"
-    text = markdown_table([{"encoder": "GPT (this run)", "perplexity": 12.3456, "bits_per_token": 3.6259, "loss": 2.5133}])
+    text = markdown_table([{"encoder": "GPT (this run)", "perplexity": 12.3456, "bits_per_token": 3.6259,
+                            "loss": 2.5133}])
     assert text.splitlines()[-1] == "| GPT (this run) | 12.35 | 3.63 | 2.51 |"  # numbers as they are, not percent
 
 
 def test_write_results_mixed_kinds_and_notes(tmp_path):
-    rows = [{"encoder": "GPT (this run)", "perplexity": 40.2, "bits_per_token": 5.33, "loss": 3.69, "extra": np.arange(2)},
+    rows = [{"encoder": "GPT (this run)", "perplexity": 40.2, "bits_per_token": 5.33, "loss": 3.69,
+             "extra": np.arange(2)},
             {"encoder": "random init", "perplexity": 3900.0, "bits_per_token": 11.93, "loss": 8.27},
             {"encoder": "unigram", "perplexity": 310.0}]
     notes = "## Samples\n\n```\ndef foo():\n```"
@@ -224,7 +226,8 @@ def write_metrics(path, steps: int = 200) -> None:
     g = np.random.default_rng(0)
     with open(path, "w") as f:
         for step in range(1, steps + 1):
-            f.write(json.dumps({"step": step, "loss": 5 * np.exp(-step / 60) + 1 + 0.2 * g.normal(), "lr": 1e-3}) + "\n")
+            f.write(json.dumps({"step": step, "loss": 5 * np.exp(-step / 60) + 1 + 0.2 * g.normal(),
+                                "lr": 1e-3}) + "\n")
         f.write('{"step": 201, "lo')  # a torn last line from a killed run
 
 

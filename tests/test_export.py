@@ -124,5 +124,5 @@ def test_modeling_is_the_ssl_models_source_and_refuses_a_module_with_platform_im
 
     source = modeling_source(("ssl_models.transformer",))
     assert Path(ssl_models.transformer.__file__).read_text() in source  # verbatim
-    with pytest.raises(ValueError, match="imports ssl_models.encoders"):
+    with pytest.raises(ValueError, match=r"imports ssl_models.encoders"):
         modeling_source(("ssl_models.methods.simclr",))

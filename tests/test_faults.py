@@ -183,11 +183,11 @@ def ray_processes(marker: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def interrupted_run(sslp, tmp_path_factory):
-    """A 60-step run in file:// storage on a local cluster of its own, SIGINT once Ray has
+    """A 30-step run in file:// storage on a local cluster of its own, SIGINT once Ray has
     registered its first checkpoint (Ray's snapshot file appears), then the same command again
     (on the session's head: where it runs does not matter to the resume)."""
     root = tmp_path_factory.mktemp("ctrlc")
-    steps = 60
+    steps = 30
     args = (*RUN, "name=ctrlc", f"runs_dir={(root / 'store').as_uri()}", f"train.max_steps={steps}")
     # Its own Ray temp dir marks this cluster's processes; short, as Ray's socket paths must fit in 107 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="sslp-", dir="/tmp")
@@ -211,12 +211,12 @@ def interrupted_run(sslp, tmp_path_factory):
     resumed = sslp(*args, cwd=root)
     yield root / "store" / "ctrlc", steps, interrupted, leftovers, kept, resumed
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    shutil.rmtree(run_paths(load_config("simclr-digits", [f"runs_dir={(root / 'store').as_uri()}", "name=ctrlc"])).local,
-                  ignore_errors=True)  # the driver's staging directory of a URI run
+    staging = run_paths(load_config("simclr-digits", [f"runs_dir={(root / 'store').as_uri()}", "name=ctrlc"])).local
+    shutil.rmtree(staging, ignore_errors=True)  # the driver's staging directory of a URI run
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_newest_checkpoint(interrupted_run):
-    store, steps, interrupted, leftovers, kept, _ = interrupted_run
+    _store, steps, interrupted, leftovers, kept, _ = interrupted_run
     assert interrupted.returncode == 130, show(interrupted)
     assert interrupted.stderr.strip().splitlines()[-1].startswith("sslp: interrupted; the newest checkpoint stays in")
     assert leftovers == []  # the local cluster the CLI started is gone, workers included

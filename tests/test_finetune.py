@@ -27,7 +27,8 @@ def pretrained(trained_simclr):
 def test_finetuning_the_pretrained_encoder_beats_random_init(pretrained, tmp_path):
     cfg, checkpoint = pretrained
     rows = finetune(cfg, checkpoint, "digits", tmp_path, Settings(steps=60, batch_size=32, train_examples=50, lr=0.05))
-    assert [r["encoder"] for r in rows] == ["fine-tuned (pretrained)", "linear probe (frozen)", "fine-tuned (random init)"]
+    assert [r["encoder"] for r in rows] == ["fine-tuned (pretrained)", "linear probe (frozen)",
+                                            "fine-tuned (random init)"]
     top1 = {r["encoder"]: r["top1"] for r in rows}
     assert all(0.0 <= v <= 1.0 for v in top1.values())
     # Measured: 86.9% against 63.1% (50 labels, 360 held-out digits); chance is 10%.

@@ -48,7 +48,8 @@ def text_batch(rows: int) -> dict[str, torch.Tensor]:
 
 
 def split(batch: dict, parts: int) -> list[dict]:
-    return [dict(zip(batch, values)) for values in zip(*(v.chunk(parts) for v in batch.values()))]
+    chunks = zip(*(v.chunk(parts) for v in batch.values()), strict=True)  # (part 0 of every key), (part 1 ...), ...
+    return [dict(zip(batch, values, strict=True)) for values in chunks]
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,7 +72,8 @@ def test_two_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     doubled = tiny_gpt()
     for micro in split(batch, 2):
         doubled(micro)["loss"].backward()
-    assert torch.allclose(grads(doubled)["transformer.tok_emb.weight"], 2 * g_whole["transformer.tok_emb.weight"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(grads(doubled)["transformer.tok_emb.weight"], 2 * g_whole["transformer.tok_emb.weight"],
+                          rtol=1e-4, atol=1e-6)
 
 
 def test_micro_batches_split_the_global_batch_or_say_what_to_change():
@@ -85,7 +87,8 @@ def test_groups_of_drops_an_incomplete_last_group():
     assert list(groups_of(range(2), 1)) == [[0], [1]]
 
 
-@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("precision, dtype",
+                         [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_precision_on_cpu(precision, dtype):
     x = torch.randn(4, 4)
     with autocast_context(precision, torch.device("cpu")):
@@ -159,21 +162,21 @@ def test_checkpoint_restores_training_exactly_and_every_rng(tmp_path):
     model_state, optimizer_state = full_state_dicts(model, optimizer)
     save_state(tmp_path, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
                state=TrainState(step=2, epoch=1), rng=all_rng_states(), config={"name": "x"})
-    draws = (torch.rand(3), random.random(), np.random.rand(3))
+    draws = (torch.rand(3), random.random(), np.random.rand(3))  # noqa: NPY002 (the global RNG a checkpoint restores)
     _train(model, optimizer, scheduler, batches[2:])
 
     payload = load_payload(tmp_path)  # weights_only=True: numpy/python RNG states are tensors and ints
     assert set(payload["model"]) == set(model.state_dict())  # plain names: evaluation loads it as is
     resumed = tiny_gpt()
-    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # noqa: NPY002 (see above)
     opt2 = build_optimizer(resumed, "adamw", lr=1e-2, weight_decay=0.1)
     sched2 = _scheduler(opt2)
     state = restore_state(tmp_path, model=resumed, optimizer=opt2, scheduler=sched2)
     assert (state.step, state.epoch) == (2, 1)
-    again = (torch.rand(3), random.random(), np.random.rand(3))
+    again = (torch.rand(3), random.random(), np.random.rand(3))  # noqa: NPY002 (see above)
     assert torch.equal(again[0], draws[0]) and again[1] == draws[1] and np.array_equal(again[2], draws[2])
     _train(resumed, opt2, sched2, batches[2:])
-    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, msg=name)
 
 
@@ -206,10 +209,7 @@ def _rank_worker(strategy: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     method = tiny_gpt()
-    if strategy == "ddp":
-        model = DistributedDataParallel(method)
-    else:
-        model = shard_model(method, init_device_mesh("cpu", (2,)))
+    model = DistributedDataParallel(method) if strategy == "ddp" else shard_model(method, init_device_mesh("cpu", (2,)))
     optimizer = build_optimizer(method, "lars", lr=0.5, weight_decay=1e-4)
     norms, synced = [], []
     for step in range(STEPS):

@@ -142,7 +142,7 @@ def test_two_ranks_give_the_single_process_loss_and_gradients(two_rank_results, 
     mean_loss = torch.stack([res["loss"] for res in ranks]).mean()
     torch.testing.assert_close(mean_loss, whole_batch["loss"], rtol=0, atol=1e-10)
     for res in ranks:  # DDP leaves the same averaged gradient on every rank
-        for got, want in zip(res["grads"], whole_batch["grads"]):
+        for got, want in zip(res["grads"], whole_batch["grads"], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
@@ -151,6 +151,7 @@ def test_gather_without_sum_backward_gives_wrong_gradients(two_rank_results, who
     ranks = [res["plain_gather"] for res in two_rank_results]
     mean_loss = torch.stack([res["loss"] for res in ranks]).mean()
     torch.testing.assert_close(mean_loss, whole_batch["loss"], rtol=0, atol=1e-10)
-    error = max((got - want).abs().max().item() for got, want in zip(ranks[0]["grads"], whole_batch["grads"]))
+    pairs = zip(ranks[0]["grads"], whole_batch["grads"], strict=True)
+    error = max((got - want).abs().max().item() for got, want in pairs)
     scale = max(want.abs().max().item() for want in whole_batch["grads"])
     assert error > 1e-2 * scale

@@ -184,7 +184,8 @@ def test_pack_blocks_fixed_length_with_eot_between_documents():
 
 
 def test_wordpiece_tokenizer_specials_roundtrip_and_determinism(wordpiece, docs, tmp_path):
-    assert (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id) == (0, 1, 2, 3, 4)
+    specials = (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id)
+    assert specials == (0, 1, 2, 3, 4)
     assert wordpiece.eot_id == wordpiece.sep_id and 1000 < wordpiece.vocab_size <= 1500
     text = "The assert statement raises an exception."
     ids = wordpiece.encode_batch([text])[0]
@@ -206,7 +207,8 @@ def test_bpe_tokenizer_is_lossless_and_deterministic(bpe, docs, tmp_path):
     assert bpe.decode(bpe.encode_batch([text])[0]) == text  # byte-level: exact round trip, no [UNK]
     loaded = TextTokenizer.load(bpe.save(tmp_path / "bpe"))
     assert loaded.encode_batch(docs[:3]) == bpe.encode_batch(docs[:3]) and loaded.kind == "bpe"
-    assert train_tokenizer(docs, TokenizerConfig(kind="bpe", vocab_size=800)).tokenizer.to_str() == bpe.tokenizer.to_str()
+    again = train_tokenizer(docs, TokenizerConfig(kind="bpe", vocab_size=800))
+    assert again.tokenizer.to_str() == bpe.tokenizer.to_str()
 
 
 def test_tokenizer_errors_say_what_to_change(tmp_path):
@@ -256,7 +258,8 @@ def test_bert_batcher_is_deterministic_per_seed_epoch_and_record(wordpiece, docs
     r = BertBatcher(wordpiece, max_len=64, seed=1, epoch=0)(reversed_batch)
 
     def rows(x):
-        return sorted(map(tuple, np.concatenate([x["input_ids"], x["mlm_labels"], x["nsp_labels"][:, None]], 1).tolist()))
+        rows = np.concatenate([x["input_ids"], x["mlm_labels"], x["nsp_labels"][:, None]], axis=1)
+        return sorted(map(tuple, rows.tolist()))
     assert rows(r) == rows(a)  # the same documents in another order give the same rows
     fresh1, fresh2 = (BertBatcher(wordpiece, max_len=64)(docs_batch) for _ in range(2))
     assert not np.array_equal(fresh1["mlm_labels"], fresh2["mlm_labels"]) or \

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_step_end_changes_nothing
 
 import ssl_models
 from ssl_models.encoders import ResNetSmall
@@ -48,7 +49,7 @@ def test_simclr_forward_backward():
     grads = [p.grad for p in method.encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
-    method.on_train_step_end(step=1, max_steps=10)
+    assert_step_end_changes_nothing(method, step=1, max_steps=10)
 
 
 def test_simclr_embed_returns_encoder_features():

@@ -148,7 +148,7 @@ def test_trained_encoder_beats_random_init_on_knn():
     x, y = to_float(train.images[:512]), torch.from_numpy(train.labels[:512])
     head = torch.nn.Linear(model.feature_dim, 10)
     model.add_module("probe_head", head)  # trained along, then ignored by embed
-    batches = list(zip(x.split(64), y.split(64)))
+    batches = list(zip(x.split(64), y.split(64), strict=True))
     _train(model, batches, 2 * len(batches), 3e-3,
            lambda b: F.cross_entropy(head(model.embed({"image": b[0]})), b[1]))
     after = online_metrics(model, split, cfg)["val_knn_top1"]
@@ -269,7 +269,7 @@ def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_session, tmp_
     lone = next(p for p in (tmp_path / f"lone{i}.txt" for i in range(100))
                 if not in_split(f"{p}:1", "val", val_fraction=0.05, seed=0))
     lone.write_text("A single document. It stays in the training split.\n")
-    with pytest.raises(ValueError, match="raise data.val_fraction or set eval.online_every=0"):
+    with pytest.raises(ValueError, match=r"raise data.val_fraction or set eval.online_every=0"):
         online_split(tiny_config("bert", f"data.path={lone}", "data.kind=text", "data.val_fraction=0.05"), {},
                      {"tokenizer": tokenizer})
 

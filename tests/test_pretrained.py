@@ -148,7 +148,7 @@ def test_gpt_embeds_the_mean_state_of_each_texts_own_tokens(runs):
     run_dir, method = runs["gpt"]
     pretrained = ssl_platform.load(run_dir)
     out = pretrained.embed_texts(TEXTS)
-    for text, row in zip(TEXTS, out):  # one text alone, unpadded: padding must not change it
+    for text, row in zip(TEXTS, out, strict=True):  # one text alone, unpadded: padding must not change it
         ids = torch.tensor([pretrained.tokenizer.encode_batch([text])[0]])
         with torch.no_grad():
             np.testing.assert_allclose(row, method.embed({"input_ids": ids})[0].numpy(), atol=1e-5)

@@ -29,7 +29,8 @@ def test_big_cluster_gives_one_cpu_per_worker_and_gpus_when_asked():
 @pytest.mark.parametrize("overrides, nodes, expected", [
     (["scaling.use_gpu=true"], [{"CPU": 2.0}], "set scaling.num_workers=0 or scaling.use_gpu=false"),
     (["scaling.cpus_per_worker=1"], [{"CPU": 2.0}], "lower scaling.cpus_per_worker"),
-    (["scaling.num_workers=4", "train.batch_size=256", "scaling.data_cpus=2"], [{"CPU": 2.0}], "lower scaling.num_workers"),
+    (["scaling.num_workers=4", "train.batch_size=256", "scaling.data_cpus=2"], [{"CPU": 2.0}],
+     "lower scaling.num_workers"),
     (["scaling.cpus_per_worker=3", "scaling.num_workers=1"], [{"CPU": 2.0}, {"CPU": 2.0}], "does not fit on any node"),
 ])
 def test_infeasible_requests_say_what_to_change(overrides, nodes, expected):
@@ -129,7 +130,7 @@ def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for(capsys):
 
 def test_an_autoscaler_that_never_delivers_is_refused_after_the_timeout():
     cluster = AutoscalingCluster(delay=10_000)
-    with pytest.raises(ResourceError, match="did not add the nodes within scaling.wait_for_resources_s=60 s"):
+    with pytest.raises(ResourceError, match=r"did not add the nodes within scaling.wait_for_resources_s=60 s"):
         autoscaled(cluster, "scaling.wait_for_resources_s=60")
     assert 60 <= cluster.now < 66 and cluster.requests[-1] == []
 

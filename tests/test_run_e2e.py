@@ -1,6 +1,7 @@
-"""`sslp run` end to end: 2 Ray Train workers, checkpoint, metrics, report, `sslp eval`, resume.
+"""`sslp run` end to end: 2 Ray Train workers, checkpoint, metrics, report, and `sslp eval`.
 
 Each command is a job on the session's Ray head (conftest.sslp); refusals are tested in-process.
+Resuming a run by its name is tested in test_faults (after a failure and after Ctrl-C).
 """
 
 import json
@@ -75,14 +76,3 @@ def test_sslp_eval_rejects_what_it_cannot_evaluate(first_run, tmp_path, capsys):
         assert cli.main(["eval", *args]) == cli.EXIT_USAGE, args
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, (args, err)
-
-
-def test_same_name_resumes_from_newest_checkpoint(sslp, first_run):
-    run_dir, _ = first_run
-    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={run_dir.parent}", "train.max_steps=40",
-                "eval.enabled=false", *TINY, cwd=run_dir.parent)
-    assert done.returncode == 0, show(done)
-    assert "resumed from step 30" in done.stdout
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 40
-    assert [r["step"] for r in rows if r["step"] > 30] == [32, 34, 36, 38, 40]  # no step trained twice

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]  # see co
 def test_corpus_larger_than_the_object_store_streams_through_training(big_image_corpus, tmp_path):
     steps = BIG_RECORDS // 32 + 2  # more than one pass over the corpus at a global batch of 32
     cfg = methods.validate(load_config("simclr-digits", [
-        f"data.path={big_image_corpus}", "data.kind=image", "data.channels=3", "data.image_size=16", "eval.enabled=false",
+        f"data.path={big_image_corpus}", "data.kind=image", "data.channels=3", "data.image_size=16",
+        "eval.enabled=false",
         "eval.online_every=0",
         "model.encoder_widths=[8,16]", "model.projector_width=32", "model.projector_dim=16", "train.batch_size=32",
         f"train.max_steps={steps}", f"train.log_every={steps}", f"train.checkpoint_every={steps}",

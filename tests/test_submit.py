@@ -1,16 +1,16 @@
 """`sslp submit` against a real head node: a run that succeeds, a job that fails, and refusals
 that submit nothing.
 
-The head is the session's (conftest.ray_head: `ray start --head` on 127.0.0.1 with its
-dashboard, which serves the Jobs API, and the token every cluster of the session requires);
-jobs run `python` from this virtual environment.
+The module starts a head of its own with the dashboard, which serves the Jobs API (the
+session's head runs without it; conftest.start_head: `ray start --head` on 127.0.0.1, every port
+picked free, the session's token); jobs run `python` from this virtual environment.
 """
 
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_ports
+from conftest import free_ports, start_head, stop_head, wait_for_head
 from ray.job_submission import JobSubmissionClient
 
 from ssl_platform.cli import main as sslp
@@ -27,9 +27,16 @@ def submitted_id(out: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def head(ray_head):
-    """The dashboard address of the session's head: its Jobs API, with the session's token."""
-    return ray_head.dashboard_url
+def head():
+    """The dashboard address (the Jobs API) of a fresh single-node cluster with 2 CPUs."""
+    proc, ports, temp_dir = start_head("--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                       "--object-store-memory=200000000")
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        wait_for_head(proc, f"{address}/api/version")
+        yield address
+    finally:
+        stop_head(proc, temp_dir)
 
 
 @pytest.fixture(scope="module")

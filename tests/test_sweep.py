@@ -82,7 +82,8 @@ def test_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
     assert sweep == {"num_samples": 4, "scheduler.grace_period": 10, "space.train.lr": {"grid": [0.1, 1.0]}}
     assert config == {"train.max_steps": 40}
     spec = load_sweep(str(write_sweep(tmp_path / "s.yaml", tmp_path)),
-                      ["num_samples=4", "scheduler.grace_period=10", "train.max_steps=40", "space.train.lr={grid: [0.1, 1.0]}"])
+                      ["num_samples=4", "scheduler.grace_period=10", "train.max_steps=40",
+                       "space.train.lr={grid: [0.1, 1.0]}"])
     assert spec.num_samples == 4 and spec.grace_period == 10
     assert spec.base.train.max_steps == 40 and spec.max_steps == 40
     assert [p.values for p in spec.space if p.key == "train.lr"] == [(0.1, 1.0)]
@@ -114,7 +115,7 @@ def test_bad_sweeps_fail_before_ray_naming_what_to_change(tmp_path, changes, mes
 
 def test_bad_override_in_the_fixed_config_names_the_key(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", tmp_path)
-    with pytest.raises(ConfigError, match="train.max_stepz"):
+    with pytest.raises(ConfigError, match=r"train.max_stepz"):
         load_sweep(str(path), ["train.max_stepz=3"])
 
 
@@ -248,10 +249,13 @@ def test_best_yaml_is_the_best_trials_config_and_sslp_run_takes_it(sweep, capsys
     best = sweep["dir"] / "best.yaml"
     cfg = yaml.safe_load(best.read_text())
     assert cfg["name"] == "tiny-best" and cfg["train"]["lr"] == 0.02
-    # The best trial's own resolved config (its run wrote it), under the new name: `sslp run
-    # best.yaml` trains exactly what that trial trained (training itself has tests of its own).
+    # The best trial's own resolved config (its run wrote it) under a new name, beside the sweep's
+    # folder, with the preset's evaluation (trials skip it): `sslp run best.yaml` trains what that
+    # trial trained (training itself has tests of its own).
     trial = load_config(str(sweep["dir"] / "trials" / rows_of(sweep["dir"])[0]["trial"] / "config.yaml"))
-    assert load_config(str(best)).to_dict() == {**trial.to_dict(), "name": "tiny-best"}
+    expected = {**trial.to_dict(), "name": "tiny-best", "runs_dir": str(sweep["root"]),
+                "eval": load_config("simclr-digits").to_dict()["eval"]}
+    assert load_config(str(best)).to_dict() == expected
     assert cli.main(["run", str(best), "--dry-run"]) == 0
     assert "# run directory:" in capsys.readouterr().out
 

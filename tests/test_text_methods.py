@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from checks import assert_step_end_changes_nothing
 from torch import nn
 
 from ssl_models.losses.tokens import CausalLMLoss, MaskedLMLoss, NSPLoss
@@ -342,7 +343,7 @@ def test_forward_backward_reaches_every_parameter(cls):
     out["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    model.on_train_step_end(step=1, max_steps=10)
+    assert_step_end_changes_nothing(model, step=1, max_steps=10)
 
 
 def test_bert_metrics_and_nsp_skipped_without_labels():

@@ -33,8 +33,8 @@ def _column(z: torch.Tensor, j: int) -> list[float]:
 
 def naive_byol(p: torch.Tensor, z: torch.Tensor) -> float:
     total = 0.0
-    for pi, zi in zip(p.tolist(), z.tolist()):
-        dot = sum(a * b for a, b in zip(pi, zi))
+    for pi, zi in zip(p.tolist(), z.tolist(), strict=True):
+        dot = sum(a * b for a, b in zip(pi, zi, strict=True))
         norms = math.sqrt(sum(a * a for a in pi)) * math.sqrt(sum(b * b for b in zi))
         total += 2 - 2 * dot / norms
     return total / len(p)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from checks import assert_step_end_changes_nothing
 from torch import nn
 
 from ssl_models.encoders import IMAGE_ENCODERS, ResNetSmall, TorchvisionResNet, build_image_encoder
@@ -59,8 +61,8 @@ def test_build_image_encoder_rejects_or_drops_foreign_options():
         build_image_encoder("resnet_small", 3, small_stem=True)
     with pytest.raises(ValueError, match="widths"):
         build_image_encoder("resnet18", 3, widths=(8, 16))
-    # strict=False: the methods pass every encoder's options and each takes its own.
-    encoder = build_image_encoder("resnet18", 3, strict=False, widths=(8, 16), small_stem=True)
+    # strict=True: the methods pass every encoder's options and each takes its own.
+    encoder = build_image_encoder("resnet18", 3, strict=True, widths=(8, 16), small_stem=True)
     assert isinstance(encoder.resnet.maxpool, nn.Identity) and encoder.feature_dim == 512
 
 
@@ -99,7 +101,7 @@ def test_forward_backward_gives_finite_gradients_everywhere(name):
     for n, p in _trainable(method):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     assert any(p.grad.abs().sum() > 0 for n, p in _trainable(method) if n.startswith("encoder."))
-    method.on_train_step_end(step=0, max_steps=10)
+    assert_step_end_changes_nothing(method, step=0, max_steps=10)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -170,7 +172,7 @@ def test_momentum_schedule_endpoints_and_shape():
     assert taus[0] == 0.996  # first step taken (index 0)
     assert taus[-1] == 1.0  # last step taken (index max_steps - 1)
     assert taus[max_steps // 2] == pytest.approx(1 - 0.004 * (math.cos(math.pi * 50 / 99) + 1) / 2)
-    assert all(a < b for a, b in zip(taus, taus[1:]))
+    assert all(a < b for a, b in itertools.pairwise(taus))
     assert cosine_momentum(0, 1) == 1.0
     with pytest.raises(ValueError, match="step < max_steps"):
         cosine_momentum(max_steps, max_steps)

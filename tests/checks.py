@@ -1,0 +1,17 @@
+"""Assertions several model test modules share."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def assert_step_end_changes_nothing(method: nn.Module, step: int, max_steps: int) -> None:
+    """``on_train_step_end`` moves only state kept outside the optimizer: BYOL's EMA target
+    (``target_*``, which moves by rounding even while it equals the online network), nothing of
+    any other method, and never a trained parameter (that is the optimizer's job)."""
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    method.on_train_step_end(step=step, max_steps=max_steps)
+    after = method.state_dict()
+    assert set(after) == set(before)
+    changed = sorted(k for k in before if not before[k].equal(after[k]) and not k.startswith("target_"))
+    assert not changed, f"on_train_step_end changed {changed}"
