@@ -23,10 +23,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	PYTHONPATH=platform $(VENV)/bin/lint-imports
 
+# The whole suite on 2 cores without a GPU; the 15 slowest tests are listed at the end (tests/README.md).
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest --durations=15
 
-# Evaluation protocols trained long enough to beat random init (minutes each on 2 cores).
+# Checks that train at full size for minutes (tests marked slow; each claim also has a fast test in `make test`).
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow
 

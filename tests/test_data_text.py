@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def read(source, **kwargs):
     """Rows of a corpus and the skip counts of its own ledger."""
-    with InspectLedger(strict=True) as ledger:
+    with InspectLedger(strict=False) as ledger:
         rows = read_text_corpus(source, reporter=ledger.reporter, **kwargs).take_all()
     return sorted(rows, key=lambda r: r["source"]), ledger.summary["by_reason"]
 

@@ -61,8 +61,8 @@ def test_build_image_encoder_rejects_or_drops_foreign_options():
         build_image_encoder("resnet_small", 3, small_stem=True)
     with pytest.raises(ValueError, match="widths"):
         build_image_encoder("resnet18", 3, widths=(8, 16))
-    # strict=True: the methods pass every encoder's options and each takes its own.
-    encoder = build_image_encoder("resnet18", 3, strict=True, widths=(8, 16), small_stem=True)
+    # strict=False: the methods pass every encoder's options and each takes its own.
+    encoder = build_image_encoder("resnet18", 3, strict=False, widths=(8, 16), small_stem=True)
     assert isinstance(encoder.resnet.maxpool, nn.Identity) and encoder.feature_dim == 512
 
 
