@@ -1,4 +1,4 @@
-"""The demo's table at full size (`make test-slow`, ~5 minutes on 2 cores): the shipped
+"""The demo's table at full size (`make test-slow`, ~10 minutes on 2 cores): the shipped
 simclr-digits preset, 300 steps on 2 workers through `sslp run`, beats random init under both
 protocols, as the README's table says. The same claim at tiny size runs in `make test`
 (test_eval_image.py::test_pretrained_simclr_and_supervised_beat_random_init)."""
