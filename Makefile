@@ -23,9 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	PYTHONPATH=platform $(VENV)/bin/lint-imports
 
-# The whole suite on 2 cores without a GPU; the 15 slowest tests are listed at the end (tests/README.md).
+# The whole suite on 2 cores without a GPU, in two pytest-xdist processes that take one test module at
+# a time, longest first (tests/README.md); the 15 slowest tests are listed at the end.
 test: $(STAMP) lint
-	$(VENV)/bin/python -m pytest --durations=15
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # Checks that train at full size for minutes (tests marked slow; each claim also has a fast test in `make test`).
 test-slow: $(STAMP)

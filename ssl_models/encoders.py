@@ -6,14 +6,45 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import torch
-import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock
+
+# torchvision is imported where its ResNets are built: importing it costs ~1.5 s of CPU (it pulls
+# in torch._dynamo), paid by every Ray Train worker, controller and CLI process that imports this
+# module, whatever encoder the run uses.
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block (He et al. 2016): two 3x3 convolutions with BatchNorm and a residual
+    connection. The same layers, parameter names and forward as torchvision's
+    ``torchvision.models.resnet.BasicBlock``, so state dicts are interchangeable.
+
+    Shape:
+        - x: (B, in_width, H, W)
+        - output: (B, width, H / stride, W / stride)
+    """
+
+    expansion = 1
+
+    def __init__(self, in_width: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_width, width, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
 
 
 class ResNetSmall(nn.Module):
-    """A small ResNet for ~32x32 images, built from torchvision's ``BasicBlock`` (He et al.
-    2016, "Deep Residual Learning for Image Recognition").
+    """A small ResNet for ~32x32 images, built from ResNet ``BasicBlock``s (He et al. 2016,
+    "Deep Residual Learning for Image Recognition").
 
     CIFAR-style stem: one 3x3 convolution at stride 1 and no max-pool, because the ImageNet
     stem (7x7 stride 2 + max-pool) would shrink a 32x32 image to 8x8 before the first block.
@@ -79,10 +110,7 @@ class ResNetSmall(nn.Module):
         return torch.flatten(self.pool(x), 1)  # (B, widths[-1])
 
 
-_TORCHVISION_RESNETS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet50": torchvision.models.resnet50,
-}
+_TORCHVISION_RESNETS = ("resnet18", "resnet50")
 
 
 class TorchvisionResNet(nn.Module):
@@ -108,7 +136,9 @@ class TorchvisionResNet(nn.Module):
         super().__init__()
         if arch not in _TORCHVISION_RESNETS:
             raise ValueError(f"unknown torchvision ResNet {arch!r}; known: {', '.join(_TORCHVISION_RESNETS)}")
-        net = _TORCHVISION_RESNETS[arch](weights=None)
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
         width = net.conv1.out_channels  # 64
         stem = None
         if small_stem:

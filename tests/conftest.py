@@ -186,28 +186,50 @@ def show(done: subprocess.CompletedProcess) -> str:
     return f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The directory ``name``, filled by ``make(directory)`` once per `pytest` command: with
+    pytest-xdist (``make test`` runs two workers), the workers share it, and the first to need it
+    makes it while the others wait on a lock."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base directory every worker's own lies in
+    target, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            make(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def trained_simclr(tmp_path_factory):
     """(config, checkpoint dir) of a tiny SimCLR trained in-process for 150 steps on the digits
     (plain torch, one thread, no Ray; ~20 s): the trained encoder the evaluation, fine-tune and
     embed tests share instead of each training their own. Measured: probe/kNN 97/94 against
     random init's 74/59."""
-    import torch
-    from simclr_digits import SIZE, pretrain, save_checkpoint, tiny_cfg
+    from simclr_digits import tiny_cfg
 
-    from ssl_platform.data.builtin import load_digits_splits
+    def make(directory: Path) -> None:
+        import torch
+        from simclr_digits import SIZE, pretrain, save_checkpoint
+
+        from ssl_platform.data.builtin import load_digits_splits
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the machine's 2 cores are shared with Ray's processes
+        try:
+            method = pretrain(cfg, load_digits_splits(image_size=SIZE)["train"].images, steps=150)
+        finally:
+            torch.set_num_threads(threads)
+        (directory / "checkpoint_000000").mkdir()
+        save_checkpoint(directory / "checkpoint_000000", cfg, method, step=150)
 
     cfg = tiny_cfg("eval.enabled=false", "name=trained-simclr")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's 2 cores are shared with Ray's processes
-    try:
-        method = pretrain(cfg, load_digits_splits(image_size=SIZE)["train"].images, steps=150)
-    finally:
-        torch.set_num_threads(threads)
-    checkpoint = tmp_path_factory.mktemp("trained-simclr") / "checkpoint_000000"
-    checkpoint.mkdir()
-    save_checkpoint(checkpoint, cfg, method, step=150)
-    return cfg, checkpoint
+    return cfg, made_once(tmp_path_factory, "trained-simclr", make) / "checkpoint_000000"
 
 
 BIG_RECORDS, BIG_SIDE = 1200, 256  # 1200 x 192 KiB of uncompressed PNG: ~230 MiB on disk and in flight
@@ -218,24 +240,27 @@ def big_image_corpus(tmp_path_factory) -> Path:
     """A folder of parquet files (``image`` PNG bytes, ``label``), 50 random 256 px images each,
     ~230 MiB in all: 2.3x the head's object store, for the streaming tests of training and embed.
     Files are how a real corpus arrives, and each one stays far below the object store."""
-    import io
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
+    def make(root: Path) -> None:
+        import io
 
-    def png(rng: np.random.Generator) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (BIG_SIDE, BIG_SIDE, 3), dtype=np.uint8)).save(
-            buf, format="PNG", compress_level=0)
-        return buf.getvalue()
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from PIL import Image
 
-    root = tmp_path_factory.mktemp("big")
-    rng = np.random.default_rng(0)
-    for start in range(0, BIG_RECORDS, 50):  # written file by file: the test process stays small in memory
-        table = pa.table({"image": [png(rng) for _ in range(50)], "label": list(range(start, start + 50))})
-        pq.write_table(table, root / f"part-{start // 50:03d}.parquet", row_group_size=10)
+        def png(rng: np.random.Generator) -> bytes:
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (BIG_SIDE, BIG_SIDE, 3), dtype=np.uint8)).save(
+                buf, format="PNG", compress_level=0)
+            return buf.getvalue()
+
+        rng = np.random.default_rng(0)
+        for start in range(0, BIG_RECORDS, 50):  # written file by file: the test process stays small in memory
+            table = pa.table({"image": [png(rng) for _ in range(50)], "label": list(range(start, start + 50))})
+            pq.write_table(table, root / f"part-{start // 50:03d}.parquet", row_group_size=10)
+
+    root = made_once(tmp_path_factory, "big", make)
     assert sum(p.stat().st_size for p in root.iterdir()) > 2 * STORE
     return root
 
@@ -260,3 +285,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Modules in decreasing order of their measured time (fresh clone, 2 cores, 2026-12-03); the rest
+# keep pytest's order after them. `make test` runs two pytest-xdist workers that take one module at
+# a time in this order, so the long modules start first and the short ones fill in at the end.
+LONGEST_FIRST = ["test_presets.py", "test_faults.py", "test_multinode.py", "test_sweep.py", "test_run_e2e.py",
+                 "test_embed.py", "test_streaming.py", "test_finetune.py", "test_loop.py", "test_eval_image.py",
+                 "test_submit.py", "test_data_images.py", "test_online.py", "test_eval_text.py", "test_eval_audio.py",
+                 "test_dashboards.py", "test_data_captions.py", "test_eval_clip.py", "test_data_audio.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order

@@ -56,15 +56,29 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_worker_pids() -> list[int]:
-    """Pids of the live Ray Train worker processes on this machine (their title names the actor)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
+def train_worker_pids(temp_dir: str) -> list[int]:
+    """Pids of the live Ray Train worker processes of the cluster whose temp dir is ``temp_dir``
+    (their title names the actor; their environment, the raylet that started them). Another
+    cluster's workers on the machine (pytest-xdist runs two sessions) are left alone."""
+    procs = [p for p in Path("/proc").glob("[0-9]*") if p.name.isdigit()]
+
+    def cmdline(proc: Path) -> bytes:
         try:
-            if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
+            return (proc / "cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    raylets = {p.name for p in procs if b"raylet" in cmdline(p).split(b"\0")[0] and temp_dir.encode() in cmdline(p)}
+    pids = []
+    for proc in procs:
+        if not cmdline(proc).startswith(b"ray::RayTrainWorker"):
+            continue
+        try:
+            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
         except OSError:
             continue
+        if env.get(b"RAY_RAYLET_PID", b"").decode() in raylets:
+            pids.append(int(proc.name))
     return pids
 
 
@@ -93,8 +107,8 @@ def killed_runs(sslp, tmp_path_factory):
     try:
         wait_for(lambda: resumed_steps(log.read_text())[1:] or proc.poll() is not None,
                  "the restart after the crash at step 25")
-        wait_for(lambda: train_worker_pids() or proc.poll() is not None, "a live train worker")
-        killed = train_worker_pids()[:1]
+        wait_for(lambda: train_worker_pids(sslp.head.temp_dir) or proc.poll() is not None, "a live train worker")
+        killed = train_worker_pids(sslp.head.temp_dir)[:1]
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
         returncode = proc.wait(timeout=300)

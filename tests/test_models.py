@@ -75,3 +75,32 @@ def test_ssl_models_never_imports_ray():
     code = ("import sys, ssl_models, ssl_models.losses, ssl_models.methods, ssl_models.audio, ssl_models.transformer; "
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_basic_block_is_torchvisions_in_names_and_output(stride):
+    """ResNetSmall's own block (so a worker need not import torchvision) is torchvision's:
+    the same state-dict keys and, with the same weights, the same output."""
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    from ssl_models.encoders import BasicBlock
+
+    def downsample():
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(8))
+
+    ours, theirs = BasicBlock(4, 8, stride, downsample()), TorchvisionBlock(4, 8, stride, downsample())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4, 8, 8)
+    for mode in ("train", "eval"):
+        getattr(ours, mode)(), getattr(theirs, mode)()
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_importing_the_models_loads_neither_torchvision_nor_dynamo():
+    """Every Ray Train worker, controller and CLI process imports ssl_models; torchvision (which
+    pulls in torch._dynamo, ~1.5 s of CPU) is loaded only when a torchvision ResNet is built."""
+    code = ("import sys, ssl_models, ssl_platform.train.trainer; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'torch.distributed.fsdp') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -16,6 +16,7 @@ parameter name, so a run checkpointed with one strategy resumes with the other.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+
+# torch.distributed.checkpoint, FSDP and DTensor are imported where they are used (~1 s of CPU
+# together): evaluation reads checkpoints, the CLI and Ray Train's controller import this package,
+# and none of them needs them.
 
 STATE_FILE = "state.pt"
-# Full, unsharded tensors, gathered to rank 0's CPU memory (other ranks get empty dicts).
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -48,7 +44,17 @@ def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     A collective under FSDP (shards are gathered): every rank must call it. ``model`` is the
     method itself (not a DDP wrapper), so names carry no ``module.`` prefix.
     """
-    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0's CPU memory
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is sharded with FSDP2 (``fully_shard``). Cheap: FSDP's module is only
+    imported by a run that shards, so if it is not loaded, nothing is sharded."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,6 +121,12 @@ def restore_state(directory: str | Path, *, model: torch.nn.Module, optimizer: t
     ``scheduler``, and this rank's RNG states. Every rank calls it; each loads the full state
     and keeps its own shard. A rank that did not exist when the checkpoint was written (more
     workers now) keeps the RNG state it was seeded with."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     payload = load_payload(directory)
     load = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, payload["model"], options=load)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -46,12 +47,18 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_platform import methods
 from ssl_platform.config import from_dict
-from ssl_platform.train.checkpoint import TrainState, all_rng_states, full_state_dicts, restore_state, save_state
+from ssl_platform.train.checkpoint import (
+    TrainState,
+    all_rng_states,
+    full_state_dicts,
+    is_fsdp,
+    restore_state,
+    save_state,
+)
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -199,12 +206,6 @@ def groups_of(iterable: Iterable, n: int) -> Iterator[list]:
             group = []
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 @contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Whether the backward inside syncs gradients across workers (DDP ``no_sync``, FSDP2
@@ -213,7 +214,7 @@ def gradient_sync(model: nn.Module, enabled: bool):
     if isinstance(inner, DistributedDataParallel) and not enabled:
         with inner.no_sync():
             yield
-    elif not enabled and _is_fsdp(inner):
+    elif not enabled and is_fsdp(inner):
         inner.set_requires_gradient_sync(False)
         try:
             yield
@@ -253,7 +254,9 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     over workers and every worker clips by the same factor.
     """
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    # An FSDP model's norm is a DTensor; torch.distributed.tensor is loaded only if one exists.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor.DTensor) else norm
 
 
 def report_checkpoint(rank: int, method: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
 
 from ssl_platform.config import METHOD_KINDS, ExperimentConfig
 from ssl_platform.data.transforms import to_float
 from ssl_platform.probes import knn_accuracy
+from ssl_platform.train.checkpoint import is_fsdp
 
 # Each method's primary online metric and its direction: what sweeps optimise and ASHA stops on.
 ONLINE_METRIC: dict[str, tuple[str, str]] = {
@@ -64,7 +64,7 @@ def evaluating(method: nn.Module) -> Iterator[None]:
     flags = {m: m.training for m in method.modules()}
     gathers = {m: m.gather_distributed for m in method.modules()
                if isinstance(getattr(m, "gather_distributed", None), bool)}
-    fsdp = isinstance(method, FSDPModule)
+    fsdp = is_fsdp(method)
     method.eval()
     for m in gathers:
         m.gather_distributed = False
