@@ -2,15 +2,12 @@
 
 Every metric a panel or variable queries must be one the platform emits (train.metrics.METRICS,
 as Ray's Prometheus export names it) or one Ray 2.60's Ray Data defines (read from Ray's code
-here, not copied); a short real run on a local Ray with the metrics export port set shows every
-metric the dashboard plots on Ray's Prometheus endpoint, the platform's with non-zero values.
+here, not copied). That a real run exports every metric the dashboard plots on Ray's Prometheus
+endpoint, the platform's with non-zero values, is tested in test_observed_run.py.
 """
 
-import concurrent.futures
 import json
 import re
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -177,70 +174,3 @@ def test_default_dir_is_the_one_rays_provisioning_names(tmp_path, capsys):
     assert ray_dashboards_dir(str(tmp_path)) == target
     assert sslp(["dashboards", "install", "--ray-temp-dir", str(tmp_path)]) == 0
     assert (target / DASHBOARD.name).read_bytes() == DASHBOARD.read_bytes()
-
-
-# ----------------------------------------------------------------------------- a real run, scraped
-
-def _scrape(port: int, wanted: set[str], run: str, running, seconds: float = 300) -> dict[str, list[float]]:
-    """name -> the latest values of its samples on Ray's metrics endpoint (the platform's own only
-    for ``run``: the session's head serves other runs too), polled while ``running()`` until every
-    wanted name has been seen. The export is periodic, and a finished worker's gauges leave the
-    endpoint, as they do for a Prometheus that scrapes a real cluster: so the scrape runs beside
-    the training. ``seconds`` only keeps a broken run from hanging the test."""
-    deadline = time.monotonic() + seconds
-    seen: dict[str, list[float]] = {}
-    while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        samples: dict[str, list[float]] = {}
-        for line in text.splitlines():
-            if line.startswith("ray_data_") or (line.startswith("ray_sslp_") and f'run="{run}"' in line):
-                name, value = re.match(r"([A-Za-z0-9_:]+)(?:\{.*\})?\s+(\S+)", line).groups()
-                samples.setdefault(name, []).append(float(value))
-        seen.update(samples)
-        if wanted <= set(seen) or not running() or time.monotonic() > deadline:
-            return seen
-        time.sleep(2)  # the export's own period (conftest); a scrape is ~1 MB of text to parse
-
-
-STEPS = 120  # long enough (~10 s of training) for several exports (every 2 s, see conftest)
-
-
-@pytest.mark.ray
-def test_a_run_exposes_the_dashboards_metrics_on_rays_prometheus_endpoint(ray_session, tmp_path):
-    import ray
-
-    from ssl_platform.config import load_config
-    from ssl_platform.data.skips import SkipReporter, ledger_name
-    from ssl_platform.train.trainer import fit, run_paths
-
-    cfg = load_config("simclr-digits", [
-        "model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8", "name=dash-run",
-        f"runs_dir={tmp_path / 'runs'}", f"train.max_steps={STEPS}", "train.batch_size=16", "train.log_every=1",
-        f"train.checkpoint_every={STEPS}", "train.warmup_steps=0", "scaling.num_workers=1",
-        "scaling.cpus_per_worker=0.5",
-        "eval.enabled=false", "eval.online_every=5", "eval.online_examples=64"])
-
-    # The digits have no bad record: a Ray task skips one the way a decode step does, so the
-    # skipped-records counter is exported too (and shows Ray's name for a counter).
-    @ray.remote(num_cpus=0)
-    def skip_one():
-        reporter = SkipReporter(ledger_name("dash-run"))
-        reporter.skip("record 7", "corrupt image")
-        reporter.flush()
-
-    ray.get(skip_one.remote())
-    # Every metric the dashboard plots, bar tokens/s (text methods only): the platform's and those
-    # of the Ray Data row, which Ray exports for the run's training dataset.
-    dashboard = json.loads(DASHBOARD.read_text())
-    wanted = set().union(*(metric_names(q) for _, q in queries(dashboard))) - {"ray_sslp_train_tokens_per_second"}
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run = pool.submit(fit, cfg, run_paths(cfg))
-        samples = _scrape(ray_session.metrics_port, wanted, run="dash-run", running=lambda: not run.done())
-        assert run.result().steps == STEPS
-    assert wanted <= set(samples), f"not exported: {wanted - set(samples)}"
-    for name in ("ray_sslp_train_loss", "ray_sslp_train_samples_per_second", "ray_sslp_train_step_seconds",
-                 "ray_sslp_train_learning_rate", "ray_sslp_train_grad_norm", "ray_sslp_online_metric",
-                 "ray_sslp_data_skipped_records_total"):
-        assert all(v > 0 for v in samples[name]), (name, samples[name])
-    [step] = samples["ray_sslp_train_step"]
-    assert 1 <= step <= STEPS and step.is_integer()

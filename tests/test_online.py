@@ -1,5 +1,6 @@
 """Online evaluation during training: the held-out splits, every method's numbers, FSDP ranks
-agreeing with one process, and one real two-worker fit whose metrics and reports carry val_*."""
+agreeing with one process. A real two-worker fit whose metrics and reports carry val_* is in
+test_observed_run.py."""
 
 import json
 from pathlib import Path
@@ -233,22 +234,6 @@ def test_fsdp_ranks_each_get_the_single_process_numbers(tmp_path):
             assert r[name + "_sharded"] and r[name + "_training"]
 
 
-# ----------------------------------------------------------------------------- one real fit
-
-class _RecordReports:
-    """A Ray Train callback (it runs in the controller) that appends rank 0's reported metrics to a file."""
-
-    def __new__(cls, path: str):
-        import ray.train
-
-        class Recorder(ray.train.UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                with open(path, "a") as f:
-                    f.write(json.dumps({**metrics[0], "has_checkpoint": checkpoint is not None}) + "\n")
-
-        return Recorder()
-
-
 @pytest.mark.ray
 def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_session, tmp_path):
     """data.path text: the documents its hash holds out, read with Ray Data, the same ones every time."""
@@ -272,28 +257,3 @@ def test_text_split_of_a_corpus_path_is_its_held_out_documents(ray_session, tmp_
     with pytest.raises(ValueError, match=r"raise data.val_fraction or set eval.online_every=0"):
         online_split(tiny_config("bert", f"data.path={lone}", "data.kind=text", "data.val_fraction=0.05"), {},
                      {"tokenizer": tokenizer})
-
-
-@pytest.mark.ray
-def test_fit_reports_and_logs_the_online_metric(ray_session, tmp_path):
-    from ssl_platform.train.trainer import fit, run_paths
-
-    cfg = tiny_config("simclr", "name=online-fit", f"runs_dir={tmp_path / 'runs'}", "train.max_steps=10",
-                      "train.batch_size=16", "train.log_every=2", "train.checkpoint_every=10", "train.warmup_steps=0",
-                      "train.optimizer=adamw", "train.lr=0.001", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-                      "eval.enabled=false", "eval.online_every=5")
-    reports = tmp_path / "reports.jsonl"
-    paths = run_paths(cfg)
-    summary = fit(cfg, paths, callbacks=[_RecordReports(str(reports))])
-    assert summary.steps == 10
-
-    rows = read_metrics(paths.local / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [2, 4, 5, 6, 8, 10]  # step 5: an online step is also a row
-    with_val = {r["step"]: r for r in rows if "val_knn_top1" in r}
-    assert sorted(with_val) == [5, 10]
-    assert all(0 <= r["val_knn_top1"] <= 1 and r["online_eval_s"] > 0 for r in with_val.values())
-
-    reported = [json.loads(line) for line in reports.read_text().splitlines()]
-    assert [(r["step"], r["has_checkpoint"]) for r in reported] == [(5, False), (10, True)]
-    for r in reported:  # what Tune sees: the metric in every result, equal to the metrics row
-        assert r["val_knn_top1"] == pytest.approx(with_val[r["step"]]["val_knn_top1"])

@@ -53,12 +53,12 @@ def test_loss_decreases_on_average(first_run):
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third
 
 
-def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(sslp, first_run, tmp_path):
+def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(ray_session, first_run, tmp_path, capsys):
+    # In-process, on the session's head (the run above was the subprocess).
     run_dir, _ = first_run
     checkpoint = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    done = sslp("eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0", cwd=tmp_path)
-    assert done.returncode == 0, show(done)
-    assert "SimCLR (this run)" in done.stdout
+    assert cli.main(["eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0"]) == 0
+    assert "SimCLR (this run)" in capsys.readouterr().out
     again = {r["encoder"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     at_end = {r["encoder"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
     assert "supervised (labels)" not in again  # eval.supervised_epochs=0 took effect
