@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_platform.train.optim import LARS, build_optimizer, param_groups, scaled_lr, warmup_cosine
+from ssl_platform.config import load_config
+from ssl_platform.train.optim import LARS, build_optimizer, param_groups, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -19,8 +20,31 @@ def test_warmup_then_cosine_to_zero():
 
 
 def test_linear_scaling_rule():
-    assert scaled_lr(0.3, 4096) == pytest.approx(4.8)
-    assert scaled_lr(0.3, 256) == pytest.approx(0.3)
+    for batch, rate in [(4096, 4.8), (256, 0.3)]:  # SimCLR's LARS: 0.3 x batch / 256
+        cfg = load_config("simclr-digits", ["train.lr=0.3", f"train.batch_size={batch}"])
+        assert cfg.train.effective_lr()[0] == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("optimizer, scaling, expected", [
+    ("lars", "auto", 0.3 * 64 / 256), ("sgd", "auto", 0.3 * 64 / 256),  # the SimCLR/BYOL recipes' rule
+    ("adamw", "auto", 0.3),  # AdamW recipes quote the rate they train at
+    ("adamw", "linear", 0.3 * 64 / 256), ("lars", "none", 0.3), ("sgd", "none", 0.3)])
+def test_the_rate_a_run_trains_at_follows_lr_scaling(optimizer, scaling, expected):
+    cfg = load_config("simclr-digits", [f"train.optimizer={optimizer}", f"train.lr_scaling={scaling}", "train.lr=0.3",
+                                        "train.batch_size=64"])
+    rate, why = cfg.train.effective_lr()
+    assert rate == pytest.approx(expected)
+    assert f"train.lr_scaling={scaling}" in why and f"{rate:.4g}" in why
+
+
+def test_the_run_header_states_the_rate_and_the_rule():
+    """The header line `sslp run` prints: an AdamW preset trains at train.lr itself, a LARS one at
+    the linearly scaled rate (the loop builds its optimizer with the same effective_lr)."""
+    cfg = load_config("gpt-python-docs", ["train.lr=0.002", "train.batch_size=32"])
+    assert cfg.train.optimizer == "adamw" and cfg.train.lr_scaling == "auto"
+    assert cfg.train.effective_lr()[1] == "0.002 (not scaled with the batch: train.lr_scaling=auto, adamw)"
+    cfg = load_config("simclr-digits", ["train.batch_size=64"])
+    assert cfg.train.effective_lr()[1] == "0.3 x 64/256 = 0.075 (linear scaling: train.lr_scaling=auto, lars)"
 
 
 def test_biases_and_norm_weights_are_excluded_from_decay():

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 
 TINY = ["model.encoder_widths=[8,16]", "model.projector_width=64", "model.projector_dim=32",
         "data.image_size=16", "train.batch_size=64", "train.log_every=2", "train.checkpoint_every=10",
-        "train.warmup_steps=2", "train.optimizer=adamw", "train.lr=0.004", "eval.supervised_epochs=1"]
+        "train.warmup_steps=2", "train.optimizer=adamw", "train.lr=0.001", "eval.supervised_epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,14 @@ TINY = {
 
 
 def write_sweep(path: Path, runs_dir: Path, **changes) -> Path:
-    """A sweep over train.lr in {0.02, 0}: a trial with lr=0 cannot learn, so its loss at the
+    """A sweep over train.lr in {0.005, 0}: a trial with lr=0 cannot learn, so its loss at the
     rung (step 5; the only one below 10 steps with reduction factor 2) is clearly worse than
-    that of a trial that trains. The grid runs lr=0.02, then 0."""
+    that of a trial that trains. The grid runs lr=0.005, then 0."""
     spec = {
         "name": "tiny", "preset": "simclr-digits", "overrides": {"runs_dir": str(runs_dir), **TINY},
         "metric": "loss", "mode": "min", "num_samples": 1, "max_concurrent_trials": 1,
         "scheduler": {"grace_period": 5, "reduction_factor": 2},
-        "space": {"train.lr": {"grid": [0.02, 0.0]}},
+        "space": {"train.lr": {"grid": [0.005, 0.0]}},
         **changes,
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -207,7 +207,7 @@ def test_interrupted_sweep_exits_130_and_the_rerun_finishes_both_trials(sweep):
     assert "resuming sweep tiny" in sweep["second_log"]
     rows = rows_of(sweep["dir"])
     assert len(rows) == 2
-    assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.02]
+    assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.005]
     for name in ("trials.md", "best.yaml", "curves.png", "metric_vs_train.lr.png"):
         assert (sweep["dir"] / name).is_file(), name
 
@@ -230,7 +230,7 @@ def test_asha_stops_the_trial_that_cannot_learn_at_the_first_rung(sweep):
     complete = [r for r in rows if r["status"] == "complete"]
     assert stopped, "ASHA stopped no trial"
     assert [float(r["train.lr"]) for r in stopped] == [0.0] and all(int(r["step"]) == 5 for r in stopped)
-    assert [float(r["train.lr"]) for r in complete] == [0.02] and all(int(r["step"]) == 10 for r in complete)
+    assert [float(r["train.lr"]) for r in complete] == [0.005] and all(int(r["step"]) == 10 for r in complete)
     assert max(float(r["loss"]) for r in complete) < min(float(r["loss"]) for r in stopped)
     # A stopped trial's run ended at its rung, short of its summary (written only by a complete run).
     for r in stopped:
@@ -248,7 +248,7 @@ def test_best_yaml_is_the_best_trials_config_and_sslp_run_takes_it(sweep, capsys
 
     best = sweep["dir"] / "best.yaml"
     cfg = yaml.safe_load(best.read_text())
-    assert cfg["name"] == "tiny-best" and cfg["train"]["lr"] == 0.02
+    assert cfg["name"] == "tiny-best" and cfg["train"]["lr"] == 0.005
     # The best trial's own resolved config (its run wrote it) under a new name, beside the sweep's
     # folder, with the preset's evaluation (trials skip it): `sslp run best.yaml` trains what that
     # trial trained (training itself has tests of its own).

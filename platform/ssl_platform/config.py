@@ -120,12 +120,23 @@ OBJECTIVE_KEYS = frozenset({
 })
 
 
+# Which optimizers' recipes quote their rate for a batch of 256 and scale it linearly (Goyal et al.
+# 2017; SimCLR, BYOL, Barlow Twins, VICReg with LARS): train.lr_scaling=auto follows them. AdamW
+# recipes (BERT, GPT, CLIP, wav2vec) quote the rate they train at, whatever the batch.
+LINEAR_SCALING_BY_DEFAULT = {"lars": True, "sgd": True, "adamw": False}
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = _f(300, "optimizer steps in the whole run", min=1)
     batch_size: int = _f(256, "global batch size (pairs), split evenly across workers", min=2)
     optimizer: str = _f("lars", "optimizer", choices=("lars", "adamw", "sgd"))
-    lr: float = _f(0.3, "base learning rate for a global batch of 256 (scaled linearly)", min=0.0, max=100.0)
+    lr: float = _f(0.3, "learning rate; with train.lr_scaling=linear, the rate for a global batch of 256",
+                   min=0.0, max=100.0)
+    lr_scaling: str = _f("auto", "how train.lr depends on the global batch: linear trains at lr x batch_size / 256 "
+                                 "(Goyal et al. 2017; the SimCLR/BYOL LARS and SGD recipes), none at lr itself (AdamW "
+                                 "recipes quote the rate they train at); auto: linear for lars and sgd, none for adamw",
+                         choices=("auto", "linear", "none"))
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm weights)", min=0.0, max=1.0)
     warmup_steps: int = _f(30, "linear warmup steps before the cosine decay (capped at half of max_steps)", min=0)
     grad_clip: float = _f(0.0, "max gradient norm; 0 disables clipping", min=0.0)
@@ -139,6 +150,15 @@ class TrainConfig:
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none",
                         choices=("auto", "bf16", "fp32"))
     compile: bool = _f(False, "torch.compile the wrapped model (the first steps are slow while it compiles)")
+
+    def effective_lr(self) -> tuple[float, str]:
+        """(the peak rate the run trains at, how train.lr became it: the run header's words)."""
+        linear = LINEAR_SCALING_BY_DEFAULT[self.optimizer] if self.lr_scaling == "auto" else self.lr_scaling == "linear"
+        why = f"train.lr_scaling={self.lr_scaling}" + (f", {self.optimizer}" if self.lr_scaling == "auto" else "")
+        if linear:
+            rate = self.lr * self.batch_size / 256
+            return rate, f"{self.lr:g} x {self.batch_size}/256 = {rate:.4g} (linear scaling: {why})"
+        return self.lr, f"{self.lr:g} (not scaled with the batch: {why})"
 
 
 @dataclass

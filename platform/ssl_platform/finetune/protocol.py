@@ -105,10 +105,11 @@ def read_labelled(cfg, source: str, channels: int):
 
 
 def finetune_config(cfg, name: str, out: Path, steps: int, settings: Settings):
-    """The run's config as a fine-tune run: its own name under ``out``, AdamW, one checkpoint at the end."""
+    """The run's config as a fine-tune run: its own name under ``out``, AdamW at ``settings.lr`` for a batch of
+    256, scaled linearly (`sslp finetune --lr` says so), one checkpoint at the end."""
     return with_overrides(cfg.to_dict(), [
         f"name={name}", f"runs_dir={out}", f"train.max_steps={steps}", f"train.batch_size={settings.batch_size}",
-        "train.optimizer=adamw", f"train.lr={settings.lr}", "train.weight_decay=0.0",
+        "train.optimizer=adamw", f"train.lr={settings.lr}", "train.lr_scaling=linear", "train.weight_decay=0.0",
         f"train.warmup_steps={max(1, steps // 10)}", f"train.checkpoint_every={steps}",
         f"train.log_every={max(1, steps // 5)}", "train.grad_accum_steps=1", "train.compile=false",
         f"scaling.num_workers={settings.workers}", "scaling.strategy=ddp", "eval.enabled=false", "eval.online_every=0",

@@ -61,7 +61,7 @@ from ssl_platform.train.checkpoint import (
 )
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
 from ssl_platform.train.online import OnlineEval
-from ssl_platform.train.optim import build_optimizer, scaled_lr, warmup_cosine
+from ssl_platform.train.optim import build_optimizer, warmup_cosine
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
 CRASH_AT_STEP_ENV = "SSLP_CRASH_AT_STEP"
@@ -82,7 +82,7 @@ def train_func(loop_config: dict) -> None:
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
     model = wrap_model(method, cfg.scaling.strategy, device, world)  # DDP wrapper, or `method` sharded in place
     # Built after wrapping: FSDP replaces the parameters with sharded ones.
-    optimizer = build_optimizer(method, t.optimizer, scaled_lr(t.lr, t.batch_size), t.weight_decay)
+    optimizer = build_optimizer(method, t.optimizer, t.effective_lr()[0], t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.max_steps, t.warmup_steps))
     if t.compile:
         model = torch.compile(model)

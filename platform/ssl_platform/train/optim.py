@@ -2,8 +2,9 @@
 
 LARS (You et al. 2017, "Large Batch Training of Convolutional Networks") is what SimCLR and
 BYOL use for large batches; biases and normalisation weights are excluded from both weight
-decay and the layer-wise adaptation, as in those papers. The learning rate is
-``lr * global_batch / 256`` (the linear scaling rule) with linear warmup and cosine decay.
+decay and the layer-wise adaptation, as in those papers. The peak learning rate follows
+``train.lr_scaling`` (``TrainConfig.effective_lr``: the linear scaling rule for the LARS and SGD
+recipes, the rate as given for AdamW), with linear warmup and cosine decay.
 """
 
 from __future__ import annotations
@@ -59,11 +60,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
     ]
-
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule (Goyal et al. 2017): the base lr is quoted for a batch of 256."""
-    return base_lr * global_batch / 256
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

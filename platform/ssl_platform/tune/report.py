@@ -119,7 +119,7 @@ def write_best_config(path: Path, row: TrialRow, spec: SweepSpec) -> Path:
     header = (f"# Best trial {row.trial} of sweep {spec.name}: {spec.metric}={_fmt(row.metric)} ({spec.mode}) "
               f"at step {row.step}; {chosen}.\n"
               f"# Base preset {spec.preset} with the sweep's fixed overrides; eval settings are the preset's.\n"
-              f"# The learning rate is train.lr for a batch of 256, scaled linearly with train.batch_size.\n"
+              f"# It trains at lr {cfg.train.effective_lr()[1]}.\n"
               f"#   sslp run {path}\n")
     path.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
