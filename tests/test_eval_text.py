@@ -20,7 +20,10 @@ from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 from ssl_platform.evaluate import evaluate_run  # what `sslp run` and `sslp eval` call
 from ssl_platform.evaluate.text import (
     PAIR,
+    CountPairs,
     TopicChunks,
+    bigram_nll,
+    context_tokens,
     score_bert,
     score_gpt,
     target_tokens,
@@ -56,6 +59,37 @@ def test_unigram_nll_matches_the_closed_form():
 def test_unigram_nll_rejects_bad_input(counts, targets, match):
     with pytest.raises(ValueError, match=match):
         unigram_nll(counts, targets)
+
+
+def test_bigram_nll_matches_the_closed_form_and_sums_to_one():
+    # Training tokens 0 1 0 1 0 2 (V = 3): c(0,1)=2, c(0,2)=1, c(1,0)=2; c(0)=3, T(0)=2; c(1)=2, T(1)=1;
+    # add-one unigram p = (4/9, 3/9, 2/9).
+    ids = np.array([[0, 1, 0, 1, 0, 2]])
+    batch = CountPairs(3)({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    unigram = np.bincount(ids.ravel(), minlength=3)
+    expected = [(2 + 2 * 3 / 9) / (3 + 2),  # after 0, a seen pair
+                (0 + 1 * 2 / 9) / (2 + 1),  # after 1, an unseen pair: the unigram's share
+                4 / 9]  # after 2, a context training never saw: the unigram
+    nll = bigram_nll(batch["pair"], batch["count"], unigram, [0, 1, 2], [1, 2, 0])
+    assert nll == pytest.approx(-np.mean(np.log(expected)), rel=1e-12)
+    for context in range(3):  # a distribution over the next token after every context
+        total = sum(math.exp(-bigram_nll(batch["pair"], batch["count"], unigram, [context], [t])) for t in range(3))
+        assert total == pytest.approx(1.0, rel=1e-12)
+    # Pairs counted in several batches add up.
+    half = CountPairs(3)({"input_ids": ids[:, :3], "attention_mask": np.ones((1, 3))})
+    rest = CountPairs(3)({"input_ids": ids[:, 2:], "attention_mask": np.ones((1, 4))})
+    split = bigram_nll(np.concatenate([half["pair"], rest["pair"]]), np.concatenate([half["count"], rest["count"]]),
+                       unigram, [0, 1, 2], [1, 2, 0])
+    assert split == pytest.approx(nll, rel=1e-12)
+
+
+def test_context_tokens_precede_the_targets_and_pairs_skip_padding():
+    ids = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    attention = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert context_tokens(ids, attention).tolist() == [5, 6, 7, 9]
+    pairs = CountPairs(11)({"input_ids": ids, "attention_mask": attention})
+    assert sorted(zip((pairs["pair"] // 11).tolist(), (pairs["pair"] % 11).tolist(), strict=True)) == [
+        (5, 6), (6, 7), (7, 8), (9, 10)]
 
 
 def test_target_tokens_skip_the_first_token_and_padding():
@@ -177,11 +211,15 @@ def test_gpt_protocol_beats_random_init_and_unigram(ray_session, tmp_path):
     rows = {r["encoder"]: r for r in evaluate_run(cfg, checkpoint, tmp_path / "run")}
     trained, random_init = rows["GPT (this run)"], rows["random init"]
     unigram = next(r for name, r in rows.items() if name.startswith("unigram"))
+    bigram = next(r for name, r in rows.items() if name.startswith("bigram"))
     for row in rows.values():
         assert 1 < row["perplexity"] < 3 * tok.vocab_size
         assert row["bits_per_token"] == pytest.approx(math.log2(row["perplexity"]))
     assert random_init["perplexity"] > 0.5 * tok.vocab_size  # untrained: about uniform
     assert trained["perplexity"] < unigram["perplexity"] < random_init["perplexity"]
+    assert bigram["perplexity"] < unigram["perplexity"]  # which token follows which is worth something here
+    print(f"tiny GPT {trained['perplexity']:.0f}, bigram {bigram['perplexity']:.0f}, "
+          f"unigram {unigram['perplexity']:.0f}")  # figures, not assertions: this GPT trains 150 steps
 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [s["kind"] for s in results["samples"]].count("few-shot") == 1

@@ -24,6 +24,10 @@ GPT (Radford et al. 2019):
 - a unigram model: each token's frequency in the training split, add-one smoothed
   (``p(t) = (count_t + 1) / (N + V)``), scored on the same held-out target tokens. A language
   model that does not beat it has learnt no more than which tokens are common;
+- a bigram model of the training split, Witten-Bell smoothed towards that unigram (Witten and
+  Bell 1991; Chen and Goodman 1998): ``p(t | s) = (c(s, t) + T(s) p_uni(t)) / (c(s) + T(s))``,
+  ``T(s)`` the number of distinct tokens seen after ``s``; no parameter is fitted on held-out
+  data. A model that does not beat it has learnt no more than which token follows which;
 - samples from a few prompts, one a few-shot in-context prompt, in results.md and results.json.
 
 Both have a random-init row: the same architecture, untrained (perplexity about the vocabulary
@@ -289,6 +293,57 @@ class CountTokens:
         return {"counts": np.bincount(real, minlength=self.vocab_size)[None].astype(np.int64)}  # (1, V)
 
 
+class CountPairs:
+    """``map_batches`` callable: GPT blocks -> the (previous, next) token pairs inside the blocks'
+    real tokens, as ``prev * V + next`` ids with their counts in this batch (at most V^2 rows)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, mask = np.asarray(batch["input_ids"], np.int64), np.asarray(batch["attention_mask"])
+        real = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+        pairs, counts = np.unique(ids[:, :-1][real] * self.vocab_size + ids[:, 1:][real], return_counts=True)
+        return {"pair": pairs, "count": counts.astype(np.int64)}
+
+
+def context_tokens(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """The token before each of :func:`target_tokens`' targets, aligned with them. -> (N,)"""
+    return np.asarray(input_ids)[:, :-1][np.asarray(attention_mask)[:, 1:] == 1]
+
+
+def bigram_nll(pairs: np.ndarray, pair_counts: np.ndarray, unigram_counts: np.ndarray, contexts: np.ndarray,
+               targets: np.ndarray) -> float:
+    """Mean negative log-likelihood (nats) of ``targets`` after ``contexts`` under the training
+    bigrams (``pairs`` as ``prev * V + next`` ids, each with its count; repeated ids add up),
+    Witten-Bell smoothed towards the add-one unigram of ``unigram_counts`` (module docstring).
+
+    Shape: pairs, pair_counts (P,); unigram_counts (V,); contexts, targets (N,) ids in [0, V).
+    """
+    vocab = len(unigram_counts)
+    contexts, targets = np.asarray(contexts, dtype=np.int64), np.asarray(targets, dtype=np.int64)
+    if contexts.shape != targets.shape:
+        raise ValueError(f"one context per target, got {contexts.shape} and {targets.shape}")
+    unigram_nll(unigram_counts, targets)  # the same checks of the targets
+    if contexts.size and (contexts.min() < 0 or contexts.max() >= vocab):
+        raise ValueError(f"context ids must lie in [0, {vocab}) (the vocabulary)")
+    keys, inverse = np.unique(np.asarray(pairs, np.int64), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.asarray(pair_counts, np.float64), minlength=len(keys))  # (P,) c(s, t)
+    uni = np.asarray(unigram_counts, np.float64)
+    p_uni = ((uni + 1.0) / (uni.sum() + vocab))[targets]  # (N,)
+    c_s = np.bincount(keys // vocab, weights=counts, minlength=vocab)[contexts]  # (N,) c(s)
+    t_s = np.bincount(keys // vocab, minlength=vocab).astype(np.float64)[contexts]  # (N,) T(s)
+    wanted = contexts * vocab + targets
+    at = np.searchsorted(keys, wanted)
+    found = at < len(keys)
+    found[found] = keys[at[found]] == wanted[found]
+    c_st = np.zeros(len(wanted))
+    c_st[found] = counts[at[found]]
+    # A context never seen in training (c(s) = 0) falls back to the unigram.
+    p = np.where(c_s > 0, (c_st + t_s * p_uni) / np.where(c_s > 0, c_s + t_s, 1.0), p_uni)
+    return float(-np.log(p).mean())
+
+
 def unigram_nll(counts: np.ndarray, targets: np.ndarray) -> float:
     """Mean negative log-likelihood (nats) of ``targets`` under the add-one smoothed unigram model
     of ``counts``: ``p(t) = (counts[t] + 1) / (sum(counts) + V)``.
@@ -338,7 +393,7 @@ def samples_markdown(generated: list[dict]) -> str:
 
 
 def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
-    """Rows (this run, random init, unigram), notes with the samples and extra results.json content."""
+    """Rows (this run, random init, unigram, bigram), notes with the samples and extra results.json content."""
     from ssl_platform.evaluate.inference import extract
 
     d = cfg.data
@@ -347,12 +402,13 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
     if blocks.count() == 0:
         raise ValueError(f"the held-out split of {d.path or d.corpus} gives no GPT block; raise data.val_fraction")
 
-    rows, targets = [], None
+    rows, targets, contexts = [], None, None
     for name, weights in (("GPT (this run)", state), ("random init", None)):
         keep = ("input_ids", "attention_mask") if targets is None else ()
         scores = extract(blocks, cfg, derived, weights, score_gpt, keep=keep, seed=cfg.train.seed)
         if targets is None:
             targets = target_tokens(scores["input_ids"], scores["attention_mask"])
+            contexts = context_tokens(scores["input_ids"], scores["attention_mask"])
         tokens = int(scores["tokens"].sum())
         if tokens != len(targets):
             raise RuntimeError(f"scored {tokens} held-out tokens but the blocks hold {len(targets)} targets")
@@ -362,6 +418,10 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
     counts = collect(train_blocks.map_batches(CountTokens(tokenizer.vocab_size), batch_size=None, batch_format="numpy"),
                      ("counts",))["counts"].sum(axis=0)  # (V,)
     rows.append(lm_row("unigram (train counts, add-one)", unigram_nll(counts, targets)))
+    bigrams = collect(train_blocks.map_batches(CountPairs(tokenizer.vocab_size), batch_size=None,
+                                               batch_format="numpy"), ("pair", "count"))
+    rows.append(lm_row("bigram (train counts, Witten-Bell)",
+                       bigram_nll(bigrams["pair"], bigrams["count"], counts, contexts, targets)))
 
     generated = samples(cfg, derived, state, tokenizer)
     notes = (f"Held-out: {len(targets)} predicted tokens in {blocks.count()} blocks of {d.max_len}. Perplexity = "
