@@ -20,10 +20,12 @@ from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 from ssl_platform.evaluate import evaluate_run  # what `sslp run` and `sslp eval` call
 from ssl_platform.evaluate.text import (
     PAIR,
+    CountDocumentTokens,
     CountPairs,
     TopicChunks,
     bigram_nll,
     context_tokens,
+    most_frequent_token_accuracy,
     score_bert,
     score_gpt,
     target_tokens,
@@ -90,6 +92,19 @@ def test_context_tokens_precede_the_targets_and_pairs_skip_padding():
     pairs = CountPairs(11)({"input_ids": ids, "attention_mask": attention})
     assert sorted(zip((pairs["pair"] // 11).tolist(), (pairs["pair"] % 11).tolist(), strict=True)) == [
         (5, 6), (6, 7), (7, 8), (9, 10)]
+
+
+def test_most_frequent_token_baseline_counts_document_tokens_without_specials():
+    texts = [d.text for d in load_python_docs(0.1, 0)["train"][:20]]
+    tok = train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=200))
+    counts = CountDocumentTokens(tok)({"text": np.array(texts, dtype=object)})["counts"][0]
+    assert counts.shape == (tok.vocab_size,) and counts.sum() == sum(len(ids) for ids in tok.encode_batch(texts))
+    assert all(counts[i] == 0 for i in tok.special_ids)
+    commonest = int(np.argmax(counts))
+    others = [i for i in range(tok.vocab_size) if i != commonest][:2]
+    assert most_frequent_token_accuracy(counts, [commonest, commonest, *others]) == (0.5, commonest)
+    with pytest.raises(ValueError, match="no masked position"):
+        most_frequent_token_accuracy(counts, [])
 
 
 def test_target_tokens_skip_the_first_token_and_padding():
@@ -238,10 +253,14 @@ def test_bert_protocol_beats_random_init(ray_session, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint_000150", method, optimizer, cfg, tok, 150)
 
     rows = {r["encoder"]: r for r in evaluate_run(cfg, checkpoint, tmp_path / "run")}
-    trained, random_init = rows["BERT (this run)"], rows["random init"]
-    for row in rows.values():
+    trained, random_init = rows.pop("BERT (this run)"), rows.pop("random init")
+    [(frequent_name, frequent)] = rows.items()  # the third row: the most frequent token's
+    assert frequent_name.startswith("most frequent token") and set(frequent) == {"encoder", "mlm_accuracy"}
+    assert 0.0 < frequent["mlm_accuracy"] < 0.5
+    for row in (trained, random_init):
         for key in ("mlm_accuracy", "nsp_accuracy", "linear_probe_top1", "knn_top1"):
             assert 0.0 <= row[key] <= 1.0, (row["encoder"], key)
+    print(f"tiny BERT MLM {trained['mlm_accuracy']:.3f}, {frequent_name} {frequent['mlm_accuracy']:.3f}")
     assert random_init["mlm_accuracy"] < 0.02  # about 1 / vocabulary
     # 150 steps learn the common tokens: a few percent of ~1,300 masked positions, against none.
     assert trained["mlm_accuracy"] > random_init["mlm_accuracy"] + 0.02

@@ -31,7 +31,8 @@ GPT (Radford et al. 2019):
 - samples from a few prompts, one a few-shot in-context prompt, in results.md and results.json.
 
 Both have a random-init row: the same architecture, untrained (perplexity about the vocabulary
-size, MLM accuracy about 1 / V).
+size, MLM accuracy about 1 / V). BERT's MLM accuracy also has the most-frequent-token row: the
+accuracy of always answering the training split's commonest token at every masked position.
 """
 
 from __future__ import annotations
@@ -134,6 +135,30 @@ def score_bert(method: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, T
 PAIR = -1  # the ``chunk`` of a masked NSP pair; topic chunks count 0, 1, ... within their document
 
 
+class CountDocumentTokens:
+    """``map_batches`` callable: ``{"text"}`` documents -> one row of per-token counts of their
+    tokens (no special tokens: those a masked position never asks for)."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [i for doc in self.tokenizer.encode_batch(batch["text"].tolist()) for i in doc]
+        return {"counts": np.bincount(np.asarray(ids, np.int64), minlength=self.tokenizer.vocab_size)[None]}  # (1, V)
+
+
+def most_frequent_token_accuracy(train_counts: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """(MLM accuracy of always answering the training split's most frequent token, that token).
+
+    Shape: train_counts (V,), targets (M,) the original tokens at the held-out masked positions.
+    """
+    token = int(np.argmax(train_counts))
+    targets = np.asarray(targets)
+    if targets.size == 0:
+        raise ValueError("no masked position to score")
+    return float((targets == token).mean()), token
+
+
 class TagPairs:
     """``map_batches`` callable: BERT pairs get ``source`` "" and ``chunk`` PAIR, the columns of
     :class:`TopicChunks`, so pairs and chunks are one Dataset and one inference pass per model."""
@@ -205,7 +230,7 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
 
 def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor],
               tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
-    """Rows (this run, random init), notes and extra results.json content of a BERT run."""
+    """Rows (this run, random init, the most frequent token), notes and extra results.json content of a BERT run."""
     from ssl_platform.evaluate.inference import extract
 
     d = cfg.data
@@ -241,6 +266,13 @@ def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor],
             row["knn_top1"] = knn_accuracy(x[tr], labels[tr], x[te], labels[te], k=cfg.eval.knn_k,
                                            temperature=cfg.eval.knn_temperature)
         rows.append(row)
+
+    # The MLM baseline a model must beat to have learnt more than the commonest token.
+    masked = collect(pairs, ("mlm_labels",))["mlm_labels"]
+    targets = masked[masked != IGNORE_INDEX]
+    train_counts = collect(_map(documents(cfg, "train"), CountDocumentTokens(tokenizer), cfg), ("counts",))["counts"]
+    accuracy, token = most_frequent_token_accuracy(train_counts.sum(axis=0), targets)
+    rows.append({"encoder": f"most frequent token ({tokenizer.decode([token])!r})", "mlm_accuracy": accuracy})
 
     notes.append(f"MLM accuracy: top-1 over the {count} masked positions of {int(is_pair.sum())} held-out sequences "
                  f"(training's masking, seed {cfg.train.seed}); chance is about 1/{tokenizer.vocab_size}. "
