@@ -9,7 +9,7 @@ from ssl_platform import cli, methods
 from ssl_platform.config import METHOD_KINDS, list_presets, load_config
 from ssl_platform.train.online import ONLINE_METRIC
 
-LOCAL = ["simclr-digits", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
+LOCAL = ["simclr-digits", "simclr-digits-m", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
          "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"]
 CLUSTER = ["simclr-resnet50-imagenet", "byol-resnet50-imagenet", "clip-vitb32-webdataset", "bert-base-parquet",
            "gpt2-small-parquet", "cpc-librispeech"]
@@ -29,10 +29,10 @@ def test_preset_validates_and_builds_its_method(preset):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("preset", [p for p in LOCAL if p != "simclr-digits"])  # that one: test_run_e2e
+@pytest.mark.parametrize("preset", [p for p in LOCAL if p != "simclr-digits-m"])  # the demo's: test_run_e2e
 def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
     # `sslp run` in this process, a job on the session's head (see conftest); test_run_e2e runs
-    # simclr-digits as a subprocess, with the end-of-run evaluation. Every method's online metric
+    # the demo's simclr-digits-m as a subprocess, with the end-of-run evaluation. Every method's online metric
     # is reported here; each kind's evaluation protocol (what the end of `sslp run` calls) is
     # tested in test_eval_*.py, so it is off: it would double the time of this test.
     assert cli.main(["run", preset, f"runs_dir={tmp_path}", "train.max_steps=4", "train.log_every=2",

@@ -1,4 +1,5 @@
-"""`sslp run` end to end: 2 Ray Train workers, checkpoint, metrics, report, and `sslp eval`.
+"""`sslp run` end to end on the demo's preset (simclr-digits-m, tiny): 2 Ray Train workers, checkpoint,
+metrics, report, and `sslp eval`.
 
 Each command is a job on the session's Ray head (conftest.sslp); refusals are tested in-process.
 Resuming a run by its name is tested in test_faults (after a failure and after Ctrl-C).
@@ -22,7 +23,7 @@ TINY = ["model.encoder_widths=[8,16]", "model.projector_width=64", "model.projec
 @pytest.fixture(scope="module")
 def first_run(sslp, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    done = sslp("run", "simclr-digits", "name=tiny", f"runs_dir={root}", "train.max_steps=30", *TINY, cwd=root)
+    done = sslp("run", "simclr-digits-m", "name=tiny", f"runs_dir={root}", "train.max_steps=30", *TINY, cwd=root)
     assert done.returncode == 0, show(done)
     return root / "tiny", done
 

@@ -7,7 +7,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_platform.bench import format_bench, run_data_bench
-from ssl_platform.data.builtin import load_digits_splits
+from ssl_platform.data.builtin import DIGIT_NAMES, load_digits_m_splits, load_digits_splits
+from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 from ssl_platform.data.randomness import record_uniforms
 from ssl_platform.data.transforms import (
     DRAWS,
@@ -23,6 +24,7 @@ from ssl_platform.data.transforms import (
     to_float,
     view_draws,
 )
+from ssl_platform.probes import knn_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,38 @@ def test_digits_corpus_splits(digits):
     assert set(np.unique(val.labels)) == set(range(10))  # stratified
     again = load_digits_splits(image_size=32, val_fraction=0.2, seed=0)
     assert np.array_equal(again["val"].labels, val.labels)  # fixed seed -> same held-out set
+
+
+def test_digits_m_is_digits_on_photos_fixed_by_the_seed_and_hard_for_raw_pixels(digits):
+    m = load_digits_m_splits(image_size=32, val_fraction=0.2, seed=0)
+    train, val = m["train"], m["val"]
+    assert train.images.shape == (1437, 3, 32, 32) and train.images.dtype == np.uint8
+    assert val.images.shape == (360, 3, 32, 32)
+    # digits' split and labels, one photo patch per digit
+    assert np.array_equal(val.labels, digits["val"].labels) and np.array_equal(train.labels, digits["train"].labels)
+    assert train.class_names == digits["train"].class_names
+    # colour: the channels differ (a grey image would have three equal planes)
+    assert np.abs(val.images[:, 0].astype(int) - val.images[:, 1].astype(int)).mean() > 5
+    again = load_digits_m_splits(image_size=32, val_fraction=0.2, seed=0)
+    assert np.array_equal(again["train"].images, train.images) and np.array_equal(again["val"].images, val.images)
+    other = load_digits_m_splits(image_size=32, val_fraction=0.2, seed=1)
+    assert not np.array_equal(other["val"].images[:10], val.images[:10])
+    assert load_digits_m_splits(image_size=24)["val"].images.shape == (360, 3, 24, 24)
+
+    def raw_knn(split):  # kNN on raw pixels: what the corpus is built to defeat
+        flat = {k: s.images.reshape(len(s), -1).astype(np.float32) / 255 for k, s in split.items()}
+        return knn_accuracy(flat["train"], split["train"].labels, flat["val"], split["val"].labels, k=20)
+
+    assert raw_knn(digits) > 0.9 and raw_knn(m) < 0.45
+
+
+def test_digits_m_captions_pair_digits_m_images_with_their_digit():
+    images = load_digits_m_splits(image_size=16)
+    captions = BUILTIN_CAPTION_CORPORA["digits-m-captions"](image_size=16)
+    for name in ("train", "val"):
+        assert np.array_equal(captions[name].images, images[name].images)
+        for label, caption in zip(captions[name].labels[:50], captions[name].captions[:50], strict=True):
+            assert DIGIT_NAMES[label] in caption or str(label) in caption
 
 
 def test_two_views_shapes_and_independence(digits):

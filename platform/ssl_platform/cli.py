@@ -4,7 +4,7 @@
     sslp run PRESET_OR_YAML [key=value ...]       pretrain (and evaluate) on Ray
     sslp eval RUN_DIR_OR_CHECKPOINT [eval.k=v]    the method's evaluation table against baselines
     sslp sweep SWEEP_OR_YAML [key=value ...]      a Ray Tune sweep (ASHA on the online metric)
-    sslp demo                                     SimCLR on digits, 2 workers, then the table
+    sslp demo                                     SimCLR on digits-m, 2 workers, then the table
 
 Configs are validated before Ray starts: a bad key or value exits with status 2 and one line
 saying what to change. `sslp run` exits 0 when the run finished (or had already finished), 1 when
@@ -43,6 +43,9 @@ from ssl_platform.config import (
 # The exit statuses and resolve_checkpoint live in ssl_platform.command (shared with the commands'
 # modules, which never import this one) and stay importable from here.
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main", "resolve_checkpoint"]
+
+# What `sslp demo` (and `make demo`) runs: a corpus on which raw pixels and a random encoder do badly.
+DEMO_PRESET = "simclr-digits-m"
 
 # Sub-commands that live in a module of their own: name -> module. Each module defines
 # ``add_parser(sub)`` (registers the sub-command; the module must import nothing heavy, since
@@ -107,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep or trial-config overrides")
     add_ray_args(sweep)
 
-    demo = sub.add_parser("demo", help="SimCLR on the built-in digits with 2 workers, then the results table",
-                          description="Pretrain SimCLR on the built-in digits corpus with 2 Ray Train workers, "
-                                      "evaluate the frozen encoder against baselines and print the table.")
+    demo = sub.add_parser("demo", help="SimCLR on the built-in digits-m with 2 workers, then the results table",
+                          description="Pretrain SimCLR on the built-in digits-m corpus (digits blended on photo "
+                                      "patches) with 2 Ray Train workers (the simclr-digits-m preset), evaluate the "
+                                      "frozen encoder against baselines and print the table.")
     _add_run_args(demo)
 
     data = sub.add_parser("data", help="look at a corpus before training on it",
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "demo":
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            cfg = load_config("simclr-digits", [f"name=demo-{stamp}", *args.overrides])
+            cfg = load_config(DEMO_PRESET, [f"name=demo-{stamp}", *args.overrides])
         else:
             cfg = load_config(args.preset, args.overrides)
         if args.command == "run" and args.help_config:

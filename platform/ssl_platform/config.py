@@ -43,7 +43,8 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
 
 
 # Built-in corpora (offline on a fresh machine) and the kinds/formats of a user's data.path.
-BUILTIN_KINDS = {"digits": "image", "digit-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
+BUILTIN_KINDS = {"digits": "image", "digits-m": "image", "digit-captions": "image-caption",
+                 "digits-m-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
 BUILTIN_CORPORA = tuple(BUILTIN_KINDS)
 # The kind of corpus each method trains on.
 METHOD_KINDS = {"simclr": "image", "byol": "image", "barlow_twins": "image", "vicreg": "image",

@@ -119,11 +119,12 @@ def image_rows(pretrained, source: str, reporter, fmt: str):
     if source in IMAGE_CORPORA:
         splits = load_image_corpus(source, size, cfg.data.val_fraction, cfg.train.seed)
         splits = {name: split.images for name, split in splits.items()}
-    elif source == "digit-captions":
-        from ssl_platform.data.digit_captions import load_digit_caption_splits
+    else:
+        from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 
-        splits = {name: split.images for name, split in
-                  load_digit_caption_splits(size, cfg.data.val_fraction, cfg.train.seed).items()}
+        if source in BUILTIN_CAPTION_CORPORA:
+            splits = {name: split.images for name, split in
+                      BUILTIN_CAPTION_CORPORA[source](size, cfg.data.val_fraction, cfg.train.seed).items()}
     if splits is not None:
         parts = []
         for name, images in splits.items():
@@ -136,18 +137,17 @@ def image_rows(pretrained, source: str, reporter, fmt: str):
 
 
 def text_rows(pretrained, source: str, reporter, fmt: str):
-    """(Dataset of {"text": str, ...}, id column): a text corpus, or digit-captions' captions."""
+    """(Dataset of {"text": str, ...}, id column): a text corpus, or a built-in caption corpus's captions."""
+    from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
     from ssl_platform.data.text import open_text_corpus
 
     cfg = pretrained.cfg
-    if source == "digit-captions":
+    if source in BUILTIN_CAPTION_CORPORA:
         import ray.data
 
-        from ssl_platform.data.digit_captions import load_digit_caption_splits
-
         rows = [{"text": str(c), "id": f"{source}/{name}/{i:06d}"}
-                for name, split in load_digit_caption_splits(cfg.data.image_size, cfg.data.val_fraction,
-                                                             cfg.train.seed).items()
+                for name, split in BUILTIN_CAPTION_CORPORA[source](cfg.data.image_size, cfg.data.val_fraction,
+                                                                   cfg.train.seed).items()
                 for i, c in enumerate(split.captions)]
         return ray.data.from_items(rows, override_num_blocks=8), "id"
     ds = open_text_corpus(source, reporter=reporter, unit=cfg.data.text_unit, text_field=cfg.data.text_field, fmt=fmt)

@@ -35,7 +35,7 @@ def method_params(name: str) -> dict[str, tuple[Any, Any]]:
 
 
 # Image channels of the built-in corpora (a data.path corpus has data.channels).
-BUILTIN_CHANNELS = {"digits": 1, "digit-captions": 1}
+BUILTIN_CHANNELS = {"digits": 1, "digit-captions": 1, "digits-m": 3, "digits-m-captions": 3}
 
 
 def expected_derived(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def inspect_image_caption(source: str, out_dir: Path, *, strict: bool = False, s
                           fmt: str = "auto", seed: int = 0, context_length: int = 77, **columns: str) -> dict:
     """``sslp data inspect SOURCE --kind image-caption``: counts, skips, one CLIP batch, a PNG of captioned images.
 
-    ``source`` is a path/URI or ``digit-captions`` (its train split, grayscale). With no valid
+    ``source`` is a path/URI or a built-in caption corpus (its train split). With no valid
     record, ``records`` is 0 and no figure is written (``figure`` is None): the caller stops.
     """
     from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA, caption_split_dataset

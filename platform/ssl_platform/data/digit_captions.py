@@ -1,8 +1,9 @@
-"""Built-in ``digit-captions``: the handwritten digits paired with varied natural captions.
+"""Built-in ``digit-captions`` and ``digits-m-captions``: digits paired with varied natural captions.
 
 The images, labels and stratified train/val split are exactly the ``digits`` corpus's
-(:func:`~ssl_platform.data.builtin.load_digits_splits`), so a CLIP model trained here can be
-compared with SimCLR on the same held-out images. Each image gets one caption, a template
+(:func:`~ssl_platform.data.builtin.load_digits_splits`), or the ``digits-m`` corpus's for
+``digits-m-captions`` (the digits blended on photo patches), so a CLIP model trained here can
+be compared with SimCLR on the same held-out images. Each image gets one caption, a template
 filled with its digit as a word ("seven") or a numeral ("7"); the template is a fixed function
 of (seed, split, position), so every run sees the same pairs.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray.data
 
-from ssl_platform.data.builtin import DIGIT_NAMES, load_digits_splits
+from ssl_platform.data.builtin import DIGIT_NAMES, load_digits_m_splits, load_digits_splits
 from ssl_platform.data.images import split_dataset
 
 # Training captions: {word} is "seven", {numeral} is "7". No template holds a digit word inside
@@ -54,7 +55,7 @@ def fill(template: str, label: int) -> str:
 
 @dataclass(frozen=True)
 class CaptionSplit:
-    """One split: ``images`` (N, 1, S, S) uint8, ``labels`` (N,) int64, ``captions`` (N,) str."""
+    """One split: ``images`` (N, C, S, S) uint8, ``labels`` (N,) int64, ``captions`` (N,) str."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -80,6 +81,14 @@ def load_digit_caption_splits(image_size: int = 32, val_fraction: float = 0.2,
             for name, s in splits.items()}
 
 
+def load_digits_m_caption_splits(image_size: int = 32, val_fraction: float = 0.2,
+                                 seed: int = 0) -> dict[str, CaptionSplit]:
+    """The digits-m-captions corpus: ``digits-m``'s images (RGB) with the same kind of captions."""
+    splits = load_digits_m_splits(image_size=image_size, val_fraction=val_fraction, seed=seed)
+    return {name: CaptionSplit(s.images, s.labels, caption_digits(s.labels, seed, name), s.class_names)
+            for name, s in splits.items()}
+
+
 def caption_split_dataset(split: CaptionSplit, name: str = "digit-captions", num_blocks: int = 8) -> ray.data.Dataset:
     """A split as a Dataset of caption-corpus rows ``{"image", "caption", "path", "label"}``."""
     return split_dataset(split.images, name, num_blocks, caption=split.captions, label=split.labels)
@@ -98,4 +107,5 @@ def zero_shot_prompts(class_names: tuple[str, ...] | list[str]) -> list[list[str
     return prompts
 
 
-BUILTIN_CAPTION_CORPORA = {"digit-captions": load_digit_caption_splits}
+BUILTIN_CAPTION_CORPORA = {"digit-captions": load_digit_caption_splits,
+                           "digits-m-captions": load_digits_m_caption_splits}

@@ -4,8 +4,8 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 
 | kind | corpus | transform (``map_batches`` on CPU) | batch keys |
 |---|---|---|---|
-| image | ``digits`` or ``data.path`` | ``TwoViewAugment`` (the method's recipe) | view1, view2 |
-| image-caption | ``digit-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
+| image | ``digits``, ``digits-m`` or ``data.path`` | ``TwoViewAugment`` (the method's recipe) | view1, view2 |
+| image-caption | ``digit-captions``, ``digits-m-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
 | text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
@@ -102,7 +102,7 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
 
 def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.captions import CaptionTransform, read_caption_corpus
-    from ssl_platform.data.digit_captions import caption_split_dataset, load_digit_caption_splits
+    from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA, caption_split_dataset
 
     d = cfg.data
     if d.path:
@@ -110,7 +110,7 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
                                      image_column=d.image_column, caption_column=d.caption_column)
         ds, channels, count, what = corpus.dataset, d.channels, None, f"{d.path} ({corpus.fmt})"
     else:
-        split = load_digit_caption_splits(d.image_size, d.val_fraction, cfg.train.seed)["train"]
+        split = BUILTIN_CAPTION_CORPORA[d.corpus](d.image_size, d.val_fraction, cfg.train.seed)["train"]
         ds = caption_split_dataset(split, d.corpus)
         channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} pairs)"
     transform = CaptionTransform(d.image_size, model["context_length"], **_optional(crop_scale_min=d.crop_scale_min,

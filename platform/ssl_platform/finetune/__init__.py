@@ -38,7 +38,7 @@ from pathlib import Path
 from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray, resolve_checkpoint
 
 FINETUNE_KINDS = ("image", "image-caption")  # run kinds (config.METHOD_KINDS) whose image encoder is fine-tuned
-UNLABELLED_BUILTINS = ("digit-captions", "python-docs")
+UNLABELLED_BUILTINS = ("digit-captions", "digits-m-captions", "python-docs")
 
 
 def add_parser(sub) -> None:
@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
                     "into --out.")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoint_* dirs")
     p.add_argument("--data", required=True, metavar="LABELLED_SOURCE",
-                   help="digits, an image folder with one sub-folder per class, or parquet with a label column")
+                   help="digits, digits-m, an image folder with one sub-folder per class, "
+                        "or parquet with a label column")
     p.add_argument("--epochs", type=float, default=10.0, help="passes over the labelled train split (default 10)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW base learning rate for a batch of 256 "
