@@ -1,5 +1,5 @@
-"""The demo's table at full size (`make test-slow`, ~7 minutes on 2 cores): the shipped
-simclr-digits-m preset, 400 steps on 2 workers through `sslp run`, against raw pixels and a random
+"""The demo's table at full size (`make test-slow`, ~8 minutes on 2 cores): the shipped
+simclr-digits-m preset, 500 steps on 2 workers through `sslp run`, against raw pixels and a random
 encoder on digits-m, as the README's table says: the linear probe at least 30 points above raw
 pixels and 15 above random init, the kNN ahead of both. That the corpus defeats raw pixels is
 tested in `make test` (test_transforms.py::test_digits_m_is_digits_on_photos_...), and that a
