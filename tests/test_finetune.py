@@ -26,7 +26,10 @@ def pretrained(trained_simclr):
 
 def test_finetuning_the_pretrained_encoder_beats_random_init(pretrained, tmp_path):
     cfg, checkpoint = pretrained
-    rows = finetune(cfg, checkpoint, "digits", tmp_path, Settings(steps=60, batch_size=32, train_examples=50, lr=0.05))
+    # Local mode (--workers 0): both fine-tunes run the loop in this process, without Ray Train's
+    # worker processes (~60 CPU-s each on 2 cores); the loop with workers is test_run_e2e's.
+    rows = finetune(cfg, checkpoint, "digits", tmp_path,
+                    Settings(steps=60, batch_size=32, train_examples=50, lr=0.05, workers=0))
     assert [r["encoder"] for r in rows] == ["fine-tuned (pretrained)", "linear probe (frozen)",
                                             "fine-tuned (random init)"]
     top1 = {r["encoder"]: r["top1"] for r in rows}

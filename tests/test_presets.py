@@ -31,12 +31,15 @@ def test_preset_validates_and_builds_its_method(preset):
 @pytest.mark.ray
 @pytest.mark.parametrize("preset", [p for p in LOCAL if p != "simclr-digits-m"])  # the demo's: test_run_e2e
 def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
-    # `sslp run` in this process, a job on the session's head (see conftest); test_run_e2e runs
-    # the demo's simclr-digits-m as a subprocess, with the end-of-run evaluation. Every method's online metric
-    # is reported here; each kind's evaluation protocol (what the end of `sslp run` calls) is
-    # tested in test_eval_*.py, so it is off: it would double the time of this test.
-    assert cli.main(["run", preset, f"runs_dir={tmp_path}", "train.max_steps=4", "train.log_every=2",
-                     "train.checkpoint_every=4", "train.warmup_steps=1", "eval.enabled=false"]) == 0
+    # `sslp run` in this process, a job on the session's head (see conftest), in local mode
+    # (scaling.num_workers=0: the loop runs here, so a run costs its training, not the ~60 CPU-s of
+    # starting Ray Train's controller and worker processes); the preset's own model, data
+    # pipeline, loss, optimizer and online metric. Data-parallel training is what test_run_e2e
+    # (the demo's preset, 2 workers), test_faults, test_multinode and test_loop run. Each kind's
+    # evaluation protocol (what the end of `sslp run` calls) is tested in test_eval_*.py.
+    assert cli.main(["run", preset, f"runs_dir={tmp_path}", "scaling.num_workers=0", "train.max_steps=4",
+                     "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=1",
+                     "eval.enabled=false"]) == 0
     run_dir = tmp_path / preset
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
@@ -47,3 +50,56 @@ def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
     assert state["step"] == 4
     if METHOD_KINDS[state["config"]["method"]["name"]] == "text":  # the tokenizer travels with the checkpoint
         assert (newest / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.ray
+def test_local_mode_keeps_its_checkpoints_and_resumes_from_them(ray_session, tmp_path, capsys):
+    """Ray Train keeps no checkpoint in local mode; the loop stores them where Ray Train would, keeps
+    the newest train.keep_checkpoints, and the same command resumes from the newest."""
+    run = ["run", "simclr-digits", f"runs_dir={tmp_path}", "scaling.num_workers=0", "model.encoder_widths=[8,16]",
+           "model.projector_width=32", "model.projector_dim=16", "train.batch_size=32", "train.log_every=1",
+           "train.checkpoint_every=2", "train.keep_checkpoints=2", "eval.enabled=false"]
+    assert cli.main([*run, "train.max_steps=6"]) == 0
+    run_dir = tmp_path / "simclr-digits"
+    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert [torch.load(p / "state.pt", weights_only=True)["step"] for p in kept] == [4, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["checkpoint"] == str(kept[-1]) and summary["steps"] == 6
+    capsys.readouterr()
+
+    assert cli.main([*run, "train.max_steps=8"]) == 0
+    assert "resumed from step 6" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # every step exactly once across the two commands
+    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert [torch.load(p / "state.pt", weights_only=True)["step"] for p in kept] == [6, 8]
+    assert not list(run_dir.glob(".checkpoint_*"))  # no staging copy left behind
+
+
+def test_local_mode_refuses_what_needs_workers(tmp_path, capsys):
+    assert cli.main(["run", "simclr-digits", "scaling.num_workers=0", "scaling.use_gpu=true", "--dry-run"]) == 0
+    assert "local mode" in capsys.readouterr().out
+    assert cli.main(["run", "simclr-digits", "scaling.num_workers=-1", "--dry-run"]) == cli.EXIT_USAGE
+    assert "scaling.num_workers" in capsys.readouterr().err
+    runs = f"runs_dir={tmp_path}"
+    assert cli.main(["run", "simclr-digits", runs, "scaling.num_workers=0", "--max-failures", "1"]) == cli.EXIT_USAGE
+    assert "cannot be restarted" in capsys.readouterr().err and not (tmp_path / "simclr-digits").exists()
+
+
+def test_resume_point_is_the_newest_checkpoint_and_with_workers_only_one_ray_train_does_not_know(tmp_path):
+    from ssl_platform.train import local_mode
+
+    def checkpoint(name: str, marked: bool) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+        if marked:
+            (tmp_path / name / local_mode.MARKER).write_text("")
+
+    assert local_mode.resume_point(str(tmp_path / "none-yet"), local=True) is None
+    checkpoint("checkpoint_2026-01-01_00-00-00.000000", marked=False)  # Ray Train's, from a run with workers
+    assert local_mode.resume_point(str(tmp_path), local=True).endswith("checkpoint_2026-01-01_00-00-00.000000")
+    assert local_mode.resume_point(str(tmp_path), local=False) is None  # Ray Train hands its own back
+    checkpoint("checkpoint_2026-01-02_00-00-00.000000", marked=True)  # then local mode went on
+    (tmp_path / "checkpoint_2026-01-03_00-00-00.000000").mkdir()  # incomplete: no state.pt
+    for local in (True, False):
+        assert local_mode.resume_point(str(tmp_path), local=local).endswith("checkpoint_2026-01-02_00-00-00.000000")

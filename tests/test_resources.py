@@ -27,7 +27,9 @@ def test_big_cluster_gives_one_cpu_per_worker_and_gpus_when_asked():
 
 
 @pytest.mark.parametrize("overrides, nodes, expected", [
-    (["scaling.use_gpu=true"], [{"CPU": 2.0}], "set scaling.num_workers=0 or scaling.use_gpu=false"),
+    (["scaling.use_gpu=true"], [{"CPU": 2.0}], "has 0; set scaling.use_gpu=false"),
+    (["scaling.use_gpu=true", "scaling.num_workers=4"], [{"CPU": 8.0, "GPU": 2.0}],
+     "set scaling.num_workers=2 or scaling.use_gpu=false"),
     (["scaling.cpus_per_worker=1"], [{"CPU": 2.0}], "lower scaling.cpus_per_worker"),
     (["scaling.num_workers=4", "train.batch_size=256", "scaling.data_cpus=2"], [{"CPU": 2.0}],
      "lower scaling.num_workers"),

@@ -250,10 +250,13 @@ def _dry_run(cfg: ExperimentConfig) -> int:
     s = cfg.scaling
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     cpus = "auto" if s.cpus_per_worker is None else f"{s.cpus_per_worker:g}"
-    print(f"# workers: {s.num_workers} x (CPU={cpus}{', GPU=1' if s.use_gpu else ''}), "
-          f"data pipeline keeps {s.data_cpus:g} CPUs")
-    print(f"# global batch {cfg.train.batch_size} = {s.num_workers} x "
-          f"{cfg.train.batch_size // s.num_workers} per worker")
+    if s.num_workers:
+        print(f"# workers: {s.num_workers} x (CPU={cpus}{', GPU=1' if s.use_gpu else ''}), "
+              f"data pipeline keeps {s.data_cpus:g} CPUs")
+    else:
+        print("# local mode (scaling.num_workers=0): the loop runs in this process; Ray Data uses the cluster's CPUs")
+    print(f"# global batch {cfg.train.batch_size} = {s.ranks} x "
+          f"{cfg.train.batch_size // s.ranks} per worker")
     print(f"# run directory: {cfg.run_location()}")
     return 0
 
@@ -269,6 +272,10 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         run_paths,
     )
 
+    if args.max_failures and cfg.scaling.num_workers == 0:  # before Ray starts (fit() says the same)
+        print("sslp: resources: scaling.num_workers=0 trains in this process: it cannot be restarted "
+              "(--max-failures needs Ray Train workers); set scaling.num_workers=1 or more", file=sys.stderr)
+        return EXIT_USAGE
     t0 = time.perf_counter()
     paths = run_paths(cfg)
     try:

@@ -164,7 +164,9 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = _f(2, "Ray Train workers (data-parallel ranks)", min=1)
+    num_workers: int = _f(2, "Ray Train workers (data-parallel ranks); 0: local mode, the loop runs in the driver "
+                             "process as the only rank (no worker processes: quick checks, a debugger's "
+                             "breakpoints; Ray Data still streams the batches)", min=0)
     use_gpu: bool = _f(False, "one GPU per worker, NCCL backend")
     cpus_per_worker: float | None = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
     data_cpus: float = _f(1.0, "CPUs always left free for the Ray Data pipeline", min=0.0)
@@ -180,6 +182,11 @@ class ScalingConfig:
     wait_for_resources_s: float = _f(300.0, "seconds to wait for CPUs/GPUs that other jobs hold (or the autoscaler "
                                             "adds) before giving up",
                                      min=0.0)
+
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks: the workers, or the driver alone in local mode (``num_workers=0``)."""
+        return max(1, self.num_workers)
 
 
 @dataclass
@@ -441,15 +448,15 @@ def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], d
 def _check_consistency(cfg: ExperimentConfig) -> None:
     """Constraints that span fields."""
     t, s = cfg.train, cfg.scaling
-    if t.batch_size % s.num_workers:
+    if t.batch_size % s.ranks:
         raise ConfigError(
             f"train.batch_size={t.batch_size} does not split evenly over scaling.num_workers={s.num_workers}; "
             f"use a multiple of {s.num_workers}"
         )
-    if t.batch_size % (s.num_workers * t.grad_accum_steps):
+    if t.batch_size % (s.ranks * t.grad_accum_steps):
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into scaling.num_workers={s.num_workers} x "
                           f"train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; use a multiple of "
-                          f"{s.num_workers * t.grad_accum_steps}")
+                          f"{s.ranks * t.grad_accum_steps}")
     wanted = METHOD_KINDS[cfg.method.name]
     d = cfg.data
     if d.mask_token_frac + d.random_token_frac > 1:

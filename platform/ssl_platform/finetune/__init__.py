@@ -58,7 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW base learning rate for a batch of 256 "
                                                           "(scaled linearly, as train.lr; default 5e-3)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers (default 1; 0: local mode, the loop runs in this process, as "
+                        "scaling.num_workers=0)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--train-examples", type=int, default=None, help="labelled train examples used (stratified)")
     size.add_argument("--labelled-fraction", type=float, default=None,
@@ -117,7 +119,9 @@ def check_supported(method: str, source: str) -> None:
 def check_sizes(args: argparse.Namespace) -> None:
     if (args.steps is not None and args.steps < 1) or args.epochs <= 0:
         raise ValueError("--steps and --epochs must be positive")
-    if args.batch_size < 2 or args.batch_size % args.workers:
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers} must be 0 (local mode) or more")
+    if args.batch_size < 2 or args.batch_size % max(1, args.workers):
         raise ValueError(f"--batch-size {args.batch_size} must be at least 2 and a multiple of --workers "
                          f"{args.workers}")
     if args.labelled_fraction is not None and not 0 < args.labelled_fraction <= 1:

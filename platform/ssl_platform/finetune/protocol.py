@@ -127,7 +127,8 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
     derived = image_derived(cfg, train.images)
     check_state(cfg, derived, state)  # a checkpoint that does not fit its own config fails before any training
     steps = settings.steps or max(1, math.ceil(settings.epochs * len(train) / settings.batch_size))
-    if len(train) // settings.workers < settings.batch_size // settings.workers:
+    ranks = max(1, settings.workers)  # 0: local mode, one rank
+    if len(train) // ranks < settings.batch_size // ranks:
         raise ValueError(f"--batch-size {settings.batch_size} is larger than the {len(train)} labelled train "
                          f"examples; lower it")
     print(f"fine-tuning {cfg.method.name} from {checkpoint} on {splits.description}; {steps} steps of "

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_platform import methods
 from ssl_platform.config import from_dict
+from ssl_platform.train import local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
     all_rng_states,
@@ -71,7 +72,8 @@ def train_func(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    local = bool(loop_config.get("local"))  # local mode: this is the driver, the only rank
+    device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu") if local else ray.train.torch.get_device()
     t = cfg.train
     local_batch = t.batch_size // world
     micro_batch = micro_batch_size(t.batch_size, world, t.grad_accum_steps)
@@ -80,7 +82,8 @@ def train_func(loop_config: dict) -> None:
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
-    model = wrap_model(method, cfg.scaling.strategy, device, world)  # DDP wrapper, or `method` sharded in place
+    # DDP wrapper, or `method` sharded in place; in local mode `method` itself, on the device.
+    model = method.to(device) if local else wrap_model(method, cfg.scaling.strategy, device, world)
     # Built after wrapping: FSDP replaces the parameters with sharded ones.
     optimizer = build_optimizer(method, t.optimizer, t.effective_lr()[0], t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.max_steps, t.warmup_steps))
@@ -89,9 +92,13 @@ def train_func(loop_config: dict) -> None:
     autocast = autocast_context(t.precision, device)
     seed_everything(t.seed + 1 + rank)  # each rank its own stream from here on (dropout)
 
-    # 2. Resume: Ray hands back the newest checkpoint of this run name, if any.
+    # 2. Resume: Ray hands back the newest checkpoint it registered for this run name, if any; the
+    #    driver names a newer one that local mode stored (see train.local_mode).
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    stored = loop_config.get("resume_from")
+    if stored and (checkpoint is None or Path(stored).name > Path(checkpoint.path).name):
+        checkpoint = ray.train.Checkpoint(stored)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
@@ -99,7 +106,8 @@ def train_func(loop_config: dict) -> None:
             print(f"resumed from step {state.step} (epoch {state.epoch})", flush=True)
     start_step = state.step
     if rank == 0:
-        print(f"{world} x {cfg.scaling.strategy}, {t.grad_accum_steps} x {micro_batch} samples per worker and step, "
+        print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
+              f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
               f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
               f"{', torch.compile' if t.compile else ''}", flush=True)
 
@@ -276,7 +284,12 @@ def report_checkpoint(rank: int, method: nn.Module, optimizer: torch.optim.Optim
                        rng=rng, config=loop_config["config"])
             for name, path in loop_config["artifacts"].items():
                 shutil.copytree(path, Path(d) / name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            if loop_config.get("local"):  # Ray Train keeps no checkpoint in local mode: store it where it would
+                stored = local_mode.store(d, loop_config["storage_uri"] or loop_config["run_dir"],
+                                          keep=from_dict(loop_config["config"]).train.keep_checkpoints)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint(stored))
+            else:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     # The controller registers a reported checkpoint at its next poll (~2 s); a worker dying in
     # between would restart from the previous one and repeat more than checkpoint_every steps.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

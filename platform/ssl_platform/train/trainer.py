@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import pyarrow.fs
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -53,6 +54,7 @@ from ssl_platform.data.skips import (
     skip_summary,
 )
 from ssl_platform.data.sources import filesystem
+from ssl_platform.train import local_mode
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, train_func
 from ssl_platform.train.metrics import format_duration
 
@@ -192,6 +194,11 @@ class WorkerPlan:
     cpus_per_worker: float
     use_gpu: bool
 
+    def describe(self) -> str:
+        if self.num_workers == 0:
+            return f"local mode (this process{', on its GPU' if self.use_gpu else ''})"
+        return f"{self.num_workers} workers x {self.resources()}"
+
     def resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
@@ -207,12 +214,18 @@ def plan_workers(cfg: ExperimentConfig, nodes: list[dict[str, float]]) -> Worker
     would hang, so an infeasible request is refused here, before anything is scheduled.
     """
     s = cfg.scaling
+    if s.num_workers == 0:  # local mode: the driver is the only rank; Ray Data may use every CPU of the cluster
+        if s.use_gpu and not torch.cuda.is_available():
+            raise ResourceError("scaling.num_workers=0 trains in this process, which sees no GPU; set "
+                                "scaling.use_gpu=false, or scaling.num_workers=1 to train on a GPU node of the cluster")
+        return WorkerPlan(0, 0.0, s.use_gpu)
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
     if s.use_gpu and total_gpu < s.num_workers:
         raise ResourceError(
             f"scaling.use_gpu=true needs {s.num_workers} GPUs (one per worker) but the cluster has {total_gpu:g}; "
-            f"set scaling.num_workers={int(total_gpu)} or scaling.use_gpu=false"
+            + (f"set scaling.num_workers={int(total_gpu)} or scaling.use_gpu=false" if total_gpu >= 1 else
+               "set scaling.use_gpu=false")
         )
     free_for_train = total_cpu - s.data_cpus
     if s.cpus_per_worker is None:
@@ -304,7 +317,8 @@ def wait_for_free_resources(plan: WorkerPlan, data_cpus: float, timeout_s: float
     ``ray.available_resources``) returns the cluster's free resources.
     """
     free = free or ray.available_resources
-    need = {"CPU": plan.num_workers * plan.cpus_per_worker + data_cpus, "GPU": plan.num_workers if plan.use_gpu else 0}
+    need = {"CPU": plan.num_workers * plan.cpus_per_worker + data_cpus,
+            "GPU": plan.num_workers if plan.use_gpu else 0}  # local mode: the driver's own GPU is not Ray's
     deadline = clock() + timeout_s
     announced = False
     while True:
@@ -464,6 +478,10 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     copy_to_storage(paths, CONFIG_FILE)
 
     plan = plan_workers(cfg, cluster_nodes(cfg))
+    if plan.num_workers == 0 and (max_failures or callbacks):
+        raise ResourceError(f"scaling.num_workers=0 trains in this process: it cannot be restarted "
+                            f"({'--max-failures' if max_failures else 'a Tune trial'} needs Ray Train workers); "
+                            f"set scaling.num_workers=1 or more")
     wait_for_free_resources(plan, cfg.scaling.data_cpus, cfg.scaling.wait_for_resources_s)
     skips = ledger_name(cfg.name)
     ledger = get_or_create_ledger(skips)
@@ -472,12 +490,13 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
         ray.kill(ledger)
         raise DataError(str(e)) from None
-    local_batch = cfg.train.batch_size // plan.num_workers
-    if data.num_records is not None and data.num_records // plan.num_workers < local_batch:
+    ranks = cfg.scaling.ranks
+    local_batch = cfg.train.batch_size // ranks
+    if data.num_records is not None and data.num_records // ranks < local_batch:
         ray.kill(ledger)
         raise ResourceError(
             f"train.batch_size={cfg.train.batch_size} needs {local_batch} records per worker but each of the "
-            f"{plan.num_workers} workers gets {data.num_records // plan.num_workers}; lower train.batch_size"
+            f"{ranks} rank(s) gets {data.num_records // ranks}; lower train.batch_size"
         )
     online = None  # the online evaluation's held-out split, in the object store (a reference in the loop config)
     if cfg.eval.online_every:
@@ -486,11 +505,13 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         except (ValueError, FileNotFoundError) as e:
             ray.kill(ledger)
             raise DataError(str(e)) from None
-    print(f"training {cfg.method.name} on {data.description}: {plan.num_workers} workers x {plan.resources()}, "
+    print(f"training {cfg.method.name} on {data.description}: {plan.describe()}, "
           f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}", flush=True)
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
+    if plan.num_workers == 0 and cfg.data.seed is not None:  # what _dataset_config asks of the workers' shards
+        data.train.context.execution_options.preserve_order = True
     trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build)
     try:
         with _ray_sigint_as_keyboard_interrupt():
@@ -499,6 +520,17 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         (paths.local / ERROR_FILE).write_text(str(e) + "\n")
         copy_to_storage(paths, ERROR_FILE)
         raise TrainingFailed(_failure_reason(e, cfg, paths, max_failures)) from None
+    except Exception as e:  # local mode: the loop's own error, raised in this process
+        if plan.num_workers:
+            raise
+        import traceback
+
+        (paths.local / ERROR_FILE).write_text("".join(traceback.format_exception(e)))
+        copy_to_storage(paths, ERROR_FILE)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise TrainingFailed(f"the loop failed in local mode: {type(e).__name__}: {lines[-1] if lines else ''}; full "
+                             f"error in {paths.local / ERROR_FILE}; run the same command again to resume run "
+                             f"{cfg.name} from its newest checkpoint") from None
     finally:
         skipped = skip_summary(ledger)
         ray.kill(ledger)  # detached so every data task finds it; it must not outlive the run
@@ -523,13 +555,15 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "storage_uri": paths.uri if paths.remote else None, "crash_token": crash_token,
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: _pack_dir(Path(path)) for name, path in data.artifacts.items()},
-            "online_split": online_split_ref, "build": build,
+            "online_split": online_split_ref, "build": build, "local": plan.num_workers == 0,
+            "resume_from": local_mode.resume_point(paths.uri if paths.remote else str(paths.local),
+                                                   local=plan.num_workers == 0),
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
-            resources_per_worker=plan.resources(),
+            resources_per_worker=plan.resources() if plan.num_workers else None,
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
