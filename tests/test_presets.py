@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from test_sweep import write_sweep
 
 from ssl_platform import cli, methods
-from ssl_platform.config import METHOD_KINDS, list_presets, load_config
+from ssl_platform.config import METHOD_KINDS, ConfigError, list_presets, load_config
 from ssl_platform.train.online import ONLINE_METRIC
+from ssl_platform.tune.spec import load_sweep
 
 LOCAL = ["simclr-digits", "simclr-digits-m", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
          "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"]
@@ -81,6 +83,8 @@ def test_local_mode_refuses_what_needs_workers(tmp_path, capsys):
     assert "local mode" in capsys.readouterr().out
     assert cli.main(["run", "simclr-digits", "scaling.num_workers=-1", "--dry-run"]) == cli.EXIT_USAGE
     assert "scaling.num_workers" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="local mode"):
+        load_sweep(str(write_sweep(tmp_path / "s.yaml", tmp_path, overrides={"scaling.num_workers": 0})))
     runs = f"runs_dir={tmp_path}"
     assert cli.main(["run", "simclr-digits", runs, "scaling.num_workers=0", "--max-failures", "1"]) == cli.EXIT_USAGE
     assert "cannot be restarted" in capsys.readouterr().err and not (tmp_path / "simclr-digits").exists()

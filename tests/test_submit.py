@@ -177,3 +177,44 @@ def test_the_token_is_sent_even_after_a_local_ray_set_the_auth_mode(monkeypatch)
     assert token_header() == {"Authorization": f"Bearer {'a' * 64}"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert token_header() == {}
+
+
+def test_a_head_without_a_job_agent_yet_is_asked_again_until_the_wait_ends():
+    """The Jobs API answers 500 "No available agent" while a new head's agent starts (seen on a
+    loaded 2-core machine): submit asks again every 2 s; any other refusal is final at once."""
+    from ssl_platform.submit import NO_AGENT, _submit_when_an_agent_is_up
+
+    class Job:
+        entrypoint, kind, name, location = "python -c pass", "run", "n", "here"
+
+        def new_submission_id(self) -> str:
+            return "id"
+
+        def runtime_env(self, folder: Path) -> dict:
+            return {}
+
+    class Client:
+        def __init__(self, answers: list):
+            self.answers, self.calls = answers, 0
+
+        def submit_job(self, **_) -> str:
+            self.calls += 1
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    busy = RuntimeError(f"Request failed with status code 500: {NO_AGENT}, please try again later.")
+    client = Client([busy, busy, "sslp-id"])
+    assert _submit_when_an_agent_is_up(client, Job(), Path("."), wait_s=60, sleep=sleep, clock=clock) == "sslp-id"
+    assert client.calls == 3 and now[0] == 4.0
+    client = Client([RuntimeError("package too large"), "never"])
+    with pytest.raises(RuntimeError, match="too large"):
+        _submit_when_an_agent_is_up(client, Job(), Path("."), wait_s=60, sleep=sleep, clock=clock)
+    assert client.calls == 1
+    client = Client([busy] * 10)
+    with pytest.raises(RuntimeError, match=NO_AGENT):
+        _submit_when_an_agent_is_up(client, Job(), Path("."), wait_s=5, sleep=sleep, clock=clock)
+    assert client.calls == 4  # at 0, 2, 4 and 6 s: the last one after the 5 s wait

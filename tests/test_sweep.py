@@ -4,7 +4,8 @@ trial, and a best.yaml that `sslp run` takes as it is.
 
 The integration part runs the real command line in subprocesses (jobs on the session's Ray
 head, see conftest): the sweep is interrupted with SIGINT once a trial has finished and run
-again to the end. Trials are tiny (2 workers x 0.5 CPU, 10 steps); one at a time, so ASHA's
+again to the end. Trials are tiny (1 worker x 0.5 CPU, 10 steps: what is tested is Tune's side, and
+each Ray Train worker process costs ~15 CPU-s on 2 cores); one at a time, so ASHA's
 decision does not depend on which trial reaches a rung first.
 """
 
@@ -23,7 +24,8 @@ from ssl_platform.tune.sweep import EXIT_INTERRUPTED, EXIT_USAGE, run_sweep
 TINY = {
     "model.encoder_widths": [8, 16], "model.projector_width": 64, "model.projector_dim": 32, "data.image_size": 16,
     "train.batch_size": 64, "train.max_steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
-    "train.warmup_steps": 0, "train.optimizer": "adamw", "scaling.cpus_per_worker": 0.5,
+    "train.warmup_steps": 0, "train.optimizer": "adamw", "scaling.num_workers": 1,
+    "scaling.cpus_per_worker": 0.5,
     "eval.online_every": 0,  # the metric here is the training loss; online evaluation has tests of its own
 }
 

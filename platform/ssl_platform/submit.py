@@ -101,11 +101,14 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sslp-submit-") as staging:
         job.stage(Path(staging))
         try:
-            submission_id = client.submit_job(entrypoint=job.entrypoint, submission_id=job.new_submission_id(),
-                                              runtime_env=job.runtime_env(Path(staging)),
-                                              metadata={"sslp": job.kind, "name": job.name, "location": job.location})
+            submission_id = _submit_when_an_agent_is_up(client, job, Path(staging))
         except RuntimeError as e:  # an upload the cluster refused (too large, ...)
             print(f"sslp: submit: the cluster at {address} refused the job: {_first_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
+        except OSError as e:  # the connection dropped (requests' errors are OSErrors): submitted or not
+            print(f"sslp: submit: lost the connection to the cluster at {address} while submitting "
+                  f"({_first_line(e)}); see whether the job is there with `ray job list --address {address}` "
+                  f"before submitting again", file=sys.stderr)
             return EXIT_FAILED
     print(f"submitted {job.kind} {job.name} as job {submission_id} ({job.location})")
     print(f"  follow: ray job logs -f {submission_id} --address {address}")
@@ -229,6 +232,28 @@ def _without(names: tuple[str, ...]):
 
 class _Unreachable(Exception):
     """No Ray dashboard answered at the address, or it refused this machine's token."""
+
+
+NO_AGENT = "No available agent to submit job"  # the Jobs API's answer while the head's agent starts
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_an_agent_is_up(client, job, staging: Path, wait_s: float = AGENT_WAIT_S,
+                                 sleep=time.sleep, clock=time.monotonic) -> str:
+    """``client.submit_job``, again every 2 s for up to ``wait_s`` while the head answers that no
+    job agent is up yet (a head that has just started: `ray up`, a new KubeRay cluster, a loaded
+    machine); any other refusal at once."""
+    deadline = clock() + wait_s
+    submission_id = job.new_submission_id()  # one id: the cluster refuses to run it twice
+    while True:
+        try:
+            return client.submit_job(entrypoint=job.entrypoint, submission_id=submission_id,
+                                     runtime_env=job.runtime_env(staging),
+                                     metadata={"sslp": job.kind, "name": job.name, "location": job.location})
+        except RuntimeError as e:
+            if NO_AGENT not in str(e) or clock() >= deadline:
+                raise
+            sleep(2.0)
 
 
 def _first_line(e: BaseException) -> str:

@@ -305,6 +305,9 @@ def load_sweep(source: str, overrides: list[str] = (), *, check_trials: bool = T
     if "://" in base.runs_dir:
         raise ConfigError(f"runs_dir={base.runs_dir}: a sweep writes its table and plots to a local (or shared) "
                           f"directory; set runs_dir to a path")
+    if base.scaling.num_workers == 0:
+        raise ConfigError("scaling.num_workers=0 (local mode) trains in the driver process, and a trial is not "
+                          "one: set scaling.num_workers=1 or more")
 
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict) or not space_raw:
