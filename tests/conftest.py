@@ -241,6 +241,15 @@ def big_image_corpus(tmp_path_factory) -> Path:
     ~230 MiB in all: 2.3x the head's object store, for the streaming tests of training and embed.
     Files are how a real corpus arrives, and each one stays far below the object store."""
 
+    # Ray refuses to spill (OutOfDiskError, or a raylet that dies and takes this process with it)
+    # once the disk of its temp dir is 95% full; say so here instead.
+    need = 4 * 2.3 * STORE  # the corpus, the spilled blocks, the outputs, and room to spare
+    disk = shutil.disk_usage(tempfile.gettempdir())
+    if disk.used + need > 0.9 * disk.total:
+        pytest.fail(f"the streaming tests need {need / 2**30:.1f} GiB free on {tempfile.gettempdir()} below 90% "
+                    f"of the disk (Ray stops spilling at 95%); it has {disk.free / 2**30:.1f} GiB free of "
+                    f"{disk.total / 2**30:.0f} GiB: free some space")
+
     def make(root: Path) -> None:
         import io
 

@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
 
-from ssl_platform.data.decode import decode_image_bytes
 from ssl_platform.data.inspect import InspectLedger, report, save, scan, show
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.data.sources import (
@@ -102,6 +101,10 @@ class DecodeRecords:
             self.reporter.skip(keys[i], "missing image" if blobs[i] is None else "empty image")
         keep[empty] = False
         idx = np.flatnonzero(keep)
+        # Imported here, where it runs: decoding needs torchvision, and Ray Data's coordinators
+        # unpickle this callable without calling it (see data.transforms).
+        from ssl_platform.data.decode import decode_image_bytes
+
         images, failed = decode_image_bytes([blobs[i] for i in idx], self.size, self.channels)
         for j in failed:
             self.reporter.skip(keys[idx[j]], "corrupt image")

@@ -1,0 +1,176 @@
+"""The torch operations of :mod:`ssl_platform.data.transforms`: batched crops, colour, blur and
+solarize on (B, C, H, W) tensors, run inside Ray Data's map tasks (see that module for the
+recipes, the per-record randomness and the ``map_batches`` callable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssl_platform.data.transforms import DRAWS, MEAN, STD, AugmentConfig
+
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
+# RGB -> YIQ. Hue is a rotation of the (I, Q) chroma plane: linear, so it folds into the colour matrix.
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
+
+
+
+def view_draws(u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, D) uniforms -> ``{name: (B,)}`` for the names in :data:`DRAWS`."""
+    return dict(zip(DRAWS, u.unbind(dim=1), strict=True))
+
+
+def random_draws(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draws for one view from a torch generator (tests, and callers without record keys)."""
+    return view_draws(torch.rand(batch, len(DRAWS), generator=g))
+
+
+def _between(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * u
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations; x is (B, C, H, W) float in [0, 1], r the view's draws.
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float32 (B, C, H, W), the encoder's input at eval time."""
+    x = torch.as_tensor(images)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return (x - MEAN) / STD
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale_min: float, flip_prob: float,
+                        r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Crop a random box (area fraction in [scale_min, 1], aspect in [3/4, 4/3]) and resize.
+
+    One affine grid per image, so the whole batch is one ``grid_sample`` call; a negative x
+    scale flips the crop horizontally for free.
+    """
+    b = x.shape[0]
+    area = _between(r["crop_area"], scale_min, 1.0)
+    ratio = _between(r["crop_ratio"], math.log(3 / 4), math.log(4 / 3)).exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (r["crop_x"] * 2 - 1) * (1 - w)  # centre in [-1, 1] coords, box stays inside
+    cy = (r["crop_y"] * 2 - 1) * (1 - h)
+    flip = torch.where(r["flip"] < flip_prob, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_transform(x: torch.Tensor, cfg: AugmentConfig, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour jitter (probability ``jitter_prob``) then grayscale (``grayscale_prob``), as one op.
+
+    Brightness, contrast, saturation and hue are each linear in the pixel (contrast adds a
+    per-image constant), so their product is one (B, 3, 3) matrix plus an offset along the grey
+    axis, applied with a single batched matmul. The order is fixed (brightness, contrast,
+    saturation, hue) and the result is clamped once at the end, where torchvision shuffles the
+    order and clamps after each step; hue turns the YIQ chroma plane rather than the HSV hue.
+    """
+    b, c, hgt, wid = x.shape
+    s, on = cfg.jitter_strength, (r["jitter"] < cfg.jitter_prob).float()
+
+    def factor(name: str, amount: float) -> torch.Tensor:  # (B,), 1 where the jitter is off
+        f = _between(r[name], max(0.0, 1 - amount * s), 1 + amount * s)
+        return 1 + on * (f - 1)
+
+    gain = factor("brightness", cfg.jitter_brightness)
+    contrast = factor("contrast", cfg.jitter_contrast)
+    # Contrast blends towards the brightened image's mean grey, gain * mean(luma(x)).
+    channel_means = x.mean(dim=(2, 3))  # (B, C)
+    grey = channel_means @ LUMA if c == 3 else channel_means[:, 0]  # (B,)
+    offset = (1 - contrast) * gain * grey  # (B,)
+    if c == 1:
+        y = torch.addcmul(offset.view(b, 1, 1, 1), x, (gain * contrast).view(b, 1, 1, 1))
+        return y.clamp_(0, 1)
+    saturation = factor("saturation", cfg.jitter_saturation)
+    eye, to_grey = torch.eye(3), torch.ones(3, 1) * LUMA  # to_grey: every row is LUMA
+    sat = saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * to_grey  # (B, 3, 3)
+    angle = 2 * math.pi * on * _between(r["hue"], -cfg.jitter_hue * s, cfg.jitter_hue * s)
+    cos, sin = angle.cos(), angle.sin()
+    rot = torch.zeros(b, 3, 3)
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
+    matrix = _YIQ_INV @ rot @ _YIQ @ sat * (gain * contrast)[:, None, None]  # (B, 3, 3)
+    gray = r["gray"] < cfg.grayscale_prob
+    matrix = torch.where(gray[:, None, None], to_grey @ matrix, matrix)
+    # Grey stays grey under saturation, hue and grayscale, so the offset passes through them unchanged.
+    y = torch.baddbmm(offset[:, None, None].expand(b, 3, 1), matrix, x.reshape(b, 3, hgt * wid))
+    return y.view(b, 3, hgt, wid).clamp_(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Blur with a per-image sigma, kernel ~10% of the side (SimCLR), as one grouped conv.
+
+    SimCLR draws sigma from [0.1, 2.0] pixels for 224-pixel images; the upper bound scales with
+    the side but stays at least 1 pixel so small images still get a visible blur. Only the
+    images drawn for blurring are convolved.
+    """
+    b, c, h, w = x.shape
+    picked = (r["blur"] < prob).nonzero().squeeze(1)  # (n,)
+    if picked.numel() == 0:
+        return x
+    n = picked.numel()
+    sigma = _between(r["blur_sigma"][picked], 0.1, max(1.0, 2.0 * h / 224))
+    # SimCLR's kernel spans ~10% of the side; taps beyond 4 sigma hold < 1e-4 of the weight,
+    # so the batch's largest sigma bounds the radius (23 -> 17 taps at 224 px).
+    radius = min(max(1, int(0.1 * h) // 2), math.ceil(4 * float(sigma.max())))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))  # (n, k)
+    # Weights of ~1e-40 are denormal floats, which make every multiply with them ~10x slower.
+    kernel = torch.where(kernel < 1e-12, 0.0, kernel)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*C, k)
+    y = x[picked].reshape(1, n * c, h, w)
+    y = F.pad(y, (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # horizontal pass
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # vertical pass
+    out = x.clone() if n < b else torch.empty_like(x)
+    out[picked] = y.view(n, c, h, w)
+    return out
+
+
+def random_solarize(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor], threshold: float = 0.5) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` of the images drawn with probability ``prob``.
+
+    Works in place on ``x`` (a view's own intermediate tensor) and returns it.
+    """
+    picked = (r["solarize"] < prob).nonzero().squeeze(1)
+    if picked.numel() == 0:
+        return x
+    chosen = x[picked]
+    x[picked] = torch.where(chosen >= threshold, 1 - chosen, chosen)  # x is this view's own tensor
+    return x
+
+
+def augment_view(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | torch.Tensor) -> torch.Tensor:
+    """One random view of a uint8 batch (B, C, H, W) -> normalised float32 (B, C, size, size).
+
+    ``g`` is a torch generator, or the (B, D) uniforms of this view (see
+    :func:`~ssl_platform.data.randomness.record_uniforms`).
+    """
+    b = images.shape[0]
+    r = random_draws(b, g) if isinstance(g, torch.Generator) else view_draws(g)
+    x = images.float().mul_(1 / 255.0)
+    x = random_resized_crop(x, cfg.size, cfg.crop_scale_min, cfg.flip_prob, r)
+    x = color_transform(x, cfg, r)
+    x = gaussian_blur(x, cfg.blur_prob, r)
+    x = random_solarize(x, cfg.solarize_prob, r)
+    return x.sub_(MEAN).div_(STD)
+
+
+def uint8_images(batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """The batch's ``image`` column as a uint8 tensor (B, C, H, W); ValueError for anything else."""
+    # Copied only if read-only (as Ray hands arrays over), which torch.from_numpy would warn about.
+    images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images of shape (B, C, H, W), got {tuple(images.shape)} {images.dtype}")
+    return images
