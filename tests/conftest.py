@@ -48,6 +48,10 @@ QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
 # (~3 s of a 2-core machine) and a test node is never drained; the controller polls its workers
 # every 0.25 s instead of 2 s, so a run's start and end are noticed at once.
 os.environ.update({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
+# Ray Data lists a parquet corpus with 32 footer-reading actors by default (~3 CPU-s each to
+# start); the platform's own local clusters use one per CPU (train.trainer.init_ray), and so does
+# every cluster of the session.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 STORE = 100 * 2**20  # the head's object store; the big corpus below is 2.3x this
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",

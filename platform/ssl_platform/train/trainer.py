@@ -83,6 +83,9 @@ class TrainingFailed(RuntimeError):
     """Training stopped on a worker error; the message is one line, the full error is in error.log."""
 
 
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
 def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster. Returns the dashboard URL."""
     if ray.is_initialized():
@@ -92,7 +95,14 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
     # line per pass over the data; the training progress line is what the terminal should show.
     # A user's own setting of either variable wins.
     quiet = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    if not address:
+        # Ray Data lists a parquet corpus with a pool of footer-reading actors, 32 of them by
+        # default: on a laptop, 32 processes that each take ~3 CPU-s to start, for a few files.
+        # One per CPU of the local cluster (a joined cluster keeps Ray's default).
+        quiet[FOOTER_ACTORS_ENV] = str(min(32, os.cpu_count() or 1))
     env = {k: os.environ.get(k, v) for k, v in quiet.items()}
+    if FOOTER_ACTORS_ENV in env:  # the listing may run in this process too
+        os.environ[FOOTER_ACTORS_ENV] = env[FOOTER_ACTORS_ENV]
     # Workers on a joined cluster do not inherit the driver's environment; the job's runtime_env does reach them.
     env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
     runtime_env = {"env_vars": env}
