@@ -305,8 +305,9 @@ def one_thread():
 # a time in this order, so the long modules start first and the short ones fill in at the end.
 LONGEST_FIRST = ["test_presets.py", "test_faults.py", "test_multinode.py", "test_sweep.py", "test_run_e2e.py",
                  "test_embed.py", "test_streaming.py", "test_finetune.py", "test_loop.py", "test_eval_image.py",
-                 "test_submit.py", "test_data_images.py", "test_observed_run.py", "test_eval_text.py",
-                 "test_eval_audio.py", "test_data_captions.py", "test_eval_clip.py", "test_data_audio.py"]
+                 "test_submit.py", "test_eval_data.py", "test_data_images.py", "test_observed_run.py",
+                 "test_eval_text.py", "test_eval_audio.py", "test_data_captions.py", "test_eval_clip.py",
+                 "test_data_audio.py"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -118,7 +118,8 @@ def test_user_corpus_keys():
 
 def test_evaluation_needs_a_labelled_split():
     # An image folder has no labelled held-out split: refused up front, at either evaluation.
-    with pytest.raises(ConfigError, match=r"eval.enabled: .*set eval.enabled=false eval.online_every=0"):
+    with pytest.raises(ConfigError, match=r"eval.enabled: .*set eval.data=PATH .*, or eval.enabled=false "
+                                          r"eval.online_every=0"):
         load_config("simclr-digits", ["data.path=/data/images"])
     with pytest.raises(ConfigError, match=r"eval.online_every: "):
         load_config("simclr-digits", ["data.path=/data/images", "eval.enabled=false", "eval.online_every=10"])

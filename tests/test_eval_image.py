@@ -135,5 +135,5 @@ def test_pretrained_simclr_and_supervised_beat_random_init(evaluated):
 def test_image_protocol_rejects_a_corpus_without_labels(tmp_path):
     # The config check is the first line of defence; with evaluation off it lets the path through.
     cfg = tiny_cfg(f"data.path={tmp_path}", "eval.enabled=false", "eval.online_every=0")
-    with pytest.raises(ValueError, match="labelled held-out split"):
+    with pytest.raises(ValueError, match=r"set eval\.data=PATH to a labelled corpus"):
         evaluate_run(cfg, tmp_path, tmp_path / "run")

@@ -201,6 +201,10 @@ class EvalConfig:
     online_every: int = _f(0, "steps between online evaluations on rank 0 (and at every checkpoint); 0: off",
                            min=0)
     online_examples: int = _f(512, "held-out examples of the online evaluation", min=16)
+    data: str = _f("", "a labelled corpus of your own to evaluate on (image, caption and audio methods): an image or "
+                       "audio folder with a sub-folder per class, parquet/CSV with data.label_column; split by "
+                       "data.val_fraction. Empty: the built-in corpus's held-out split")
+    format: str = _f("auto", "file format of eval.data (auto: from the path)", choices=CORPUS_FORMATS)
 
 
 @dataclass
@@ -470,14 +474,17 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.corpus={d.corpus} is a {BUILTIN_KINDS[d.corpus]} corpus but "
                           f"method.name={cfg.method.name} trains on {wanted}; use data.corpus={' or '.join(fits)} "
                           f"or data.path=...")
-    # Text corpora hold their own held-out split; the image, caption and audio protocols need the
-    # labels (or held-out pairs) of a built-in corpus.
+    # Text corpora hold their own held-out split; the image, caption and audio protocols need
+    # labels: a built-in corpus's, or a labelled corpus of the user's (eval.data).
     evaluating = [key for key, on in (("eval.enabled", cfg.eval.enabled), ("eval.online_every", cfg.eval.online_every))
                   if on]
-    if evaluating and d.path and wanted != "text":
-        raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs the labelled held-out split of a "
-                          f"built-in corpus, and data.path={d.path} has none; set eval.enabled=false "
-                          f"eval.online_every=0")
+    if cfg.eval.data and wanted == "text":
+        raise ConfigError(f"eval.data={cfg.eval.data}: {cfg.method.name} is evaluated on the held-out split of the "
+                          f"corpus it trains on; remove eval.data")
+    if evaluating and d.path and wanted != "text" and not cfg.eval.data:
+        raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs labelled data, and "
+                          f"data.path={d.path} has none; set eval.data=PATH to a labelled {wanted} corpus (see "
+                          f"--help-config), or eval.enabled=false eval.online_every=0")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 

@@ -44,7 +44,8 @@ class CaptionCorpus:
 
 
 def read_caption_corpus(source: str, *, size: int, channels: int, reporter: SkipReporter, fmt: str = "auto",
-                        image_column: str = "image", caption_column: str = "caption") -> CaptionCorpus:
+                        image_column: str = "image", caption_column: str = "caption",
+                        label_column: str | None = None) -> CaptionCorpus:
     """Read image-caption pairs from parquet, CSV/TSV or WebDataset shards (see the module docstring).
 
     Args:
@@ -55,21 +56,24 @@ def read_caption_corpus(source: str, *, size: int, channels: int, reporter: Skip
             "parquet", "csv", "tsv", "webdataset".
         image_column: encoded image bytes, or an image path/URI (the only choice in CSV/TSV).
         caption_column: the caption text.
+        label_column: when set (evaluation on labelled pairs), rows also carry "class": this
+            column's value as text ("" when blank); shards take it from ``KEY.cls``.
     """
     loc = locate(source, what="image-caption corpus")
     if fmt == "auto":
         fmt = detect_format(loc, source, CAPTION_FORMATS)
     if fmt not in CAPTION_FORMATS:
         raise ValueError(f"unknown image-caption corpus format {fmt!r}; use auto, {', '.join(CAPTION_FORMATS)}")
+    labelled = (label_column,) if label_column else ()
     if fmt == "parquet":
-        raw, spec = read_table(loc, source, image_column, image_column, required=(caption_column,))
+        raw, spec = read_table(loc, source, image_column, image_column, required=(caption_column, *labelled))
     elif fmt in ("csv", "tsv"):
-        raw = read_delimited(loc, source, fmt, (image_column, caption_column), reporter)
+        raw = read_delimited(loc, source, fmt, (image_column, caption_column, *labelled), reporter)
         spec = RecordSpec(key_column=image_column, ref_column=image_column, root=loc.root, scheme=loc.scheme)
     else:
         raw, spec = read_shards(loc, reporter), RecordSpec(key_column="path", bytes_column="image")
-        caption_column = "txt"
-    spec = replace(spec, caption_column=caption_column)
+        caption_column, label_column = "txt", "cls" if label_column else None
+    spec = replace(spec, caption_column=caption_column, label_column=label_column)
     return CaptionCorpus(decode_step(raw, spec, loc, size, channels, reporter), fmt, source)
 
 

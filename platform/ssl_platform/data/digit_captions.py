@@ -94,12 +94,21 @@ def caption_split_dataset(split: CaptionSplit, name: str = "digit-captions", num
     return split_dataset(split.images, name, num_blocks, caption=split.captions, label=split.labels)
 
 
+# Zero-shot prompts for classes that are not all digit words (a user's labelled eval.data):
+# CLIP's ImageNet prompts, abridged.
+GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
+                     "a photo of the {}.")
+
+
 def zero_shot_prompts(class_names: tuple[str, ...] | list[str]) -> list[list[str]]:
     """Per class, the prompts whose mean text embedding is that class's zero-shot classifier.
 
-    Class names that are digit words ("seven") also get numeral forms ("7"); any other name is
-    used as it is in both slots. Shape: ``len(class_names)`` lists of ``len(ZERO_SHOT_TEMPLATES)``.
+    When every class name is a digit word ("seven"), the digit prompts, with numeral forms ("7");
+    otherwise :data:`GENERIC_TEMPLATES` around each name. Shape: ``len(class_names)`` lists of
+    as many prompts each.
     """
+    if not all(name in DIGIT_NAMES for name in class_names):
+        return [[t.format(name) for t in GENERIC_TEMPLATES] for name in class_names]
     prompts = []
     for name in class_names:
         numeral = str(DIGIT_NAMES.index(name)) if name in DIGIT_NAMES else name

@@ -64,8 +64,8 @@ class RecordSpec:
     key_column: str
     bytes_column: str | None = None
     ref_column: str | None = None
-    label_column: str | None = None  # integer ids (missing -> -1)
-    caption_column: str | None = None  # set for image-caption corpora: rows carry "caption", not "label"
+    label_column: str | None = None  # integer ids (missing -> -1); caption corpora: the class, as text
+    caption_column: str | None = None  # set for image-caption corpora: rows carry "caption" (and "class"), not "label"
     class_names: tuple[str, ...] = ()  # folder format: the first folder under root names the class
     root: str = ""  # folder labels and relative refs are taken from here
     scheme: str = ""  # prefixed to keys so reports show the user's URI
@@ -95,6 +95,7 @@ class DecodeRecords:
         keep = np.ones(len(keys), bool)
         captions = self._captions(batch, keys, keep) if s.caption_column else None
         labels = self._labels(batch, keys, keep) if not s.caption_column else None
+        classes = self._class_values(batch) if s.caption_column and s.label_column else None
         blobs = self._blobs(batch, keys, keep)
         empty = [i for i in np.flatnonzero(keep) if not blobs[i]]
         for i in empty:
@@ -113,6 +114,8 @@ class DecodeRecords:
         out = {"image": images, "path": np.array([keys[i] for i in idx], dtype=object)}
         if captions is not None:
             out["caption"] = np.array([captions[i] for i in idx], dtype=object)
+            if classes is not None:
+                out["class"] = np.array([classes[i] for i in idx], dtype=object)
         else:
             out["label"] = labels[idx]
         return out
@@ -126,6 +129,14 @@ class DecodeRecords:
                 keep[i] = False
             captions.append(c.strip())
         return captions
+
+    def _class_values(self, batch) -> list[str]:
+        """A caption corpus's class of each row as text ("" when it has none): names or integers."""
+        column = self.spec.label_column
+        if column not in batch:
+            return [""] * len(batch[self.spec.key_column])
+        return ["" if v is None or (isinstance(v, float) and np.isnan(v))
+                else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).strip() for v in batch[column]]
 
     def _labels(self, batch, keys, keep) -> np.ndarray:
         s = self.spec

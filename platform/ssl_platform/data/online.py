@@ -7,12 +7,12 @@ arrays, made the way training batches are made but without augmentation, from fi
 
 | kind | from | keys |
 |---|---|---|
-| image | built-in corpus: val queries, a labelled train-side bank | image, label, bank_image, bank_label |
-| image-caption | digit-captions val pairs + zero-shot prompts | image, label, text, prompts |
+| image | val queries, a labelled train-side bank | image, label, bank_image, bank_label |
+| image-caption | val pairs + zero-shot prompts | image, label, text, prompts |
 | text (BERT) | held-out documents, masked once (fixed seed) | input_ids, token_type_ids, attention_mask, |
 | | | mlm_labels, nsp_labels |
 | text (GPT) | held-out documents, packed into blocks | input_ids, attention_mask |
-| audio | spoken-digits: val crops, a labelled train-side bank | audio, lengths, label, |
+| audio | val crops, a labelled train-side bank | audio, lengths, label, |
 | | | bank_audio, bank_lengths, bank_label |
 
 Images stay uint8 (4x smaller in the object store) and are normalised on the worker with
@@ -20,7 +20,8 @@ Images stay uint8 (4x smaller in the object store) and are normalised on the wor
 the kNN kinds half of it are queries (at most the whole val split) and the rest the bank; for
 the others it is the number of held-out rows. Text uses the run's own tokenizer
 (``PretrainData.artifacts["tokenizer"]``) and the held-out split of the built-in corpus or of
-``data.path``; the other kinds need a built-in corpus (the config refuses anything else).
+``data.path``; the other kinds take the labelled splits of :mod:`~ssl_platform.data.labelled`
+(the built-in corpus's, or ``eval.data``; the config refuses a ``data.path`` run without it).
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def online_split(cfg: ExperimentConfig, model: dict[str, Any], artifacts: dict[s
         artifacts: the run's data artifacts (``PretrainData.artifacts``); text needs "tokenizer".
     """
     kind = METHOD_KINDS[cfg.method.name]
-    if kind != "text" and cfg.data.path:
-        raise ConfigError(f"eval.online_every: the online evaluation of a {kind} method needs the labelled "
-                          f"held-out split of a built-in corpus, and data.path={cfg.data.path} has none; "
-                          f"set eval.online_every=0")
+    if kind != "text" and cfg.data.path and not cfg.eval.data:
+        raise ConfigError(f"eval.online_every: the online evaluation of a {kind} method needs labelled data, and "
+                          f"data.path={cfg.data.path} has none; set eval.data=PATH to a labelled corpus, or "
+                          f"eval.online_every=0")
     return SPLITS[kind](cfg, model, artifacts)
 
 
@@ -74,10 +75,10 @@ def _query_and_bank_sizes(examples: int, val: int, train: int) -> tuple[int, int
 # ----------------------------------------------------------------------------- image (kNN)
 
 def image_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str, np.ndarray]:
-    from ssl_platform.data.builtin import load_image_corpus
+    from ssl_platform.data.labelled import image_splits
 
-    d, seed = cfg.data, cfg.train.seed
-    splits = load_image_corpus(d.corpus, d.image_size, d.val_fraction, seed)
+    seed = cfg.train.seed
+    splits, _ = image_splits(cfg)
     val, train = splits["val"], splits["train"]
     n_query, n_bank = _query_and_bank_sizes(cfg.eval.online_examples, len(val), len(train))
     q, b = balanced_subset(val.labels, n_query, seed), balanced_subset(train.labels, n_bank, seed + 1)
@@ -89,10 +90,11 @@ def image_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str
 
 def caption_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str, np.ndarray]:
     from ssl_models.methods.clip import tokenize
-    from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA, zero_shot_prompts
+    from ssl_platform.data.digit_captions import zero_shot_prompts
+    from ssl_platform.data.labelled import caption_splits
 
-    d, seed = cfg.data, cfg.train.seed
-    val = BUILTIN_CAPTION_CORPORA[d.corpus](d.image_size, d.val_fraction, seed)["val"]
+    seed = cfg.train.seed
+    val = caption_splits(cfg)[0]["val"]
     idx = balanced_subset(val.labels, cfg.eval.online_examples, seed)
     length = int(model["context_length"])
     prompts = zero_shot_prompts(val.class_names)  # K lists of T prompts
@@ -106,10 +108,10 @@ def caption_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[s
 
 def audio_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str, np.ndarray]:
     from ssl_platform.data.audio import AudioCrops
-    from ssl_platform.data.spoken_digits import load_spoken_digits_splits
+    from ssl_platform.data.labelled import audio_splits
 
     d, seed = cfg.data, cfg.train.seed
-    splits = load_spoken_digits_splits(d.sample_rate, d.val_fraction, seed)
+    splits, _ = audio_splits(cfg)
     val, train = splits["val"], splits["train"]
     n_query, n_bank = _query_and_bank_sizes(cfg.eval.online_examples, len(val), len(train))
     # The training crops with a fixed seed: one fixed window of every clip.

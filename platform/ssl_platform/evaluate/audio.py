@@ -1,4 +1,5 @@
-"""The frozen-encoder table for a CPC run on ``spoken-digits``: which word was spoken.
+"""The frozen-encoder table for a CPC run: which word was spoken (``spoken-digits``), or which
+class a clip of the user's labelled ``eval.data`` is (see :mod:`~ssl_platform.data.labelled`).
 
 CPC's downstream representation is its context ``c`` (van den Oord et al. 2018, sec. 3.1: a
 linear classifier on the context features). Each clip is fed whole (zero-padded to the longest
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.audio import AudioCrops, ragged
-from ssl_platform.data.spoken_digits import AudioSplit, load_spoken_digits_splits
+from ssl_platform.data.labelled import audio_splits, eval_source
+from ssl_platform.data.spoken_digits import AudioSplit
 from ssl_platform.evaluate.report import markdown_table, write_results
 from ssl_platform.probes import knn_accuracy, linear_probe
 
@@ -195,14 +197,13 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     if cfg.method.name != "cpc":
         raise ValueError(f"the audio protocol evaluates CPC runs, got method.name={cfg.method.name}; "
                          f"use ssl_platform.evaluate.evaluate_run, which picks the protocol of the method")
-    if d.path:
-        raise ValueError(f"evaluating CPC needs the word labels of the built-in spoken-digits corpus, and "
-                         f"data.path={d.path} has no held-out labelled split; evaluate a run on "
-                         f"data.corpus=spoken-digits")
+    if d.path and not cfg.eval.data:
+        raise ValueError(f"evaluating CPC needs labelled clips, and data.path={d.path} has none; set "
+                         f"eval.data=PATH to a folder of clips with a sub-folder per class")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
     state = load_payload(checkpoint_dir)["model"]
-    splits = load_spoken_digits_splits(d.sample_rate, d.val_fraction, cfg.train.seed)
+    splits, skipped = audio_splits(cfg)
     clips = clip_dataset(splits, d.sample_rate, d.normalize_audio).materialize()
     derived = {"sample_rate": d.sample_rate}
     keep = ("label", "split")
@@ -216,11 +217,12 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
         probe_row(f"log-mel ({N_MELS} bands, mean+std)", log_mel["train"], log_mel["val"], cfg),
     ]
     train, val = splits["train"], splits["val"]
-    title = (f"{cfg.name}: frozen CPC context features on spoken-digits, word of {len(train.class_names)} "
+    title = (f"{cfg.name}: frozen CPC context features on {eval_source(cfg)}, class of {len(train.class_names)} "
              f"({len(train)} train / {len(val)} held-out clips)")
     notes = ("Each clip is fed whole (zero-padded, normalised as in training); the context features are "
              "mean-pooled over its real frames. Chance is "
-             f"{100 / len(train.class_names):.0f}%. The held-out clips are balanced over the voices.")
+             f"{100 / len(train.class_names):.0f}%. "
+             + ("The held-out clips are balanced over the voices." if not cfg.eval.data else skipped))
     write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=notes)
     print(markdown_table(rows), flush=True)
     return rows

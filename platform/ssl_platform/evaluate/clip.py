@@ -1,6 +1,7 @@
-"""The CLIP table for a run on ``digit-captions``: zero-shot classification, retrieval, a linear probe.
+"""The CLIP table: zero-shot classification, retrieval, a linear probe.
 
-The protocols of Radford et al. 2021 on the held-out pairs, for this run's towers and for the
+The protocols of Radford et al. 2021 on the held-out pairs (of the built-in caption corpus, or
+of the user's labelled pairs, ``eval.data``: see :mod:`~ssl_platform.data.labelled`), for this run's towers and for the
 same towers at random init (the floor: a trained CLIP must clear it by far):
 
 - zero-shot top-1: each class is the mean of the normalised text embeddings of its prompts
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA, CaptionSplit, zero_shot_prompts
 from ssl_platform.data.images import split_dataset
+from ssl_platform.data.labelled import caption_splits, eval_source
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.image import check_builtin
 from ssl_platform.evaluate.inference import check_state, extract
@@ -140,7 +142,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     into ``run_dir`` and prints the markdown table.
     """
     check_builtin(cfg, BUILTIN_CAPTION_CORPORA)
-    splits = BUILTIN_CAPTION_CORPORA[cfg.data.corpus](cfg.data.image_size, cfg.data.val_fraction, cfg.train.seed)
+    splits, skipped = caption_splits(cfg)
     train, val = splits["train"], splits["val"]
     derived: dict[str, Any] = {**expected_derived(cfg), "in_channels": int(train.images.shape[1])}
     state = load_payload(checkpoint_dir)["model"]
@@ -148,16 +150,17 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
 
     columns = evaluation_rows(train, val, architecture(cfg)["context_length"])
     captions = np.concatenate([train.captions, val.captions, np.full((columns["part"] == PROMPT).sum(), "")])
-    ds = split_dataset(columns.pop("image"), cfg.data.corpus, **columns)
+    ds = split_dataset(columns.pop("image"), eval_source(cfg), **columns)
     rows = []
     for name, weights in (("random init", None), (f"{DISPLAY_NAMES['clip']} (this run)", state)):
         out = extract(ds, cfg, derived, weights, embed_pairs, keep=("label", "part", "row"), seed=cfg.train.seed)
         rows.append(score(cfg, name, out, captions, len(train.class_names)))
 
-    title = (f"{cfg.name}: CLIP towers on {cfg.data.corpus} ({len(train)} train / {len(val)} held-out pairs, "
+    title = (f"{cfg.name}: CLIP towers on {eval_source(cfg)} ({len(train)} train / {len(val)} held-out pairs, "
              f"{len(train.class_names)} classes)")
     notes = ("Retrieval: identical caption strings count as one caption (each is the own caption of several "
              "held-out images); zero-shot prompts are phrasings no training caption uses.")
+    notes += f" {skipped}" if skipped else ""
     write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=notes)
     print(markdown_table(rows), flush=True)
     return rows

@@ -1,6 +1,7 @@
 """The seed papers' frozen-encoder table for an image run (SimCLR, BYOL, Barlow Twins, VICReg).
 
-Linear probe and weighted kNN top-1 on the held-out split, for this run's encoder and for
+Linear probe and weighted kNN top-1 on the held-out split (of the built-in corpus, or of the
+user's labelled ``eval.data``, see :mod:`~ssl_platform.data.labelled`), for this run's encoder and for
 baselines: raw pixels, the same architecture at random init, and the same architecture trained
 with the labels (the upper reference). The run's row is only worth something if it beats random
 init clearly, which is already a strong baseline on small images.
@@ -21,8 +22,9 @@ import numpy as np
 from torch import Tensor, nn
 
 from ssl_platform.config import ExperimentConfig
-from ssl_platform.data.builtin import IMAGE_CORPORA, load_image_corpus
+from ssl_platform.data.builtin import IMAGE_CORPORA
 from ssl_platform.data.images import split_dataset
+from ssl_platform.data.labelled import eval_source, image_splits
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.features import train_supervised
 from ssl_platform.evaluate.inference import build_method, check_state, extract
@@ -46,11 +48,12 @@ def image_derived(cfg: ExperimentConfig, images: np.ndarray) -> dict[str, Any]:
 
 
 def check_builtin(cfg: ExperimentConfig, corpora) -> None:
-    """Evaluation needs labelled held-out data, which only the built-in corpora provide."""
+    """Evaluation needs labelled held-out data: ``eval.data``, or a built-in corpus that has it."""
+    if cfg.eval.data:
+        return
     if cfg.data.path:
-        raise ValueError(f"evaluation of {cfg.method.name} needs a labelled held-out split, which the built-in "
-                         f"corpora have ({', '.join(corpora)}) and data.path={cfg.data.path!r} has not; "
-                         f"evaluate on data.corpus instead, or set eval.enabled=false")
+        raise ValueError(f"evaluation of {cfg.method.name} needs labelled data, which data.path={cfg.data.path!r} "
+                         f"has not; set eval.data=PATH to a labelled corpus, or eval.enabled=false")
     if cfg.data.corpus not in corpora:
         raise ValueError(f"data.corpus={cfg.data.corpus!r} is not a corpus {cfg.method.name} is evaluated on; "
                          f"use one of {', '.join(corpora)}")
@@ -63,7 +66,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     into ``run_dir`` and prints the markdown table.
     """
     check_builtin(cfg, IMAGE_CORPORA)
-    splits = load_image_corpus(cfg.data.corpus, cfg.data.image_size, cfg.data.val_fraction, cfg.train.seed)
+    splits, skipped = image_splits(cfg)
     train, val = splits["train"], splits["val"]
     state = load_payload(checkpoint_dir)["model"]
     derived = image_derived(cfg, train.images)
@@ -80,9 +83,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     raw = score(cfg, "raw pixels", to_float(train.images).flatten(1).numpy(), train.labels,
                 to_float(val.images).flatten(1).numpy(), val.labels)
     rows.insert(0, raw)
-    title = (f"{cfg.name}: frozen {cfg.method.name} encoder on {cfg.data.corpus} "
-             f"({len(train)} train / {len(val)} held-out)")
-    write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title)
+    title = (f"{cfg.name}: frozen {cfg.method.name} encoder on {eval_source(cfg)} "
+             f"({len(train)} train / {len(val)} held-out, {len(train.class_names)} classes)")
+    write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=skipped)
     print(markdown_table(rows), flush=True)
     return rows
 
@@ -108,7 +111,7 @@ def encoder_rows(cfg: ExperimentConfig, train, val, derived: dict[str, Any],
     images = np.concatenate([train.images, val.images])  # (N_train + N_val, C, H, W) uint8
     labels = np.concatenate([train.labels, val.labels])
     split = np.repeat([TRAIN, VAL], [len(train), len(val)])
-    ds = split_dataset(images, cfg.data.corpus, label=labels, split=split)
+    ds = split_dataset(images, eval_source(cfg), label=labels, split=split)
     rows = []
     for name, state in states.items():
         out = extract(ds, cfg, derived, state, embed_images, keep=("label", "split"), seed=cfg.train.seed)

@@ -43,6 +43,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
+from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
 from ssl_platform.data.pipeline import pretraining_data
 from ssl_platform.data.skips import (
@@ -497,9 +498,13 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     ledger = get_or_create_ledger(skips)
     try:
         data = data_builder(cfg, paths.local, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
+        check_eval_data(cfg)  # a labelled eval.data that the evaluation cannot use fails now, not after training
     except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
         ray.kill(ledger)
         raise DataError(str(e)) from None
+    # Training reads again the records that the probe for an empty corpus (pretraining_data) read:
+    # their skips are counted then, not twice.
+    ray.get(ledger.reset.remote())
     ranks = cfg.scaling.ranks
     local_batch = cfg.train.batch_size // ranks
     if data.num_records is not None and data.num_records // ranks < local_batch:
