@@ -109,6 +109,17 @@ class ResNetSmall(nn.Module):
         x = self.stages(x)  # (B, widths[-1], H / 2^(S-1), W / 2^(S-1))
         return torch.flatten(self.pool(x), 1)  # (B, widths[-1])
 
+    def stage_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Globally average-pooled output of the stem and of each stage, in depth order (the
+        RotNet table's per-layer features); the last one is ``forward``'s output.
+        x (B, in_channels, H, W) -> {"stem": (B, widths[0]), "stage1": (B, widths[0]), ...}."""
+        x = self.stem(x)
+        out = {"stem": torch.flatten(self.pool(x), 1)}
+        for i, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            out[f"stage{i}"] = torch.flatten(self.pool(x), 1)
+        return out
+
 
 _TORCHVISION_RESNETS = ("resnet18", "resnet50")
 
@@ -157,6 +168,17 @@ class TorchvisionResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.resnet(x)  # (B, feature_dim)
 
+    def stage_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Globally average-pooled output of the stem (conv1 ... maxpool) and of layer1..layer4, in
+        depth order; the last one is ``forward``'s output. x (B, C, H, W) -> {"stem": (B, 64), ...}."""
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        out = {"stem": torch.flatten(r.avgpool(x), 1)}
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(r, name)(x)
+            out[name] = torch.flatten(r.avgpool(x), 1)
+        return out
+
 
 def resnet18(in_channels: int = 3, small_stem: bool = False) -> TorchvisionResNet:
     """torchvision ResNet-18 feature extractor, ``feature_dim`` 512 (see ``TorchvisionResNet``)."""
@@ -176,7 +198,8 @@ IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_image_encoder(name: str, in_channels: int, *, strict: bool = True, **kwargs) -> nn.Module:
-    """Build the image encoder registered as ``name``; it exposes ``feature_dim``.
+    """Build the image encoder registered as ``name``; it exposes ``feature_dim`` and
+    ``stage_features(x)`` (pooled features of each stage, for per-stage probes).
 
     Args:
         name: a key of ``IMAGE_ENCODERS``.

@@ -64,6 +64,22 @@ def test_resnet_small_default_shape():
     assert encoder(torch.randn(2, 1, 32, 32)).shape == (2, encoder.feature_dim) == (2, 128)
 
 
+@pytest.mark.parametrize("name", ["resnet_small", "resnet18"])
+def test_stage_features_go_from_the_stem_to_the_encoders_output(name):
+    from ssl_models.encoders import build_image_encoder
+
+    encoder = build_image_encoder(name, 3, strict=False, widths=(8, 16, 32), small_stem=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        stages = encoder.stage_features(x)
+        output = encoder(x)
+    expected = ["stem", "stage1", "stage2", "stage3"] if name == "resnet_small" else \
+        ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert list(stages) == expected
+    assert [f.shape[0] for f in stages.values()] == [2] * len(expected)
+    torch.testing.assert_close(list(stages.values())[-1], output)  # the deepest stage is the encoder's output
+
+
 def test_projection_head_layers():
     head = ProjectionHead(16, 32, 8, num_layers=3)
     assert head(torch.randn(4, 16)).shape == (4, 8)

@@ -205,6 +205,9 @@ class EvalConfig:
                        "audio folder with a sub-folder per class, parquet/CSV with data.label_column; split by "
                        "data.val_fraction. Empty: the built-in corpus's held-out split")
     format: str = _f("auto", "file format of eval.data (auto: from the path)", choices=CORPUS_FORMATS)
+    probe_stages: str = _f("last", "image encoders: a linear probe on the encoder's output (last), or also on the "
+                                   "pooled features of its stem and every stage (all; the RotNet paper's per-layer "
+                                   "table)", choices=("last", "all"))
 
 
 @dataclass

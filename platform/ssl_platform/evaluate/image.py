@@ -15,6 +15,7 @@ corpus, not worth a Ray Train job.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ssl_platform.data.labelled import eval_source, image_splits
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.features import train_supervised
 from ssl_platform.evaluate.inference import build_method, check_state, extract
-from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, write_results
+from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, stage_table, write_results
 from ssl_platform.methods import expected_derived
 from ssl_platform.probes import knn_accuracy, linear_probe
 from ssl_platform.train.checkpoint import load_payload
@@ -40,6 +41,18 @@ def embed_images(method: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """``extract``'s encode function: uint8 images normalised as at training time, without
     augmentation, through the method's encoder (not its projector). (B, C, H, W) -> (B, D)."""
     return method.embed({"image": to_float(batch["image"])})
+
+
+def embed_stages(method: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``extract``'s encode function for ``eval.probe_stages=all``: the encoder's globally pooled
+    features after its stem and each stage ({"stem": (B, C0), "stage1": ..., ...}); the deepest
+    is :func:`embed_images`'s output."""
+    return method.encoder.stage_features(to_float(batch["image"]))
+
+
+def depth_order(names) -> list[str]:
+    """Stage names from the input side: "stem", then "stage1"/"layer1", "stage2", ..."""
+    return sorted(names, key=lambda n: (n != "stem", int(re.sub(r"\D", "", n) or 0), n))
 
 
 def image_derived(cfg: ExperimentConfig, images: np.ndarray) -> dict[str, Any]:
@@ -72,21 +85,25 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     derived = image_derived(cfg, train.images)
     check_state(cfg, derived, state)  # a mismatched checkpoint fails now, not after the first baseline
     name = f"{DISPLAY_NAMES.get(cfg.method.name, cfg.method.name)} (this run)"
-    rows = encoder_rows(cfg, train, val, derived, {"random init": None, name: state})
+    stages: list[dict] = []  # eval.probe_stages=all: a linear probe per encoder stage, a row per encoder
+    rows = encoder_rows(cfg, train, val, derived, {"random init": None, name: state}, stages)
 
     if cfg.eval.supervised_epochs > 0:
         model = build_method(cfg, derived, None, cfg.train.seed)
         train_supervised(model.encoder, model.feature_dim, to_float(train.images), train.labels,
                          num_classes=len(train.class_names), epochs=cfg.eval.supervised_epochs, seed=cfg.train.seed)
-        rows += encoder_rows(cfg, train, val, derived, {"supervised (labels)": model.state_dict()})
+        rows += encoder_rows(cfg, train, val, derived, {"supervised (labels)": model.state_dict()}, stages)
 
     raw = score(cfg, "raw pixels", to_float(train.images).flatten(1).numpy(), train.labels,
                 to_float(val.images).flatten(1).numpy(), val.labels)
     rows.insert(0, raw)
     title = (f"{cfg.name}: frozen {cfg.method.name} encoder on {eval_source(cfg)} "
              f"({len(train)} train / {len(val)} held-out, {len(train.class_names)} classes)")
-    write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=skipped)
+    write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=skipped,
+                  stages=stages)
     print(markdown_table(rows), flush=True)
+    if stages:
+        print(stage_table(stages), flush=True)
     return rows
 
 
@@ -102,22 +119,31 @@ def score(cfg: ExperimentConfig, name: str, train_x: np.ndarray, train_y: np.nda
 
 
 def encoder_rows(cfg: ExperimentConfig, train, val, derived: dict[str, Any],
-                 states: dict[str, dict[str, Tensor] | None]) -> list[dict]:
+                 states: dict[str, dict[str, Tensor] | None], stages: list[dict] | None = None) -> list[dict]:
     """Rows for encoders given as ``{row name: method state_dict, or None for random init}``.
 
     Both splits go through one ``extract`` per encoder (one actor pool start, not two); the
-    ``split`` column sorts the features back out.
+    ``split`` column sorts the features back out. With ``eval.probe_stages=all`` the same pass
+    returns every stage's pooled features, and ``stages`` gets a row per encoder: the linear
+    probe's top-1 on each stage (``{"encoder": name, "stem": 0.41, "stage1": 0.63, ...}``).
     """
+    per_stage = cfg.eval.probe_stages == "all" and stages is not None
     images = np.concatenate([train.images, val.images])  # (N_train + N_val, C, H, W) uint8
     labels = np.concatenate([train.labels, val.labels])
     split = np.repeat([TRAIN, VAL], [len(train), len(val)])
     ds = split_dataset(images, eval_source(cfg), label=labels, split=split)
     rows = []
     for name, state in states.items():
-        out = extract(ds, cfg, derived, state, embed_images, keep=("label", "split"), seed=cfg.train.seed)
-        is_train = out["split"] == TRAIN
+        out = extract(ds, cfg, derived, state, embed_stages if per_stage else embed_images, keep=("label", "split"),
+                      seed=cfg.train.seed)
+        is_train, labels = out.pop("split") == TRAIN, out.pop("label")
+        if per_stage:
+            names = depth_order(out)
+            stages.append({"encoder": name, **{
+                stage: linear_probe(out[stage][is_train], labels[is_train], out[stage][~is_train], labels[~is_train],
+                                    seed=cfg.train.seed) for stage in names}})
+            out = {"features": out[names[-1]]}  # the deepest stage is the encoder's output
         features = out["features"].reshape(len(out["features"]), -1)  # (N, D)
-        rows.append(score(cfg, name, features[is_train], out["label"][is_train],
-                          features[~is_train], out["label"][~is_train]))
+        rows.append(score(cfg, name, features[is_train], labels[is_train], features[~is_train], labels[~is_train]))
     return rows
 

@@ -104,6 +104,36 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stage_table(stages: list[dict]) -> str:
+    """Per-stage linear probes (``eval.probe_stages=all``) as a markdown table: a row per encoder,
+    a column per stage from the input side, top-1 in percent.
+
+    | linear probe top-1 per stage | stem | stage1 | stage2 |
+    |---|---|---|---|
+    | random init | 31.0 | 35.2 | 40.3 |
+    """
+    names = [k for k in stages[0] if k != "encoder"]
+    lines = ["| " + " | ".join(["linear probe top-1 per stage", *names]) + " |", "|---" * (1 + len(names)) + "|"]
+    for row in stages:
+        cells = [f"{100 * row[k]:.1f}" if k in row else "-" for k in names]
+        lines.append("| " + " | ".join([row["encoder"].replace("|", "\\|"), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _plot_stages(ax, stages: list[dict]) -> None:
+    """Probe top-1 against depth, a line per encoder (the RotNet paper's per-layer comparison)."""
+    names = [k for k in stages[0] if k != "encoder"]
+    ax.set_title("linear probe per stage")
+    for i, row in enumerate(stages):
+        ax.plot(range(len(names)), [100 * row.get(k, math.nan) for k in names], marker="o", color=f"C{i}",
+                label=row["encoder"])
+    ax.set_xticks(range(len(names)), names, fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("top-1 %")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+
+
 def read_loss_curve(metrics_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     """(steps, losses) from a metrics.jsonl, sorted by step; empty arrays if there is none.
 
@@ -202,19 +232,24 @@ def _plot_number(ax, rows: list[dict], key: str) -> None:
     ax.set_ylabel(header)
 
 
-def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | None = None, title: str = "") -> Path:
+def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | None = None, title: str = "",
+                stages: list[dict] | None = None) -> Path:
     """Write the report figure: the loss curve, then the percent metrics per encoder (grouped
-    bars), then one panel per number metric (perplexity and loss have scales of their own)."""
+    bars), then one panel per number metric (perplexity and loss have scales of their own), then
+    the per-stage probes when there are (``stages``, see :func:`stage_table`)."""
     rows = _check_rows(rows)
     keys = present_columns(rows)
     percent = [k for k in keys if COLUMNS[k][1] == PERCENT]
     numbers = [k for k in keys if COLUMNS[k][1] == NUMBER]
     ratios = [1.0] + ([1.25 + 0.1 * max(0, len(percent) - 2)] if percent or not numbers else []) + [0.7] * len(numbers)
+    ratios += [1.0] if stages else []
     fig = Figure(figsize=(4.8 * sum(ratios) + 1, 4.5), dpi=110, layout="constrained")
     axes = list(fig.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0])
     _plot_loss(axes.pop(0), *read_loss_curve(metrics_path))
     if percent or not numbers:
         _plot_percent(axes.pop(0), rows, percent)
+    if stages:
+        _plot_stages(axes.pop(), stages)
     for ax, key in zip(axes, numbers, strict=True):
         _plot_number(ax, rows, key)
     if title:
@@ -224,13 +259,14 @@ def plot_report(path: str | Path, rows: list[dict], metrics_path: str | Path | N
 
 
 def write_results(run_dir: str | Path, rows: list[dict], metrics_path: str | Path | None = None,
-                  title: str = "", notes: str = "") -> dict[str, Path]:
+                  title: str = "", notes: str = "", stages: list[dict] | None = None) -> dict[str, Path]:
     """Write results.json, results.md and report.png into ``run_dir``; return their paths.
 
     ``metrics_path`` is the run's metrics.jsonl (rows with ``step`` and ``loss``); when it is
     missing or empty the loss panel says so instead of failing, so a report can be made for
     an evaluation without a training run. ``notes`` is markdown shown under the table (e.g.
-    GPT's samples) and stored in results.json.
+    GPT's samples) and stored in results.json. ``stages`` are per-stage probe rows (see
+    :func:`stage_table`): a second table, ``probe_stages`` in results.json, a panel of the figure.
     Keys of the returned dict: ``"json"``, ``"markdown"``, ``"figure"``.
     """
     rows = _check_rows(rows)
@@ -240,9 +276,12 @@ def write_results(run_dir: str | Path, rows: list[dict], metrics_path: str | Pat
 
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     payload = {"title": title, "created_at": created_at, "rows": rows, "notes": notes}
+    if stages:
+        payload["probe_stages"] = stages
     paths["json"].write_text(json.dumps(payload, indent=2, default=_to_json) + "\n")
     heading = f"# {title}\n\n" if title else ""
     tail = f"\n{notes.rstrip()}\n" if notes.strip() else ""
-    paths["markdown"].write_text(heading + markdown_table(rows) + "\n" + tail)
-    plot_report(paths["figure"], rows, metrics_path, title)
+    per_stage = f"\n{stage_table(stages)}\n" if stages else ""
+    paths["markdown"].write_text(heading + markdown_table(rows) + "\n" + per_stage + tail)
+    plot_report(paths["figure"], rows, metrics_path, title, stages)
     return paths
