@@ -34,7 +34,9 @@ def test_finetuning_the_pretrained_encoder_beats_random_init(pretrained, tmp_pat
                                             "fine-tuned (random init)"]
     top1 = {r["encoder"]: r["top1"] for r in rows}
     assert all(0.0 <= v <= 1.0 for v in top1.values())
-    # Measured: 86.9% against 63.1% (50 labels, 360 held-out digits); chance is 10%.
+    # Measured: 88.6% against 73.6% (50 labels, 360 held-out digits; the frozen probe 93.3%: on clean
+    # digits a probe of this encoder is hard to beat, on digits-m the fine-tune wins, see the README);
+    # chance is 10%.
     assert top1["fine-tuned (pretrained)"] > top1["fine-tuned (random init)"] + 0.1
     table = (tmp_path / "results.md").read_text()
     assert all(name in table for name in top1) and "held-out top-1" in table

@@ -109,6 +109,26 @@ DRAWS = ("crop_area", "crop_ratio", "crop_x", "crop_y", "flip", "jitter", "brigh
          "saturation", "hue", "gray", "blur", "blur_sigma", "solarize")
 
 
+class OneViewAugment:
+    """``map_batches`` callable for supervised fine-tuning: ``{"image": uint8 (B, C, H, W), "label",
+    "path"}`` -> ``{"image": float32 (B, C, size, size) normalised, "label"}``, one random view of
+    each image (the SimCLR paper's fine-tuning augmentation is a random resized crop and flip).
+    ``seed`` and ``epoch`` as :class:`TwoViewAugment`'s."""
+
+    def __init__(self, cfg: AugmentConfig, seed: int | None = None, epoch: int = 0):
+        self.cfg, self.seed, self.epoch = cfg, seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from ssl_platform.data.augment import augment_view, uint8_images
+
+        torch.set_num_threads(1)  # one data task per CPU; no oversubscription
+        images = uint8_images(batch)
+        u = batch_uniforms(batch, len(DRAWS), self.seed, self.epoch, rows=images.shape[0])  # (B, D)
+        return {"image": augment_view(images, self.cfg, u).numpy(), "label": np.asarray(batch["label"])}
+
+
 class TwoViewAugment:
     """``map_batches`` callable: ``{"image": uint8 (B, C, H, W), ...}`` -> ``{"view1", "view2"}``.
 

@@ -20,10 +20,11 @@ from ssl_platform.data.builtin import IMAGE_CORPORA, ImageSplit, load_image_corp
 from ssl_platform.data.images import read_image_corpus
 from ssl_platform.data.pipeline import PretrainData, quiet_progress
 from ssl_platform.data.skips import SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
+from ssl_platform.data.transforms import AugmentConfig, OneViewAugment
 from ssl_platform.evaluate.image import encoder_rows, image_derived
 from ssl_platform.evaluate.inference import check_state
 from ssl_platform.evaluate.report import markdown_table, write_results
-from ssl_platform.finetune import Settings, check_supported
+from ssl_platform.finetune import MIN_STEPS, Settings, check_supported
 from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
 from ssl_platform.train.checkpoint import load_payload
 from ssl_platform.train.trainer import fit, run_paths
@@ -126,22 +127,30 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
     train, val = splits.train, splits.val
     derived = image_derived(cfg, train.images)
     check_state(cfg, derived, state)  # a checkpoint that does not fit its own config fails before any training
-    steps = settings.steps or max(1, math.ceil(settings.epochs * len(train) / settings.batch_size))
+    steps = settings.steps or max(MIN_STEPS, math.ceil(settings.epochs * len(train) / settings.batch_size))
     ranks = max(1, settings.workers)  # 0: local mode, one rank
     if len(train) // ranks < settings.batch_size // ranks:
         raise ValueError(f"--batch-size {settings.batch_size} is larger than the {len(train)} labelled train "
                          f"examples; lower it")
     print(f"fine-tuning {cfg.method.name} from {checkpoint} on {splits.description}; {steps} steps of "
-          f"{settings.batch_size}; skipped: {format_summary(splits.skipped)}", flush=True)
+          f"{settings.batch_size}, random resized crops of at least {settings.crop_scale_min:g} of the area; "
+          f"skipped: {format_summary(splits.skipped)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     image_shape = tuple(int(d) for d in train.images.shape[1:])
     state_ref = [ray.put(state)]
 
+    views = AugmentConfig(size=cfg.data.image_size, crop_scale_min=settings.crop_scale_min,
+                          flip_prob=0.5 if cfg.data.flip_prob is None else cfg.data.flip_prob,
+                          jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)  # crop and flip only
+
     def data_builder(ft_cfg, run_dir, reporter, model):  # fit's pretraining_data, for the labelled train split
         quiet_progress()
-        rows = [{"image": img, "label": int(y)} for img, y in zip(train.images, train.labels, strict=True)]
-        ds = ray.data.from_items(rows, override_num_blocks=4).randomize_block_order()
+        rows = [{"image": img, "label": int(y), "path": f"{source}/{i:06d}"}
+                for i, (img, y) in enumerate(zip(train.images, train.labels, strict=True))]
+        ds = ray.data.from_items(rows, override_num_blocks=4).randomize_block_order(seed=cfg.data.seed)
+        ds = ds.map_batches(OneViewAugment(views, seed=cfg.data.seed), batch_size=cfg.data.transform_batch_size,
+                            batch_format="numpy", num_cpus=1)
         return PretrainData(ds, derived, splits.description, len(rows))
 
     rows = []
