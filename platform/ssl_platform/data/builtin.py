@@ -13,8 +13,8 @@ colour, its background, its position and its size all vary while a person still 
 easily. The split is ``digits``' (the held-out digits are other people's handwriting), and every
 image is a fixed function of (seed, split, index): nothing is downloaded, and generating it
 takes about a second. Raw pixels do badly on it (at the demo's 24 px: kNN 35.0%, a linear probe
-19.2% on the held-out split, where ``digits`` gives 96-97%), which is what lets its table show what self-supervision learns: invariance to colour,
-background, position and scale.
+19.2% on the held-out split, where ``digits`` gives 96-97%), which is what lets its table show
+what self-supervision learns: invariance to colour, background, position and scale.
 """
 
 from __future__ import annotations
