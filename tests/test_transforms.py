@@ -13,6 +13,7 @@ from ssl_platform.data.randomness import record_uniforms
 from ssl_platform.data.transforms import (
     DRAWS,
     AugmentConfig,
+    OneViewAugment,
     TwoViewAugment,
     augment_view,
     color_transform,
@@ -118,6 +119,22 @@ def test_same_seed_and_epoch_give_same_views_whatever_the_batching():
     for view in ("view1", "view2"):
         assert np.allclose(whole[view], np.concatenate([h[view] for h in halves]), atol=1e-6)
         assert np.allclose(whole[view][shuffled_order], shuffled[view], atol=1e-6)
+
+
+def test_the_fine_tune_view_is_a_crop_of_each_labelled_image_fixed_per_record():
+    """`sslp finetune`'s augmentation: one crop per image, labels kept, the same crop for a record
+    however it is batched, another one in another epoch."""
+    batch = {**colour_batch(8), "label": np.arange(8)}
+    crops = OneViewAugment(AugmentConfig(size=16, crop_scale_min=0.5, flip_prob=0.0, jitter_prob=0.0,
+                                         grayscale_prob=0.0, blur_prob=0.0), seed=3)
+    out = crops(batch)
+    assert set(out) == {"image", "label"} and out["image"].shape == (8, 3, 16, 16)
+    assert out["label"].tolist() == list(range(8))
+    half = crops({k: v[4:] for k, v in batch.items()})
+    np.testing.assert_allclose(out["image"][4:], half["image"], atol=1e-6)
+    assert not np.allclose(out["image"], to_float(batch["image"]).numpy(), atol=1e-3)  # cropped
+    crops.epoch = 1
+    assert not np.allclose(crops(batch)["image"], out["image"], atol=1e-3)
 
 
 def test_other_epoch_or_seed_gives_other_views_and_epoch_column_overrides():

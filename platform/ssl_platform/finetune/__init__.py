@@ -64,8 +64,8 @@ def add_parser(sub) -> None:
                    help=f"passes over the labelled train split, at least {MIN_STEPS} steps (default 30)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--crop-scale-min", type=float, default=0.5,
-                   help="each labelled image is seen as a random resized crop of at least this area fraction (and "
-                        "flipped as the run's data.flip_prob says); 1: no augmentation (default 0.5)")
+                   help="each labelled image is seen as a random resized crop of at least this area fraction, "
+                        "aspect ratio 3/4..4/3 (and flipped as the run's data.flip_prob says); default 0.5")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW base learning rate for a batch of 256 "
                                                           "(scaled linearly, as train.lr; default 5e-3)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
@@ -156,4 +156,4 @@ class Settings:
     train_examples: int | None = None
     labelled_fraction: float | None = None
     val_fraction: float | None = None  # None: the run's data.val_fraction
-    crop_scale_min: float = 0.5  # the fine-tune's augmentation (1: none)
+    crop_scale_min: float = 0.5  # the fine-tune's augmentation: crop area fraction in [crop_scale_min, 1]
