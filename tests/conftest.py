@@ -306,6 +306,7 @@ def one_thread():
 LONGEST_FIRST = ["test_presets.py", "test_faults.py", "test_multinode.py", "test_sweep.py", "test_run_e2e.py",
                  "test_embed.py", "test_streaming.py", "test_finetune.py", "test_loop.py", "test_eval_image.py",
                  "test_submit.py", "test_eval_data.py", "test_data_images.py", "test_observed_run.py",
+                 "test_two_view_methods_learn.py",
                  "test_eval_text.py", "test_eval_audio.py", "test_data_captions.py", "test_eval_clip.py",
                  "test_data_audio.py"]
 

@@ -32,7 +32,9 @@ def save_checkpoint(directory: str | Path, cfg: ExperimentConfig, method: torch.
 
 
 def pretrain(cfg: ExperimentConfig, images: np.ndarray, steps: int, seed: int = 0) -> torch.nn.Module:
-    """SimCLR steps in-process, plain torch, on the same two-view batches the pipeline makes."""
+    """Steps of ``cfg``'s two-view method (SimCLR unless ``cfg`` says otherwise) in-process, plain
+    torch, on the same two-view batches the pipeline makes, with the method's end-of-step hook
+    (BYOL's EMA target) as the training loop calls it."""
     torch.manual_seed(seed)
     method = build_method(cfg, DERIVED, None, seed).train()
     augment = TwoViewAugment(recipe(cfg.method.name, size=SIZE, flip_prob=0.0, crop_scale_min=0.5), seed=seed)
@@ -45,4 +47,5 @@ def pretrain(cfg: ExperimentConfig, images: np.ndarray, steps: int, seed: int = 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        method.on_train_step_end(step, steps)
     return method.eval()

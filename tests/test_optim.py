@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_platform.config import load_config
+from ssl_platform.config import ConfigError, load_config
 from ssl_platform.train.optim import LARS, build_optimizer, param_groups, warmup_cosine
 
 
@@ -45,6 +45,17 @@ def test_the_run_header_states_the_rate_and_the_rule():
     assert cfg.train.effective_lr()[1] == "0.002 (not scaled with the batch: train.lr_scaling=auto, adamw)"
     cfg = load_config("simclr-digits", ["train.batch_size=64"])
     assert cfg.train.effective_lr()[1] == "0.3 x 64/256 = 0.075 (linear scaling: train.lr_scaling=auto, lars)"
+
+
+def test_adamw_takes_train_adam_beta2():
+    model = nn.Linear(4, 2)
+    assert build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.0).defaults["betas"] == (0.9, 0.999)
+    cfg = load_config("bert-python-docs")
+    assert cfg.train.adam_beta2 == 0.98  # the BERT/RoBERTa recipe the preset follows
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.0, adam_beta2=cfg.train.adam_beta2)
+    assert opt.defaults["betas"] == (0.9, 0.98)
+    with pytest.raises(ConfigError, match="adam_beta2"):
+        load_config("bert-python-docs", ["train.adam_beta2=1.0"])
 
 
 def test_biases_and_norm_weights_are_excluded_from_decay():

@@ -141,6 +141,8 @@ class TrainConfig:
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and norm weights)", min=0.0, max=1.0)
     warmup_steps: int = _f(30, "linear warmup steps before the cosine decay (capped at half of max_steps)", min=0)
     grad_clip: float = _f(0.0, "max gradient norm; 0 disables clipping", min=0.0)
+    adam_beta2: float = _f(0.999, "AdamW's second-moment decay (beta2); BERT and RoBERTa recipes use 0.98, which "
+                                  "adapts faster when the gradient scale changes", min=0.5, max=0.99999)
     checkpoint_every: int = _f(100, "steps between checkpoints (one is always written at the end)", min=1)
     keep_checkpoints: int = _f(2, "newest checkpoints kept on storage", min=1)
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl rows", min=1)

@@ -82,16 +82,19 @@ def read_labelled(cfg, source: str, channels: int):
         if corpus.fmt == "folder" and not corpus.class_names:
             raise ValueError(f"{source} has no class sub-folders, so no labels; put each class's images in a "
                              f"sub-folder named after it")
-        images, labels = [], []
+        images, labels, paths = [], [], []
         for batch in corpus.dataset.iter_batches(batch_size=1024, batch_format="numpy"):
             images.append(batch["image"])
             labels.append(batch["label"])
+            paths.append(batch["path"])
         skipped = skip_summary(ledger)
     finally:
         ray.kill(ledger)
     if not images:
         raise ValueError(f"{source}: no usable labelled image; check the path, or run `sslp data inspect {source}`")
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    # Ordered by path: Ray reads files in parallel, and the seeded split must not depend on the order.
+    order = np.argsort(np.concatenate(paths).astype(str), kind="stable")
+    images, labels = np.concatenate(images)[order], np.concatenate(labels)[order]
     labelled = labels >= 0
     if not labelled.any():
         raise ValueError(f"{source} has no labels (no class sub-folders, or no integer column "

@@ -85,7 +85,7 @@ def train_func(loop_config: dict) -> None:
     # DDP wrapper, or `method` sharded in place; in local mode `method` itself, on the device.
     model = method.to(device) if local else wrap_model(method, cfg.scaling.strategy, device, world)
     # Built after wrapping: FSDP replaces the parameters with sharded ones.
-    optimizer = build_optimizer(method, t.optimizer, t.effective_lr()[0], t.weight_decay)
+    optimizer = build_optimizer(method, t.optimizer, t.effective_lr()[0], t.weight_decay, t.adam_beta2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.max_steps, t.warmup_steps))
     if t.compile:
         model = torch.compile(model)

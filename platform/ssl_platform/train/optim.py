@@ -62,14 +62,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                    adam_beta2: float = 0.999) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, adam_beta2))
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude")

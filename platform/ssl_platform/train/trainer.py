@@ -521,7 +521,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
             ray.kill(ledger)
             raise DataError(str(e)) from None
     print(f"training {cfg.method.name} on {data.description}: {plan.describe()}, "
-          f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}", flush=True)
+          f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}"
+          f"{f', beta2 {cfg.train.adam_beta2:g}' if cfg.train.optimizer == 'adamw' else ''}", flush=True)
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
