@@ -1,7 +1,9 @@
 """Pure-PyTorch self-supervised models: encoders, heads, objectives and methods.
 
 Never imports Ray. A method is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a
-scalar ``"loss"``; ``METHODS`` maps a name to its class and ``build_method`` builds one.
+scalar ``"loss"`` (the interface: :class:`ssl_models.protocol.Method`); each method class declares
+what the platform needs to know about it in ``spec`` (:class:`ssl_models.spec.MethodSpec`).
+``METHODS`` maps a name to its class and ``build_method`` builds one.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from torch import nn
 
 from ssl_models import distributed, losses
 from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, SimCLR, VICReg
+from ssl_models.protocol import Method
+from ssl_models.spec import MethodSpec, spec_problems
 
-# What each method eats (batch keys) is in its class docstring; the platform's data pipeline
-# produces those batches.
+# What each method eats (batch keys), its data kind and the rest are in its ``spec``; the
+# platform's data pipeline produces those batches.
 METHODS: dict[str, type[nn.Module]] = {
     "clip": CLIP,            # image-caption: "image", "text"
     "simclr": SimCLR,        # two views: "view1", "view2"
@@ -32,5 +36,5 @@ def build_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "SimCLR", "VICReg", "build_method",
-           "distributed", "losses"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "SimCLR", "VICReg",
+           "build_method", "distributed", "losses", "spec_problems"]

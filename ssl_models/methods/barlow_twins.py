@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from ssl_models.encoders import build_image_encoder, image_input, stack_two_views
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss
+from ssl_models.methods.byol import BYOL_VIEWS
+from ssl_models.spec import MethodSpec
 
 
 class BarlowTwins(nn.Module):
@@ -35,6 +37,12 @@ class BarlowTwins(nn.Module):
         - batch["image"] (for ``embed``): (B, C, H, W).
         - ``embed`` output: (B, feature_dim).
     """
+
+    spec = MethodSpec(
+        display_name="Barlow Twins", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
+        online_metric="val_knn_top1", online_mode="max",
+        objective_keys=frozenset({"lambda_", "gather_distributed"}), derived=("in_channels",),
+        views=BYOL_VIEWS, views_recipe="BYOL's, as Zbontar et al. 2021 use them")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,

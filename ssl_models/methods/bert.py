@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.tokens import IGNORE_INDEX, MaskedLMLoss, NSPLoss, token_accuracy
+from ssl_models.spec import MethodSpec
 from ssl_models.transformer import Transformer, TransformerConfig, init_gpt2_
 
 
@@ -78,6 +79,13 @@ class BERT(nn.Module):
           "nsp_labels" is given, "nsp_loss", "nsp_acc". Accuracies are 0 when nothing is labelled.
         - ``encode_text`` output: (B, L, dim); ``embed`` output: (B, dim), the [CLS] state.
     """
+
+    spec = MethodSpec(
+        display_name="BERT", data_kind="text",
+        batch_keys=("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels"), embeds=("text",),
+        online_metric="val_mlm_accuracy", online_mode="max",
+        objective_keys=frozenset({"ignore_index"}), derived=("vocab_size", "max_len"),
+        token_batches="masked_pairs", tokenizer="wordpiece", pooling="cls")
 
     def __init__(self, vocab_size: int = 4096, max_len: int = 128, dim: int = 128, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.1, type_vocab_size: int = 2,

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from ssl_models.encoders import build_image_encoder, image_input, stack_two_views
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.byol import BYOLLoss
+from ssl_models.spec import MethodSpec
+
+# BYOL's asymmetric views (table 6): blur 1.0 / 0.1, solarize 0 / 0.2. Its jitter (brightness 0.4,
+# contrast 0.4, saturation 0.2, hue 0.1) is SimCLR's at strength 0.5 with half the saturation weight.
+_BYOL_VIEW = {"crop_scale_min": 0.08, "flip_prob": 0.5, "jitter_strength": 0.5, "jitter_saturation": 0.4,
+              "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 1.0, "solarize_prob": 0.0}
+BYOL_VIEWS = (_BYOL_VIEW, {**_BYOL_VIEW, "blur_prob": 0.1, "solarize_prob": 0.2})
 
 
 def cosine_momentum(step: int, max_steps: int, base: float = 0.996) -> float:
@@ -61,6 +68,12 @@ class BYOL(nn.Module):
         - batch["image"] (for ``embed``): (B, C, H, W).
         - ``embed`` output: (B, feature_dim), from the online encoder.
     """
+
+    spec = MethodSpec(
+        display_name="BYOL", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
+        online_metric="val_knn_top1", online_mode="max",
+        objective_keys=frozenset({"momentum_base"}), derived=("in_channels",),
+        views=BYOL_VIEWS, views_recipe="BYOL (Grill et al. 2020, table 6): asymmetric views")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.clip import CLIPLoss
+from ssl_models.spec import MethodSpec
 
 # Size of the BPE vocabulary bundled with open_clip (49152 merges-derived tokens + SOT + EOT);
 # the text tower's embedding table must cover every id the tokenizer emits.
@@ -93,6 +94,12 @@ class CLIP(nn.Module):
         - ``encode_image`` / ``encode_text`` / ``embed`` output: (B, embed_dim), L2-normalised,
           float32 (float64 for a float64 model) even under autocast.
     """
+
+    spec = MethodSpec(
+        display_name="CLIP", data_kind="image-caption", batch_keys=("image", "text"), embeds=("image", "text"),
+        online_metric="val_zero_shot_top1", online_mode="max",
+        objective_keys=frozenset({"temperature", "max_logit_scale", "gather_distributed"}),
+        derived=("in_channels", "image_size"))
 
     def __init__(self, in_channels: int = 3, image_size: int = 32, embed_dim: int = 64,
                  image_tower: str = "vit", vision_width: int = 64, vision_layers: int = 2,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ssl_models.audio import ConvFeatureEncoder, build_context
 from ssl_models.losses.cpc import CPCLoss
+from ssl_models.spec import MethodSpec
 from ssl_models.transformer import masked_mean
 
 
@@ -52,6 +53,13 @@ class CPC(nn.Module):
         - ``encode_audio`` output: (B, T', context_dim), T' = ``encoder.output_length(T)``.
         - ``embed`` output: (B, context_dim).
     """
+
+    spec = MethodSpec(
+        display_name="CPC", data_kind="audio", batch_keys=("audio", "lengths"), embeds=("audio",),
+        # The kNN accuracy of the spoken word (the downstream target), not the validation loss.
+        online_metric="val_knn_top1", online_mode="max",
+        objective_keys=frozenset({"num_steps", "num_negatives", "temperature", "gather_distributed"}),
+        derived=("sample_rate",))
 
     def __init__(self, sample_rate: int = 16_000, channels: int = 128, kernels: Sequence[int] = (10, 8, 4, 4, 4),
                  strides: Sequence[int] = (5, 4, 2, 2, 2), context: str = "gru", context_dim: int = 128,

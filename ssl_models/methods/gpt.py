@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.tokens import IGNORE_INDEX, CausalLMLoss
+from ssl_models.spec import MethodSpec
 from ssl_models.transformer import Transformer, TransformerConfig, masked_mean
 
 
@@ -41,6 +42,12 @@ class GPT(nn.Module):
           "bits_per_token" = loss / ln 2.
         - ``encode_text`` output: (B, L, dim); ``embed`` output: (B, dim), the mean over real tokens.
     """
+
+    spec = MethodSpec(
+        display_name="GPT", data_kind="text", batch_keys=("input_ids", "attention_mask", "labels"), embeds=("text",),
+        online_metric="val_perplexity", online_mode="min",
+        objective_keys=frozenset({"ignore_index"}), derived=("vocab_size", "max_len"),
+        token_batches="blocks", tokenizer="bpe", pooling="mean")
 
     def __init__(self, vocab_size: int = 4096, max_len: int = 128, dim: int = 128, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0, ignore_index: int = IGNORE_INDEX):

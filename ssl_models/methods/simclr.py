@@ -11,6 +11,12 @@ from torch import Tensor, nn
 from ssl_models.encoders import build_image_encoder, image_input, stack_two_views
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.ntxent import NTXentLoss
+from ssl_models.spec import MethodSpec
+
+# SimCLR's augmentation (appendix A), the same for both views: random resized crop from 8% of the
+# area, flip, colour jitter of strength 1 with probability 0.8, grayscale 0.2, blur 0.5.
+SIMCLR_VIEW = {"crop_scale_min": 0.08, "flip_prob": 0.5, "jitter_strength": 1.0, "jitter_prob": 0.8,
+               "grayscale_prob": 0.2, "blur_prob": 0.5, "solarize_prob": 0.0}
 
 
 class SimCLR(nn.Module):
@@ -34,6 +40,12 @@ class SimCLR(nn.Module):
         - batch["image"] (for ``embed``): (B, C, H, W).
         - ``embed`` output: (B, feature_dim).
     """
+
+    spec = MethodSpec(
+        display_name="SimCLR", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
+        online_metric="val_knn_top1", online_mode="max",
+        objective_keys=frozenset({"temperature", "gather_distributed"}), derived=("in_channels",),
+        views=(SIMCLR_VIEW, SIMCLR_VIEW), views_recipe="SimCLR (Chen et al. 2020, appendix A)")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,
