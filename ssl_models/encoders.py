@@ -198,8 +198,10 @@ IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_image_encoder(name: str, in_channels: int, *, strict: bool = True, **kwargs) -> nn.Module:
-    """Build the image encoder registered as ``name``; it exposes ``feature_dim`` and
-    ``stage_features(x)`` (pooled features of each stage, for per-stage probes).
+    """Build the image encoder registered as ``name``; it exposes ``feature_dim``,
+    ``stage_features(x)`` (pooled features of each stage, for per-stage probes) and
+    ``build_args``: ``{"name", "in_channels", **options}``, the arguments that rebuild it (an
+    export writes them, so it needs no knowledge of which method or encoder it holds).
 
     Args:
         name: a key of ``IMAGE_ENCODERS``.
@@ -217,7 +219,10 @@ def build_image_encoder(name: str, in_channels: int, *, strict: bool = True, **k
     unknown = sorted(set(kwargs) - accepted)
     if unknown and strict:
         raise ValueError(f"image encoder {name!r} takes {sorted(accepted)}, not {unknown}")
-    return factory(in_channels=in_channels, **{k: v for k, v in kwargs.items() if k in accepted})
+    options = {k: v for k, v in kwargs.items() if k in accepted}
+    encoder = factory(in_channels=in_channels, **options)
+    encoder.build_args = {"name": name, "in_channels": in_channels, **options}
+    return encoder
 
 
 def stack_two_views(batch: dict[str, Tensor], in_channels: int) -> Tensor:

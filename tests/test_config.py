@@ -127,3 +127,40 @@ def test_evaluation_needs_a_labelled_split():
     for preset in ("clip-digit-captions", "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"):
         assert load_config(preset, ["eval.enabled=true", "eval.online_every=10"]).eval.enabled
     assert load_config("gpt-python-docs", ["data.path=/data/text", "data.kind=text", "eval.enabled=true"]).eval.enabled
+
+
+def test_unknown_method_fails_at_config_time_naming_it():
+    with pytest.raises(ConfigError, match=r"method.name='simclrr': unknown method \(did you mean 'simclr'\?\); "
+                                          r"expected one of .*simclr"):
+        load_config("simclr-digits", ["method.name=simclrr"])
+
+
+def test_a_method_whose_spec_is_missing_or_incomplete_fails_at_config_time(monkeypatch):
+    """A method registered without its declaration, or with one that lacks a field its data kind
+    needs, stops the config in one line naming the method and what is missing."""
+    import dataclasses
+
+    import ssl_models
+
+    class Undeclared(ssl_models.SimCLR):
+        spec = None
+
+    class NoViews(ssl_models.SimCLR):
+        spec = dataclasses.replace(ssl_models.SimCLR.spec, views=(), derived=("in_channels", "sample_rate"))
+
+    monkeypatch.setitem(ssl_models.METHODS, "undeclared", Undeclared)
+    monkeypatch.setitem(ssl_models.METHODS, "no_views", NoViews)
+    with pytest.raises(ConfigError, match=r"^method undeclared \(Undeclared\) declares itself incompletely: "
+                                          r"Undeclared has no spec") as e:
+        load_config("simclr-digits", ["method.name=undeclared"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^method no_views \(NoViews\) declares itself incompletely: spec.views is "
+                                          r"empty; spec.derived names sample_rate, which the constructor does not take"):
+        load_config("simclr-digits", ["method.name=no_views"])
+
+
+def test_config_module_needs_neither_torch_nor_ssl_models():
+    # A bad key is refused before torch loads; the method's own checks (its spec) come after.
+    code = ("import sys; from ssl_platform.config import load_config; load_config('simclr-digits', ['train.lr=1']); "
+            "assert not {'torch', 'ssl_models'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -18,7 +18,8 @@ from ssl_platform.data.online import balanced_subset, online_split
 from ssl_platform.data.python_docs import load_python_docs
 from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
 from ssl_platform.train.metrics import MetricsLogger, read_metrics
-from ssl_platform.train.online import ONLINE_METRIC, online_metrics
+from ssl_platform.methods import method_spec, method_specs
+from ssl_platform.train.online import online_metrics
 
 # Tiny architectures, so that every evaluation here takes a fraction of a second.
 TINY = {
@@ -69,8 +70,9 @@ def build(cfg, tokenizers: dict[str, Path]):
 
 
 def test_every_method_has_a_primary_metric_with_a_direction():
-    assert set(ONLINE_METRIC) == set(ssl_models.METHODS)
-    assert all(key.startswith("val_") and mode in ("max", "min") for key, mode in ONLINE_METRIC.values())
+    specs = method_specs()
+    assert set(specs) == set(ssl_models.METHODS)
+    assert all(s.online_metric.startswith("val_") and s.online_mode in ("max", "min") for s in specs.values())
 
 
 @pytest.mark.parametrize("method", sorted(TINY))
@@ -82,7 +84,7 @@ def test_numbers_in_range_for_every_method(method, tokenizers):
     model.train()
     out = online_metrics(model, split, cfg)
 
-    key, _ = ONLINE_METRIC[method]
+    key = method_spec(method).online_metric
     assert key in out and all(np.isfinite(v) for v in out.values())
     for name, value in out.items():
         if name.endswith(("top1", "accuracy")):

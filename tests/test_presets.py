@@ -7,8 +7,8 @@ import torch
 from test_sweep import write_sweep
 
 from ssl_platform import cli, methods
-from ssl_platform.config import METHOD_KINDS, ConfigError, list_presets, load_config
-from ssl_platform.train.online import ONLINE_METRIC
+from ssl_platform.config import ConfigError, list_presets, load_config
+from ssl_platform.methods import method_spec, method_specs
 from ssl_platform.tune.spec import load_sweep
 
 LOCAL = ["simclr-digits", "simclr-digits-m", "byol-digits", "barlow-digits", "vicreg-digits", "clip-digit-captions",
@@ -19,7 +19,7 @@ CLUSTER = ["simclr-resnet50-imagenet", "byol-resnet50-imagenet", "clip-vitb32-we
 
 def test_presets_are_the_local_and_cluster_ones():
     assert sorted(list_presets()) == sorted(LOCAL + CLUSTER)
-    assert {load_config(p).method.name for p in LOCAL} == set(METHOD_KINDS)  # every method has a local preset
+    assert {load_config(p).method.name for p in LOCAL} == set(method_specs())  # every method has a local preset
 
 
 @pytest.mark.parametrize("preset", LOCAL + CLUSTER)
@@ -45,12 +45,12 @@ def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
     run_dir = tmp_path / preset
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    metric, _ = ONLINE_METRIC[load_config(preset).method.name]
+    metric = method_spec(load_config(preset).method.name).online_metric
     assert metric not in rows[0] and rows[1][metric] >= 0  # online_every=50: evaluated at the last step only
     newest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     state = torch.load(newest / "state.pt", weights_only=True)
     assert state["step"] == 4
-    if METHOD_KINDS[state["config"]["method"]["name"]] == "text":  # the tokenizer travels with the checkpoint
+    if method_spec(state["config"]["method"]["name"]).data_kind == "text":  # the tokenizer travels with the checkpoint
         assert (newest / "tokenizer" / "tokenizer.json").is_file()
 
 

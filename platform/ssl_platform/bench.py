@@ -81,10 +81,11 @@ class DecodeTwoViews:
     """``map_batches`` callable: ``{"bytes", "path"}`` -> ``{"view1", "view2"}`` float32 (B, 3, S, S)."""
 
     def __init__(self, size: int, seed: int | None = None):
+        from ssl_models import SimCLR
         from ssl_platform.data.transforms import TwoViewAugment, recipe
 
         self.size = size
-        self.augment = TwoViewAugment(recipe("simclr", size=size), seed=seed)
+        self.augment = TwoViewAugment(recipe(SimCLR.spec.views, size=size), seed=seed)  # the bench measures SimCLR's
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.preset, args.overrides)
         if args.command == "run" and args.help_config:
-            print(describe_keys(methods.method_params(cfg.method.name), methods.DERIVED))
+            print(describe_keys(methods.method_params(cfg.method.name), methods.DERIVED,
+                                methods.method_spec(cfg.method.name).objective_keys))
             return 0
         methods.validate(cfg)
         if getattr(args, "dry_run", False):

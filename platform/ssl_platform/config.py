@@ -22,7 +22,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,9 +46,6 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
 BUILTIN_KINDS = {"digits": "image", "digits-m": "image", "digit-captions": "image-caption",
                  "digits-m-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
 BUILTIN_CORPORA = tuple(BUILTIN_KINDS)
-# The kind of corpus each method trains on.
-METHOD_KINDS = {"simclr": "image", "byol": "image", "barlow_twins": "image", "vicreg": "image",
-                "clip": "image-caption", "cpc": "audio", "bert": "text", "gpt": "text"}
 CORPUS_KINDS = ("image", "text", "audio", "image-caption")
 CORPUS_FORMATS = ("auto", "folder", "parquet", "webdataset", "csv", "tsv", "txt", "jsonl")
 
@@ -108,17 +105,12 @@ class MethodConfig:
     objective's hyperparameters (``method.temperature``), and the ``model`` section holds its
     architecture (``model.projector_width``). Both are keyword arguments of the method's
     constructor in ``ssl_models``: which keys exist, their types and defaults are read from its
-    signature (see :func:`check_method`), so a new method needs no change here."""
+    signature (see :func:`check_method`), so a new method needs no change here. Which names exist,
+    and what each trains on, is the method's own declaration (``ssl_models``' ``spec``), checked
+    by ``ssl_platform.methods.validate``: this module imports neither torch nor ``ssl_models``."""
 
-    name: str = _f("simclr", "method from ssl_models.METHODS", choices=tuple(METHOD_KINDS))
+    name: str = _f("simclr", "method from ssl_models.METHODS (sslp presets lists one preset each)")
     options: dict = field(default_factory=dict)  # the objective's hyperparameters (method.* but name)
-
-
-# Constructor arguments that belong in ``method.*``; every other one is architecture (``model.*``).
-OBJECTIVE_KEYS = frozenset({
-    "temperature", "gather_distributed", "max_logit_scale", "lambda_", "sim_coeff", "std_coeff", "cov_coeff",
-    "momentum_base", "num_steps", "num_negatives", "ignore_index",
-})
 
 
 # Which optimizers' recipes quote their rate for a batch of 256 and scale it linearly (Goyal et al.
@@ -428,13 +420,16 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], derived: Mapping[str, str]) -> None:
+def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], derived: Mapping[str, str],
+                 objective_keys: Collection[str]) -> None:
     """Check ``method.*`` and ``model.*`` against the method's constructor and convert their values.
 
     Args:
         params: constructor parameter -> (type hint, default), read from its signature.
         derived: parameters the platform sets from the data (``in_channels``, ``vocab_size``,
             ...) -> where the user sets them instead.
+        objective_keys: the parameters that belong in ``method.*`` (the method's spec); every
+            other one is architecture (``model.*``).
     """
     name = cfg.method.name
     for section, values in (("method", cfg.method.options), ("model", cfg.model)):
@@ -445,9 +440,9 @@ def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], d
             if key not in params:
                 close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
                 hint = f"did you mean {section}.{close[0]}?" if close else "its keys: " + ", ".join(
-                    f"{'method' if k in OBJECTIVE_KEYS else 'model'}.{k}" for k in params if k not in derived)
+                    f"{'method' if k in objective_keys else 'model'}.{k}" for k in params if k not in derived)
                 raise ConfigError(f"unknown config key {full!r} for method {name}; {hint}")
-            right = "method" if key in OBJECTIVE_KEYS else "model"
+            right = "method" if key in objective_keys else "model"
             if section != right:
                 raise ConfigError(f"{full}: {key} is {'an objective' if right == 'method' else 'an architecture'} "
                                   f"setting; set {right}.{key} instead")
@@ -466,11 +461,18 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into scaling.num_workers={s.num_workers} x "
                           f"train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; use a multiple of "
                           f"{s.ranks * t.grad_accum_steps}")
-    wanted = METHOD_KINDS[cfg.method.name]
     d = cfg.data
     if d.mask_token_frac + d.random_token_frac > 1:
         raise ConfigError(f"data.mask_token_frac={d.mask_token_frac} + data.random_token_frac={d.random_token_frac} "
                           f"exceeds 1; lower one of them")
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
+
+
+def check_data_kind(cfg: ExperimentConfig, wanted: str) -> None:
+    """Check that the corpus, and the evaluation's labelled data, fit a method that trains on
+    ``wanted`` corpora (its spec's ``data_kind``; ``ssl_platform.methods.validate`` calls this)."""
+    d = cfg.data
     if d.path and d.kind != wanted:
         raise ConfigError(f"data.kind={d.kind} but method.name={cfg.method.name} trains on {wanted} corpora; "
                           f"set data.kind={wanted} (and point data.path at one)")
@@ -490,8 +492,6 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{evaluating[0]}: evaluating a {wanted} method needs labelled data, and "
                           f"data.path={d.path} has none; set eval.data=PATH to a labelled {wanted} corpus (see "
                           f"--help-config), or eval.enabled=false eval.online_every=0")
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
 
 
 def from_dict(raw: dict) -> ExperimentConfig:
@@ -515,7 +515,8 @@ def with_overrides(raw: dict, overrides: list[str] = ()) -> ExperimentConfig:
     return from_dict(raw)
 
 
-def describe_keys(params: Mapping[str, tuple[Any, Any]] | None = None, derived: Mapping[str, str] = {}) -> str:
+def describe_keys(params: Mapping[str, tuple[Any, Any]] | None = None, derived: Mapping[str, str] = {},
+                  objective_keys: Collection[str] = ()) -> str:
     """Every config key with its default, constraint and help, for ``--help-config``; with
     ``params`` (a method's constructor, see :func:`check_method`) also its ``method.*`` and
     ``model.*`` keys."""
@@ -534,7 +535,7 @@ def describe_keys(params: Mapping[str, tuple[Any, Any]] | None = None, derived: 
     walk(ExperimentConfig, ExperimentConfig(), "")
     for key, (hint, default) in (params or {}).items():
         if key not in derived:
-            section = "method" if key in OBJECTIVE_KEYS else "model"
+            section = "method" if key in objective_keys else "model"
             lines.append(f"  {section + '.' + key:<28} {default!s:<14} constructor argument ({_type_name(hint)})")
     return "\n".join(lines)
 

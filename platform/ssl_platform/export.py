@@ -184,15 +184,13 @@ print(embed_images(torch.zeros(2, pre["channels"], size, size, dtype=torch.uint8
 
 
 def _image(pretrained) -> Export:
-    from ssl_platform.methods import architecture
-
-    arch = architecture(pretrained.cfg)
+    encoder = pretrained.method.encoder
+    # The arguments that rebuild the encoder, as it recorded them (ssl_models.encoders.build_image_encoder).
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.build_args.items()}
+    name, in_channels = options.pop("name"), options.pop("in_channels")
     return Export(
-        weights=pretrained.method.encoder.state_dict(),
-        architecture={"encoder": arch["encoder"], "in_channels": pretrained.derived["in_channels"],
-                      "encoder_kwargs": {"widths": list(arch["encoder_widths"]),
-                                         "blocks_per_stage": arch["blocks_per_stage"],
-                                         "small_stem": arch["small_stem"]}},
+        weights=encoder.state_dict(),
+        architecture={"encoder": name, "in_channels": in_channels, "encoder_kwargs": options},
         preprocessing=_image_preprocessing(pretrained),
         embedding="the encoder's pooled features (the projector is not exported)",
         snippet=IMAGE_SNIPPET, modeling=("ssl_models.encoders",), requires="torch torchvision safetensors")
@@ -325,7 +323,7 @@ def _text(pretrained) -> Export:
     import dataclasses
 
     tok, method = pretrained.tokenizer, pretrained.method
-    pool = "cls" if pretrained.cfg.method.name == "bert" else "mean"
+    pool = pretrained.spec.pooling  # how the method's embed reads a sequence: the [CLS] state or the mean
     source = pretrained.checkpoint / TOKENIZER_DIR
     if not source.is_dir():
         source = pretrained.checkpoint.parent / TOKENIZER_DIR

@@ -1,20 +1,24 @@
-"""The bridge between configs and ``ssl_models``: what each method's constructor accepts.
+"""The bridge between configs and ``ssl_models``: what each method declares and accepts.
 
 A method's ``method.*`` and ``model.*`` keys are its constructor's keyword arguments, read from
-its signature (names, type hints, defaults), so adding a method to ``ssl_models.METHODS`` needs
-no change in the platform. The arguments in :data:`DERIVED` come from the data instead (the
-corpus's channels, the tokenizer's vocabulary, ...). Imports ``ssl_models`` but not Ray, so the
-CLI checks a config before Ray starts.
+its signature (names, type hints, defaults); everything else the platform needs to know about
+it (data kind, objective vs derived arguments, online metric, ...) is its ``spec``
+(:func:`method_spec`), so adding a method to ``ssl_models.METHODS`` needs no change in the
+platform. The arguments in :data:`DERIVED` come from the data instead (the corpus's channels,
+the tokenizer's vocabulary, ...). Imports ``ssl_models`` but not Ray, so the CLI checks a
+config before Ray starts.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 from typing import Any
 
 import ssl_models
-from ssl_platform.config import OBJECTIVE_KEYS, ConfigError, ExperimentConfig, check_method
+from ssl_models.spec import MethodSpec
+from ssl_platform.config import ConfigError, ExperimentConfig, check_data_kind, check_method
 
 # Constructor arguments the platform fills in from the data, and where a user changes them.
 DERIVED = {
@@ -24,6 +28,29 @@ DERIVED = {
     "max_len": "data.max_len",
     "sample_rate": "data.sample_rate",
 }
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The declaration of method ``name`` (``ssl_models.METHODS[name].spec``), checked complete:
+    an unknown name or an incomplete spec is a ConfigError naming the method and what is missing."""
+    cls = ssl_models.METHODS.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(name, list(ssl_models.METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"method.name={name!r}: unknown method{hint}; expected one of "
+                          f"{', '.join(ssl_models.METHODS)}")
+    problems = ssl_models.spec_problems(cls)
+    if not problems and (unknown := sorted(set(cls.spec.derived) - set(DERIVED))):
+        problems.append(f"spec.derived names {', '.join(unknown)}, which the platform cannot derive from the data "
+                        f"(it derives {', '.join(DERIVED)})")
+    if problems:
+        raise ConfigError(f"method {name} ({cls.__name__}) declares itself incompletely: {'; '.join(problems)}")
+    return cls.spec
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    """Every registered method's spec, by name (each checked as :func:`method_spec` does)."""
+    return {name: method_spec(name) for name in ssl_models.METHODS}
 
 
 def method_params(name: str) -> dict[str, tuple[Any, Any]]:
@@ -46,14 +73,14 @@ def expected_derived(cfg: ExperimentConfig) -> dict[str, Any]:
         "in_channels": d.channels if d.path else BUILTIN_CHANNELS.get(d.corpus, 3),
         "image_size": d.image_size, "vocab_size": d.vocab_size, "max_len": d.max_len, "sample_rate": d.sample_rate,
     }
-    params = method_params(cfg.method.name)
-    return {k: v for k, v in values.items() if k in params}
+    return {k: v for k, v in values.items() if k in method_spec(cfg.method.name).derived}
 
 
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     """The method's ``model.*`` settings with the constructor's defaults filled in."""
+    spec = method_spec(cfg.method.name)
     defaults = {k: default for k, (_, default) in method_params(cfg.method.name).items()
-                if k not in OBJECTIVE_KEYS and k not in DERIVED}
+                if k not in spec.objective_keys and k not in DERIVED}
     return {**defaults, **cfg.model}
 
 
@@ -61,7 +88,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check ``method.*`` / ``model.*`` against the method's constructor, then build the method
     once on the CPU so that the constructor's own checks (a width not divisible by the heads,
     a non-positive temperature) also fail here, before Ray starts. Raises ConfigError."""
-    check_method(cfg, method_params(cfg.method.name), DERIVED)
+    spec = method_spec(cfg.method.name)
+    check_data_kind(cfg, spec.data_kind)
+    check_method(cfg, method_params(cfg.method.name), DERIVED, spec.objective_keys)
     build(cfg, **expected_derived(cfg))
     return cfg
 

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_models.spec import MethodSpec
+from ssl_platform.config import ExperimentConfig
 
-# Corpus kind (config.METHOD_KINDS) -> the kind this API names, and the embed_* that apply.
+# Corpus kind (a spec's data_kind) -> the kind this API names; a modality a method embeds (its
+# spec's embeds) -> this API's name for it, and the embed_* that takes it.
 KINDS = {"image": "image", "image-caption": "caption", "text": "text", "audio": "audio"}
-MODALITIES = {"image": ("images",), "caption": ("images", "texts"), "text": ("texts",), "audio": ("audio",)}
+MODALITIES = {"image": "images", "text": "texts", "audio": "audio"}
 USE = {"images": "embed_images", "texts": "embed_texts", "audio": "embed_audio"}
 
 
@@ -116,8 +118,15 @@ class Pretrained:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
+    def spec(self) -> MethodSpec:
+        """What the method declares about itself (``ssl_models``' ``spec``)."""
+        from ssl_platform.methods import method_spec
+
+        return method_spec(self.cfg.method.name)
+
+    @property
     def modalities(self) -> tuple[str, ...]:
-        return MODALITIES[self.kind]
+        return tuple(MODALITIES[m] for m in self.spec.embeds)
 
     def to(self, device: str | torch.device) -> Pretrained:
         """Move the method to ``device`` (e.g. ``"cuda"``); returns self."""
@@ -181,7 +190,7 @@ class Pretrained:
         for i, row in enumerate(ids):
             input_ids[i, :len(row)] = row
         batch = {"input_ids": input_ids, "attention_mask": (np.arange(max_len) < lengths[:, None]).astype(np.int64)}
-        if self.cfg.method.name == "bert":
+        if "token_type_ids" in self.spec.batch_keys:  # sentence-pair models: one segment
             batch["token_type_ids"] = np.zeros_like(input_ids)
         return batch
 
@@ -280,12 +289,12 @@ def load(run_dir_or_checkpoint: str | Path, device: str | torch.device | None = 
     from ssl_platform.command import resolve_checkpoint
     from ssl_platform.config import with_overrides
     from ssl_platform.evaluate.inference import build_method, check_state
-    from ssl_platform.methods import expected_derived
+    from ssl_platform.methods import expected_derived, method_spec
     from ssl_platform.train.checkpoint import load_payload
 
     checkpoint, raw = resolve_checkpoint(Path(run_dir_or_checkpoint))
     cfg = with_overrides(raw)
-    kind = KINDS[METHOD_KINDS[cfg.method.name]]
+    kind = KINDS[method_spec(cfg.method.name).data_kind]
     derived = expected_derived(cfg)
     tokenizer = None
     if kind == "text":

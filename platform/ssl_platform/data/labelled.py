@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.skips import SkipReporter, format_summary
 
 
@@ -77,7 +77,9 @@ def check_eval_data(cfg: ExperimentConfig) -> EvalCorpus | None:
 
 def eval_corpus(cfg: ExperimentConfig) -> EvalCorpus:
     """``eval.data``'s labelled splits for ``cfg``'s method, read once per process."""
-    kind = METHOD_KINDS[cfg.method.name]
+    from ssl_platform.methods import method_spec  # ssl_models and torch: not in Ray Data's tasks
+
+    kind = method_spec(cfg.method.name).data_kind
     if kind not in READERS:
         raise ValueError(f"eval.data: {cfg.method.name} is evaluated on its own corpus's held-out split; "
                          f"remove eval.data")

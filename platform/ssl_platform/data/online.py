@@ -9,9 +9,9 @@ arrays, made the way training batches are made but without augmentation, from fi
 |---|---|---|
 | image | val queries, a labelled train-side bank | image, label, bank_image, bank_label |
 | image-caption | val pairs + zero-shot prompts | image, label, text, prompts |
-| text (BERT) | held-out documents, masked once (fixed seed) | input_ids, token_type_ids, attention_mask, |
+| text, masked pairs | held-out documents, masked once (fixed seed) | input_ids, token_type_ids, attention_mask, |
 | | | mlm_labels, nsp_labels |
-| text (GPT) | held-out documents, packed into blocks | input_ids, attention_mask |
+| text, blocks | held-out documents, packed into blocks | input_ids, attention_mask |
 | audio | val crops, a labelled train-side bank | audio, lengths, label, |
 | | | bank_audio, bank_lengths, bank_label |
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_platform.config import METHOD_KINDS, ConfigError, ExperimentConfig
+from ssl_platform.config import ConfigError, ExperimentConfig
 
 # Documents per tokenizer call when building the text split.
 _DOCS_PER_BATCH = 64
@@ -46,7 +46,9 @@ def online_split(cfg: ExperimentConfig, model: dict[str, Any], artifacts: dict[s
             CLIP's captions are tokenised to its ``context_length``.
         artifacts: the run's data artifacts (``PretrainData.artifacts``); text needs "tokenizer".
     """
-    kind = METHOD_KINDS[cfg.method.name]
+    from ssl_platform.methods import method_spec  # ssl_models and torch: on the driver only
+
+    kind = method_spec(cfg.method.name).data_kind
     if kind != "text" and cfg.data.path and not cfg.eval.data:
         raise ConfigError(f"eval.online_every: the online evaluation of a {kind} method needs labelled data, and "
                           f"data.path={cfg.data.path} has none; set eval.data=PATH to a labelled corpus, or "
@@ -151,12 +153,13 @@ def held_out_documents(cfg: ExperimentConfig) -> Iterator[dict[str, np.ndarray]]
 def text_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str, np.ndarray]:
     from ssl_platform.data.masking import BertBatcher, GptBlocks
     from ssl_platform.data.tokenizer import TextTokenizer
+    from ssl_platform.methods import method_spec
 
     if "tokenizer" not in artifacts:
         raise ValueError("the online evaluation of a text method needs the run's tokenizer (artifacts['tokenizer'])")
     d, n = cfg.data, cfg.eval.online_examples
     tokenizer = TextTokenizer.load(artifacts["tokenizer"])
-    if cfg.method.name == "bert":
+    if method_spec(cfg.method.name).token_batches == "masked_pairs":
         # The training masking, drawn once with a fixed seed: the same masked positions every time.
         batcher = BertBatcher(tokenizer, d.max_len, seed=cfg.train.seed, mask_prob=d.mask_prob,
                               mask_token_frac=d.mask_token_frac, random_token_frac=d.random_token_frac,

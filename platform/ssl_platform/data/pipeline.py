@@ -4,9 +4,9 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 
 | kind | corpus | transform (``map_batches`` on CPU) | batch keys |
 |---|---|---|---|
-| image | ``digits``, ``digits-m`` or ``data.path`` | ``TwoViewAugment`` (the method's recipe) | view1, view2 |
+| image | ``digits``, ``digits-m`` or ``data.path`` | ``TwoViewAugment`` (the spec's views) | view1, view2 |
 | image-caption | ``digit-captions``, ``digits-m-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
-| text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` | input_ids, ... |
+| text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` (spec.token_batches) | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
 Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
@@ -23,8 +23,9 @@ from typing import Any
 
 import ray.data
 
-from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.skips import SkipReporter
+from ssl_platform.methods import method_spec
 
 
 @dataclass
@@ -54,7 +55,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     tokenises to the text tower's ``context_length``).
     """
     quiet_progress()
-    kind = METHOD_KINDS[cfg.method.name]
+    kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
     if data.num_records is None and not data.train.take(1):
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
@@ -89,7 +90,7 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
         split = load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"]
         ds = split_dataset(split.images, d.corpus, label=split.labels)
         channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} train records)"
-    views = recipe(cfg.method.name, size=d.image_size, **_optional(
+    views = recipe(method_spec(cfg.method.name).views, size=d.image_size, **_optional(
         crop_scale_min=d.crop_scale_min, jitter_strength=d.jitter_strength, jitter_prob=d.jitter_prob,
         blur_prob=d.blur_prob, flip_prob=d.flip_prob))
     # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
@@ -119,7 +120,7 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
     return PretrainData(ds, {"in_channels": int(channels), "image_size": d.image_size}, what, count)
 
 
-# ----------------------------------------------------------------------------- text (BERT, GPT)
+# ----------------------------------------------------------------------------- text (masked pairs, blocks)
 
 def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.masking import BertBatcher, GptBlocks
@@ -130,12 +131,12 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     source = d.path or d.corpus
     ds = open_text_corpus(source, reporter=reporter, split="train", val_fraction=d.val_fraction, seed=cfg.train.seed,
                           unit=d.text_unit, text_field=d.text_field, fmt=d.format)
-    bert = cfg.method.name == "bert"
-    kind = d.tokenizer if d.tokenizer != "auto" else ("wordpiece" if bert else "bpe")
+    spec = method_spec(cfg.method.name)
+    kind = d.tokenizer if d.tokenizer != "auto" else spec.tokenizer
     # Trained once per run on the training split and saved with it; a resumed run loads it.
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
-    if bert:
+    if spec.token_batches == "masked_pairs":
         batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
                               random_token_frac=d.random_token_frac, next_prob=d.next_prob)
     else:

@@ -5,10 +5,9 @@ Every function takes and returns whole batches, so one ``map_batches`` call augm
 loop per image: one ``grid_sample`` for crop + flip, one batched 3x3 colour matrix for
 brightness, contrast, saturation, hue and grayscale, one grouped convolution for blur.
 
-The recipes are the papers' (:func:`recipe`): SimCLR (Chen et al. 2020, appendix A): random
-resized crop, flip, colour jitter with probability 0.8, grayscale 0.2, blur 0.5; BYOL (Grill et
-al. 2020, table 6) with asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2), which Barlow Twins
-and VICReg reuse. Strengths come from :class:`AugmentConfig`, one per view.
+The recipes are the papers', declared by each method beside its code (``spec.views`` in
+``ssl_models``: SimCLR's, BYOL's asymmetric views that Barlow Twins and VICReg reuse) as
+:class:`AugmentConfig` fields per view; :func:`recipe` turns them into configs.
 
 Randomness is per record: every random choice for a record is a counter-based hash of
 (seed, epoch, record key, view, draw), so a seed and an epoch give the same views however the
@@ -21,8 +20,9 @@ Notation: B = images in the batch, C = channels, H = W = side in pixels, D = dra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def __getattr__(name: str):
 @dataclass(frozen=True)
 class AugmentConfig:
     """Strengths of one view's augmentation. The defaults are the platform's historical ones;
-    :func:`recipe` gives each method's paper defaults."""
+    a method's ``spec.views`` (:func:`recipe`) sets its paper's."""
 
     size: int = 32                 # output side in pixels
     crop_scale_min: float = 0.3    # random resized crop: area fraction in [crop_scale_min, 1]
@@ -75,30 +75,32 @@ class AugmentConfig:
             raise ValueError("jitter_hue * jitter_strength must be at most 0.5 (half a turn of hue)")
 
 
-# The papers' defaults, as (view1, view2). BYOL's jitter (brightness 0.4, contrast 0.4,
-# saturation 0.2, hue 0.1) is SimCLR's at s = 0.5 with half the saturation weight.
-_SIMCLR = AugmentConfig(crop_scale_min=0.08, flip_prob=0.5, jitter_strength=1.0, jitter_prob=0.8,
-                        grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.0)
-_BYOL = AugmentConfig(crop_scale_min=0.08, flip_prob=0.5, jitter_strength=0.5, jitter_saturation=0.4,
-                      jitter_prob=0.8, grayscale_prob=0.2, blur_prob=1.0, solarize_prob=0.0)
-RECIPES: dict[str, tuple[AugmentConfig, AugmentConfig]] = {
-    "simclr": (_SIMCLR, _SIMCLR),
-    "byol": (_BYOL, dataclasses.replace(_BYOL, blur_prob=0.1, solarize_prob=0.2)),
-}
-RECIPES["barlow_twins"] = RECIPES["byol"]  # Zbontar et al. 2021 reuse BYOL's views
-RECIPES["vicreg"] = RECIPES["byol"]  # Bardes et al. 2022 likewise
+def recipe(method: str | Sequence[Mapping[str, Any]], **overrides) -> tuple[AugmentConfig, ...]:
+    """The view configs of a method's paper, one per view, with ``overrides`` (e.g. ``size=32``)
+    applied to every view.
 
-
-def recipe(method: str, **overrides) -> tuple[AugmentConfig, AugmentConfig]:
-    """The two view configs of ``method``'s paper, with ``overrides`` (e.g. ``size=32``) applied to both."""
-    if method not in RECIPES:
-        raise ValueError(f"no augmentation recipe for method {method!r}; choose one of {', '.join(RECIPES)}")
+    Args:
+        method: a method's name (its ``spec.views`` are read) or those views themselves: one
+            mapping of :class:`AugmentConfig` field -> value per view.
+    """
+    if isinstance(method, str):
+        method = _views_of(method)
     fields = {f.name for f in dataclasses.fields(AugmentConfig)}
-    unknown = sorted(set(overrides) - fields)
+    unknown = sorted(set(overrides).union(*method) - fields)
     if unknown:
         raise ValueError(f"unknown augmentation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    view1, view2 = RECIPES[method]
-    return dataclasses.replace(view1, **overrides), dataclasses.replace(view2, **overrides)
+    return tuple(AugmentConfig(**{**view, **overrides}) for view in method)
+
+
+def _views_of(name: str) -> tuple[Mapping[str, Any], ...]:
+    """``ssl_models.METHODS[name].spec.views``; imported here (torch) only when a name is given."""
+    import ssl_models
+
+    views = {n: getattr(getattr(cls, "spec", None), "views", ()) for n, cls in ssl_models.METHODS.items()}
+    if not views.get(name):
+        raise ValueError(f"no augmentation recipe for method {name!r}; choose one of "
+                         f"{', '.join(n for n, v in views.items() if v)}")
+    return views[name]
 
 
 # ---------------------------------------------------------------------------------------------

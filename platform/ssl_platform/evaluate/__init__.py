@@ -20,12 +20,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_platform.config import ExperimentConfig
 from ssl_platform.evaluate.features import extract_features, train_supervised
 from ssl_platform.evaluate.report import markdown_table, write_results
 from ssl_platform.probes import knn_accuracy, linear_probe
 
-# Kind of data a method trains on (config.METHOD_KINDS) -> the module whose evaluate() scores it.
+# Kind of data a method trains on (its spec's data_kind) -> the module whose evaluate() scores it.
 PROTOCOLS = {
     "image": "ssl_platform.evaluate.image",
     "image-caption": "ssl_platform.evaluate.clip",
@@ -37,10 +37,12 @@ PROTOCOLS = {
 def evaluate_run(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | Path) -> list[dict]:
     """Evaluate the checkpoint in ``checkpoint_dir`` with the protocol of ``cfg.method.name``,
     write the report into ``run_dir`` and return the table rows. Ray must be running."""
-    kind = METHOD_KINDS.get(cfg.method.name)
+    from ssl_platform.methods import method_spec  # ssl_models and torch
+
+    kind = method_spec(cfg.method.name).data_kind
     if kind not in PROTOCOLS:
         raise ValueError(f"no evaluation protocol for method {cfg.method.name!r} (kind {kind!r}); "
-                         f"methods with one: {', '.join(m for m, k in METHOD_KINDS.items() if k in PROTOCOLS)}")
+                         f"kinds with one: {', '.join(PROTOCOLS)}")
     protocol = importlib.import_module(PROTOCOLS[kind])
     return protocol.evaluate(cfg, Path(checkpoint_dir), Path(run_dir))
 

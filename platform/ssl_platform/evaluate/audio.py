@@ -191,14 +191,17 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     its rows. Ray must be initialised (features are extracted by an actor pool).
     """
     from ssl_platform.evaluate.inference import extract
+    from ssl_platform.methods import method_spec
     from ssl_platform.train.checkpoint import load_payload
 
     d = cfg.data
-    if cfg.method.name != "cpc":
-        raise ValueError(f"the audio protocol evaluates CPC runs, got method.name={cfg.method.name}; "
-                         f"use ssl_platform.evaluate.evaluate_run, which picks the protocol of the method")
+    spec = method_spec(cfg.method.name)
+    if spec.data_kind != "audio":
+        raise ValueError(f"the audio protocol evaluates audio methods, got method.name={cfg.method.name} "
+                         f"({spec.data_kind}); use ssl_platform.evaluate.evaluate_run, which picks the protocol of "
+                         f"the method")
     if d.path and not cfg.eval.data:
-        raise ValueError(f"evaluating CPC needs labelled clips, and data.path={d.path} has none; set "
+        raise ValueError(f"evaluating {spec.display_name} needs labelled clips, and data.path={d.path} has none; set "
                          f"eval.data=PATH to a folder of clips with a sub-folder per class")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
@@ -212,12 +215,13 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     log_mel = by_split(collect(clips.map_batches(LogMelStats(d.sample_rate), batch_size=cfg.eval.batch_size,
                                                  batch_format="numpy"), ("features", *keep)))
     rows = [
-        probe_row("CPC (this run)", trained["train"], trained["val"], cfg),
+        probe_row(f"{spec.display_name} (this run)", trained["train"], trained["val"], cfg),
         probe_row("random init", random_init["train"], random_init["val"], cfg),
         probe_row(f"log-mel ({N_MELS} bands, mean+std)", log_mel["train"], log_mel["val"], cfg),
     ]
     train, val = splits["train"], splits["val"]
-    title = (f"{cfg.name}: frozen CPC context features on {eval_source(cfg)}, class of {len(train.class_names)} "
+    title = (f"{cfg.name}: frozen {spec.display_name} context features on {eval_source(cfg)}, class of "
+             f"{len(train.class_names)} "
              f"({len(train)} train / {len(val)} held-out clips)")
     notes = ("Each clip is fed whole (zero-padded, normalised as in training); the context features are "
              "mean-pooled over its real frames. Chance is "

@@ -37,7 +37,7 @@ from ssl_platform.data.labelled import caption_splits, eval_source
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.image import check_builtin
 from ssl_platform.evaluate.inference import check_state, extract
-from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, write_results
+from ssl_platform.evaluate.report import display_name, markdown_table, write_results
 from ssl_platform.methods import architecture, expected_derived
 from ssl_platform.probes import linear_probe
 from ssl_platform.train.checkpoint import load_payload
@@ -152,12 +152,12 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     captions = np.concatenate([train.captions, val.captions, np.full((columns["part"] == PROMPT).sum(), "")])
     ds = split_dataset(columns.pop("image"), eval_source(cfg), **columns)
     rows = []
-    for name, weights in (("random init", None), (f"{DISPLAY_NAMES['clip']} (this run)", state)):
+    for name, weights in (("random init", None), (f"{display_name(cfg.method.name)} (this run)", state)):
         out = extract(ds, cfg, derived, weights, embed_pairs, keep=("label", "part", "row"), seed=cfg.train.seed)
         rows.append(score(cfg, name, out, captions, len(train.class_names)))
 
-    title = (f"{cfg.name}: CLIP towers on {eval_source(cfg)} ({len(train)} train / {len(val)} held-out pairs, "
-             f"{len(train.class_names)} classes)")
+    title = (f"{cfg.name}: {display_name(cfg.method.name)} towers on {eval_source(cfg)} ({len(train)} train / "
+             f"{len(val)} held-out pairs, {len(train.class_names)} classes)")
     notes = ("Retrieval: identical caption strings count as one caption (each is the own caption of several "
              "held-out images); zero-shot prompts are phrasings no training caption uses.")
     notes += f" {skipped}" if skipped else ""

@@ -29,7 +29,7 @@ from ssl_platform.data.labelled import eval_source, image_splits
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.features import train_supervised
 from ssl_platform.evaluate.inference import build_method, check_state, extract
-from ssl_platform.evaluate.report import DISPLAY_NAMES, markdown_table, stage_table, write_results
+from ssl_platform.evaluate.report import display_name, markdown_table, stage_table, write_results
 from ssl_platform.methods import expected_derived
 from ssl_platform.probes import knn_accuracy, linear_probe
 from ssl_platform.train.checkpoint import load_payload
@@ -84,7 +84,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     state = load_payload(checkpoint_dir)["model"]
     derived = image_derived(cfg, train.images)
     check_state(cfg, derived, state)  # a mismatched checkpoint fails now, not after the first baseline
-    name = f"{DISPLAY_NAMES.get(cfg.method.name, cfg.method.name)} (this run)"
+    name = f"{display_name(cfg.method.name)} (this run)"
     stages: list[dict] = []  # eval.probe_stages=all: a linear probe per encoder stage, a row per encoder
     rows = encoder_rows(cfg, train, val, derived, {"random init": None, name: state}, stages)
 

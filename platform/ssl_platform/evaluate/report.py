@@ -40,9 +40,13 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "top1": ("held-out top-1", PERCENT),  # `sslp finetune`: a classifier's own predictions
 }
 
-# How the papers spell the methods, for the "<method> (this run)" rows of every protocol's table.
-DISPLAY_NAMES = {"simclr": "SimCLR", "byol": "BYOL", "barlow_twins": "Barlow Twins", "vicreg": "VICReg",
-                 "clip": "CLIP", "cpc": "CPC", "bert": "BERT", "gpt": "GPT"}
+
+def display_name(method: str) -> str:
+    """How the method's paper spells it (its spec's ``display_name``), for titles and the
+    "<method> (this run)" row of every protocol's table."""
+    from ssl_platform.methods import method_spec  # ssl_models and torch, which the report needs not
+
+    return method_spec(method).display_name
 
 
 def _check_rows(rows: list[dict]) -> list[dict]:

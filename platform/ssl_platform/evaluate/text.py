@@ -51,7 +51,7 @@ from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.masking import IGNORE_INDEX, BertBatcher, GptBlocks, tokenize_documents
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.data.tokenizer import TextTokenizer, as_tokenizer
-from ssl_platform.evaluate.report import markdown_table, write_results
+from ssl_platform.evaluate.report import display_name, markdown_table, write_results
 from ssl_platform.probes import knn_accuracy, linear_probe
 
 TOKENIZER_DIR = "tokenizer"
@@ -246,7 +246,7 @@ def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor],
     sequences = pairs.union(_map(held_out, TopicChunks(tokenizer, d.max_len), cfg)).materialize()
 
     rows, notes = [], []
-    for name, weights in (("BERT (this run)", state), ("random init", None)):
+    for name, weights in ((f"{display_name(cfg.method.name)} (this run)", state), ("random init", None)):
         out = extract(sequences, cfg, derived, weights, score_bert, keep=("nsp_labels", "source", "chunk"),
                       seed=cfg.train.seed)
         is_pair = out["chunk"] == PAIR
@@ -435,7 +435,7 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
         raise ValueError(f"the held-out split of {d.path or d.corpus} gives no GPT block; raise data.val_fraction")
 
     rows, targets, contexts = [], None, None
-    for name, weights in (("GPT (this run)", state), ("random init", None)):
+    for name, weights in ((f"{display_name(cfg.method.name)} (this run)", state), ("random init", None)):
         keep = ("input_ids", "attention_mask") if targets is None else ()
         scores = extract(blocks, cfg, derived, weights, score_gpt, keep=keep, seed=cfg.train.seed)
         if targets is None:
@@ -466,7 +466,8 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
 # ---------------------------------------------------------------------------------------------
 # The table
 
-PROTOCOLS = {"bert": bert_rows, "gpt": gpt_rows}
+# By the batches a text method eats (its spec's token_batches): masked pairs or causal-LM blocks.
+PROTOCOLS = {"masked_pairs": bert_rows, "blocks": gpt_rows}
 
 
 def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) -> list[dict]:
@@ -476,18 +477,20 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     and notes) and report.png into ``run_dir``, prints the table and returns its rows. Ray
     must be initialised (batches are scored by an actor pool).
     """
+    from ssl_platform.methods import method_spec
     from ssl_platform.train.checkpoint import load_payload
 
-    if cfg.method.name not in PROTOCOLS:
-        raise ValueError(f"the text protocol evaluates {' and '.join(PROTOCOLS)} runs, got method.name="
+    spec = method_spec(cfg.method.name)
+    if spec.token_batches not in PROTOCOLS:
+        raise ValueError(f"the text protocol evaluates methods trained on {' or '.join(PROTOCOLS)}, got method.name="
                          f"{cfg.method.name}; use ssl_platform.evaluate.evaluate_run, which picks the protocol")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
     state = load_payload(checkpoint_dir)["model"]
     tokenizer = run_tokenizer(Path(checkpoint_dir), Path(run_dir))
-    rows, notes, extra = PROTOCOLS[cfg.method.name](cfg, state, tokenizer)
+    rows, notes, extra = PROTOCOLS[spec.token_batches](cfg, state, tokenizer)
 
-    title = f"{cfg.name}: {cfg.method.name.upper()} on the held-out documents of {cfg.data.path or cfg.data.corpus}"
+    title = f"{cfg.name}: {spec.display_name} on the held-out documents of {cfg.data.path or cfg.data.corpus}"
     paths = write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=notes)
     results = json.loads(paths["json"].read_text())  # the samples belong in the machine-readable results too
     paths["json"].write_text(json.dumps({**results, **extra}, indent=2) + "\n")

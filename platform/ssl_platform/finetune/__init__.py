@@ -44,7 +44,7 @@ from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray, resolve_check
 # labelled digits-m, 16 steps (10 epochs) scored 28% against the probe's 31%, 200 steps with
 # crops 37-39% (issue 14).
 MIN_STEPS = 200
-FINETUNE_KINDS = ("image", "image-caption")  # run kinds (config.METHOD_KINDS) whose image encoder is fine-tuned
+FINETUNE_KINDS = ("image", "image-caption")  # run kinds (a spec's data_kind) whose image encoder is fine-tuned
 UNLABELLED_BUILTINS = ("digit-captions", "digits-m-captions", "python-docs")
 
 
@@ -117,11 +117,12 @@ def main(args: argparse.Namespace) -> int:
 
 def check_supported(method: str, source: str) -> None:
     """ValueError (one sentence) for a method or a built-in source this protocol cannot fine-tune on."""
-    from ssl_platform.config import METHOD_KINDS
+    from ssl_platform.methods import method_spec, method_specs
 
-    if METHOD_KINDS[method] not in FINETUNE_KINDS:
-        fits = [m for m, k in METHOD_KINDS.items() if k in FINETUNE_KINDS]
-        raise ValueError(f"fine-tuning a {METHOD_KINDS[method]} method ({method}) is not supported yet; "
+    kind = method_spec(method).data_kind
+    if kind not in FINETUNE_KINDS:
+        fits = [m for m, spec in method_specs().items() if spec.data_kind in FINETUNE_KINDS]
+        raise ValueError(f"fine-tuning a {kind} method ({method}) is not supported yet; "
                          f"methods that can be fine-tuned: {', '.join(fits)}")
     if source in UNLABELLED_BUILTINS or source == "spoken-digits":
         raise ValueError(f"--data {source} is not a labelled image corpus; use digits, an image folder with one "

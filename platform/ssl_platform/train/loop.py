@@ -90,6 +90,7 @@ def train_func(loop_config: dict) -> None:
     if t.compile:
         model = torch.compile(model)
     autocast = autocast_context(t.precision, device)
+    step_end = getattr(method, "on_train_step_end", None)
     seed_everything(t.seed + 1 + rank)  # each rank its own stream from here on (dropout)
 
     # 2. Resume: Ray hands back the newest checkpoint it registered for this run name, if any; the
@@ -131,7 +132,8 @@ def train_func(loop_config: dict) -> None:
             optimizer.step()
             lr = scheduler.get_last_lr()[0]  # the rate this step used; the scheduler moves on to the next
             scheduler.step()
-            method.on_train_step_end(state.step, t.max_steps)  # 0-based index of the step just taken
+            if step_end is not None:  # an optional hook (ssl_models.protocol.Method): BYOL's EMA target
+                step_end(state.step, t.max_steps)  # 0-based index of the step just taken
             state.step += 1
             meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 

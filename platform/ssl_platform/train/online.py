@@ -5,14 +5,14 @@ workers an object-store reference; the loop calls :class:`OnlineEval` at every m
 ``eval.online_every``, at every checkpoint step and at the last step, so every report Ray
 Train (and Tune, which stops trials early on it) receives carries the ``val_*`` metrics.
 
-| kind | metrics (primary first, :data:`ONLINE_METRIC`) |
+| kind | metrics (primary first: the method's ``spec.online_metric``) |
 |---|---|
 | image (SimCLR, BYOL, Barlow Twins, VICReg) | val_knn_top1: weighted kNN of held-out queries against a |
 | | labelled train-side bank |
 | image-caption (CLIP) | val_zero_shot_top1 with the prompt ensembles; val_loss over all held-out pairs |
 | audio (CPC) | val_knn_top1 of clip features (the spoken digit); val_loss on fixed held-out crops |
-| text (BERT) | val_mlm_accuracy, val_loss (MLM + NSP), val_nsp_accuracy on fixed masked pairs |
-| text (GPT) | val_perplexity, val_loss, val_bits_per_token on held-out blocks |
+| text, masked pairs (BERT) | val_mlm_accuracy, val_loss (MLM + NSP), val_nsp_accuracy on fixed masked pairs |
+| text, blocks (GPT) | val_perplexity, val_loss, val_bits_per_token on held-out blocks |
 
 Losses are token- (frame-) weighted means over the whole split, not means of batch means.
 CPC's primary metric is the kNN accuracy of the spoken word, the downstream target of its
@@ -38,22 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_platform.config import METHOD_KINDS, ExperimentConfig
+from ssl_models.spec import MethodSpec
+from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.transforms import to_float
+from ssl_platform.methods import method_spec
 from ssl_platform.probes import knn_accuracy
 from ssl_platform.train.checkpoint import is_fsdp
 
-# Each method's primary online metric and its direction: what sweeps optimise and ASHA stops on.
-ONLINE_METRIC: dict[str, tuple[str, str]] = {
-    "simclr": ("val_knn_top1", "max"),
-    "byol": ("val_knn_top1", "max"),
-    "barlow_twins": ("val_knn_top1", "max"),
-    "vicreg": ("val_knn_top1", "max"),
-    "clip": ("val_zero_shot_top1", "max"),
-    "cpc": ("val_knn_top1", "max"),
-    "bert": ("val_mlm_accuracy", "max"),
-    "gpt": ("val_perplexity", "min"),
-}
 IGNORE_INDEX = -100  # the token losses' label of positions that do not count
 
 
@@ -85,7 +76,7 @@ def evaluating(method: nn.Module) -> Iterator[None]:
 def online_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: ExperimentConfig,
                    device: torch.device | str = "cpu") -> dict[str, float]:
     """``{"val_...": float}`` of ``method`` (the unwrapped module) on the held-out ``split``."""
-    evaluate = EVALUATORS[METHOD_KINDS[cfg.method.name]]
+    evaluate = evaluator(method_spec(cfg.method.name))
     with evaluating(method):
         return {k: float(v) for k, v in evaluate(method, split, cfg, torch.device(device)).items()}
 
@@ -200,15 +191,15 @@ def gpt_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: Experiment
     return {"val_perplexity": math.exp(loss), "val_loss": loss, "val_bits_per_token": loss / math.log(2)}
 
 
-def text_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: ExperimentConfig,
-                 device: torch.device) -> dict[str, float]:
-    return (bert_metrics if "mlm_labels" in split else gpt_metrics)(method, split, cfg, device)
-
-
 Evaluator = Callable[[nn.Module, dict[str, np.ndarray], ExperimentConfig, torch.device], dict[str, float]]
-EVALUATORS: dict[str, Evaluator] = {
-    "image": image_metrics, "image-caption": clip_metrics, "audio": audio_metrics, "text": text_metrics,
-}
+# By data kind; text methods by the batches they eat (the spec's token_batches).
+EVALUATORS: dict[str, Evaluator] = {"image": image_metrics, "image-caption": clip_metrics, "audio": audio_metrics}
+TEXT_EVALUATORS: dict[str, Evaluator] = {"masked_pairs": bert_metrics, "blocks": gpt_metrics}
+
+
+def evaluator(spec: MethodSpec) -> Evaluator:
+    """The online evaluation of a method with this spec."""
+    return TEXT_EVALUATORS[spec.token_batches] if spec.data_kind == "text" else EVALUATORS[spec.data_kind]
 
 
 # ----------------------------------------------------------------------------- in the loop

@@ -229,20 +229,19 @@ def _int(key: str, value: Any, low: int) -> int:
 def _default_metric(cfg: ExperimentConfig) -> tuple[str, str]:
     """The method's online metric when online evaluation is on, else the training loss."""
     if cfg.eval.online_every > 0:
-        from ssl_platform.train.online import ONLINE_METRIC  # imported lazily: torch and the eval code
+        from ssl_platform.methods import method_spec  # imported lazily: ssl_models and torch
 
-        return ONLINE_METRIC[cfg.method.name]
+        spec = method_spec(cfg.method.name)
+        return spec.online_metric, spec.online_mode
     return "loss", "min"
 
 
 def _mode_of(metric: str) -> str | None:
     if metric in LOWER_IS_BETTER:
         return "min"
-    try:
-        from ssl_platform.train.online import ONLINE_METRIC
-    except ImportError:
-        return None
-    return dict(ONLINE_METRIC.values()).get(metric)
+    from ssl_platform.methods import method_specs
+
+    return {spec.online_metric: spec.online_mode for spec in method_specs().values()}.get(metric)
 
 
 def trial_raw(base: ExperimentConfig | dict, values: dict[str, Any], **top: Any) -> dict:
