@@ -154,8 +154,9 @@ def test_a_method_whose_spec_is_missing_or_incomplete_fails_at_config_time(monke
                                           r"Undeclared has no spec") as e:
         load_config("simclr-digits", ["method.name=undeclared"])
     assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=r"^method no_views \(NoViews\) declares itself incompletely: spec.views is "
-                                          r"empty; spec.derived names sample_rate, which the constructor does not take"):
+    with pytest.raises(ConfigError, match=r"^method no_views \(NoViews\) declares itself incompletely: spec.views "
+                                          r"is empty; spec.derived names sample_rate, which the constructor does "
+                                          r"not take"):
         load_config("simclr-digits", ["method.name=no_views"])
 
 

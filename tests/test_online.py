@@ -17,8 +17,8 @@ from ssl_platform.config import load_config
 from ssl_platform.data.online import balanced_subset, online_split
 from ssl_platform.data.python_docs import load_python_docs
 from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
-from ssl_platform.train.metrics import MetricsLogger, read_metrics
 from ssl_platform.methods import method_spec, method_specs
+from ssl_platform.train.metrics import MetricsLogger, read_metrics
 from ssl_platform.train.online import online_metrics
 
 # Tiny architectures, so that every evaluation here takes a fraction of a second.

@@ -203,3 +203,25 @@ def test_import_ssl_platform_stays_light():
             "print('torch' in sys.modules, callable(ssl_platform.load), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
+
+
+def test_load_rebuilds_the_method_from_the_derived_arguments_its_checkpoint_carries(tmp_path, digits):
+    """A checkpoint carries the data-derived constructor arguments it was built with: ``load``
+    uses them, not the config's prediction (the digits are grayscale, so the config predicts
+    in_channels=1; this checkpoint's method took 3). One written before they were saved (every
+    run of ``make_run``) still loads, from the prediction."""
+    cfg = load_config(PRESETS["simclr"], ["name=rgb", *TINY["simclr"]])
+    method = build_method(cfg, {"in_channels": 3}, None, seed=7)
+    checkpoint = tmp_path / cfg.name / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    save_state(checkpoint, model_state=method.state_dict(), optimizer_state={},
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), state=TrainState(step=3),
+               rng=[rng_state()], config=cfg.to_dict(), derived={"in_channels": 3})
+    assert torch.load(checkpoint / "state.pt", weights_only=True)["derived"] == {"in_channels": 3}
+
+    pretrained = ssl_platform.load(checkpoint.parent)
+    assert pretrained.derived == {"in_channels": 3} and pretrained.method.in_channels == 3
+    torch.testing.assert_close(pretrained.method.state_dict(), method.state_dict())
+    rgb = np.repeat(digits, 3, axis=1).transpose(0, 2, 3, 1)  # (N, H, W, 3)
+    assert pretrained.embed_images(rgb).shape == (len(digits), method.feature_dim)

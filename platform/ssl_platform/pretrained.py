@@ -290,19 +290,23 @@ def load(run_dir_or_checkpoint: str | Path, device: str | torch.device | None = 
     from ssl_platform.config import with_overrides
     from ssl_platform.evaluate.inference import build_method, check_state
     from ssl_platform.methods import expected_derived, method_spec
-    from ssl_platform.train.checkpoint import load_payload
+    from ssl_platform.train.checkpoint import load_payload, saved_derived
 
     checkpoint, raw = resolve_checkpoint(Path(run_dir_or_checkpoint))
     cfg = with_overrides(raw)
     kind = KINDS[method_spec(cfg.method.name).data_kind]
-    derived = expected_derived(cfg)
+    payload = load_payload(checkpoint)
+    state = payload["model"]
+    # The arguments the method was built with travel in the checkpoint; an older checkpoint's are
+    # predicted from its config (and the trained vocabulary) as they were before.
+    derived = saved_derived(payload) or expected_derived(cfg)
     tokenizer = None
     if kind == "text":
         from ssl_platform.evaluate.text import run_tokenizer
 
         tokenizer = run_tokenizer(checkpoint, checkpoint.parent)
-        derived["vocab_size"] = tokenizer.vocab_size  # the trained vocabulary, as training built the model
-    state = load_payload(checkpoint)["model"]
+        if saved_derived(payload) is None:
+            derived["vocab_size"] = tokenizer.vocab_size  # the trained vocabulary, as training built the model
     check_state(cfg, derived, state)
     device = torch.device(device or "cpu")
     method = build_method(cfg, derived, state).to(device)

@@ -192,7 +192,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     """
     from ssl_platform.evaluate.inference import extract
     from ssl_platform.methods import method_spec
-    from ssl_platform.train.checkpoint import load_payload
+    from ssl_platform.train.checkpoint import load_payload, saved_derived
 
     d = cfg.data
     spec = method_spec(cfg.method.name)
@@ -205,10 +205,11 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
                          f"eval.data=PATH to a folder of clips with a sub-folder per class")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
-    state = load_payload(checkpoint_dir)["model"]
+    payload = load_payload(checkpoint_dir)
+    state = payload["model"]
     splits, skipped = audio_splits(cfg)
     clips = clip_dataset(splits, d.sample_rate, d.normalize_audio).materialize()
-    derived = {"sample_rate": d.sample_rate}
+    derived = saved_derived(payload) or {"sample_rate": d.sample_rate}  # older checkpoints: from the config
     keep = ("label", "split")
     trained = by_split(extract(clips, cfg, derived, state, embed_clips, keep=keep, seed=cfg.train.seed))
     random_init = by_split(extract(clips, cfg, derived, None, embed_clips, keep=keep, seed=cfg.train.seed))

@@ -40,7 +40,7 @@ from ssl_platform.evaluate.inference import check_state, extract
 from ssl_platform.evaluate.report import display_name, markdown_table, write_results
 from ssl_platform.methods import architecture, expected_derived
 from ssl_platform.probes import linear_probe
-from ssl_platform.train.checkpoint import load_payload
+from ssl_platform.train.checkpoint import load_payload, saved_derived
 
 # Values of the "part" column: which rows are train images, held-out pairs, class prompts.
 TRAIN, VAL, PROMPT = 0, 1, 2
@@ -144,8 +144,11 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     check_builtin(cfg, BUILTIN_CAPTION_CORPORA)
     splits, skipped = caption_splits(cfg)
     train, val = splits["train"], splits["val"]
-    derived: dict[str, Any] = {**expected_derived(cfg), "in_channels": int(train.images.shape[1])}
-    state = load_payload(checkpoint_dir)["model"]
+    payload = load_payload(checkpoint_dir)
+    state = payload["model"]
+    # Older checkpoints saved no derived arguments: recompute them from the config and the corpus.
+    derived: dict[str, Any] = (saved_derived(payload)
+                               or {**expected_derived(cfg), "in_channels": int(train.images.shape[1])})
     check_state(cfg, derived, state)
 
     columns = evaluation_rows(train, val, architecture(cfg)["context_length"])

@@ -32,7 +32,7 @@ from ssl_platform.evaluate.inference import build_method, check_state, extract
 from ssl_platform.evaluate.report import display_name, markdown_table, stage_table, write_results
 from ssl_platform.methods import expected_derived
 from ssl_platform.probes import knn_accuracy, linear_probe
-from ssl_platform.train.checkpoint import load_payload
+from ssl_platform.train.checkpoint import load_payload, saved_derived
 
 TRAIN, VAL = 0, 1  # values of the "split" column of the evaluation Dataset
 
@@ -81,8 +81,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     check_builtin(cfg, IMAGE_CORPORA)
     splits, skipped = image_splits(cfg)
     train, val = splits["train"], splits["val"]
-    state = load_payload(checkpoint_dir)["model"]
-    derived = image_derived(cfg, train.images)
+    payload = load_payload(checkpoint_dir)
+    state = payload["model"]
+    derived = saved_derived(payload) or image_derived(cfg, train.images)  # older checkpoints: from the corpus
     check_state(cfg, derived, state)  # a mismatched checkpoint fails now, not after the first baseline
     name = f"{display_name(cfg.method.name)} (this run)"
     stages: list[dict] = []  # eval.probe_stages=all: a linear probe per encoder stage, a row per encoder

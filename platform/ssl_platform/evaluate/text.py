@@ -228,15 +228,15 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
     return labels, np.flatnonzero(kept & even), np.flatnonzero(kept & ~even), classes
 
 
-def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor],
-              tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
+def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer,
+              derived: dict[str, Any] | None = None) -> tuple[list[dict], str, dict]:
     """Rows (this run, random init, the most frequent token), notes and extra results.json content of a BERT run."""
     from ssl_platform.evaluate.inference import extract
 
     d = cfg.data
     if tokenizer.mask_id is None:
         raise ValueError(f"BERT needs a wordpiece tokenizer ([CLS], [SEP], [MASK]); the run's is {tokenizer.kind}")
-    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    derived = derived or text_derived(cfg, tokenizer)
     held_out = documents(cfg, "val")
     # Training's masking and pairing with a fixed seed: the same positions for every run.
     batcher = BertBatcher(tokenizer, d.max_len, seed=cfg.train.seed, mask_prob=d.mask_prob,
@@ -424,12 +424,13 @@ def samples_markdown(generated: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer) -> tuple[list[dict], str, dict]:
+def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer,
+             derived: dict[str, Any] | None = None) -> tuple[list[dict], str, dict]:
     """Rows (this run, random init, unigram, bigram), notes with the samples and extra results.json content."""
     from ssl_platform.evaluate.inference import extract
 
     d = cfg.data
-    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    derived = derived or text_derived(cfg, tokenizer)
     blocks = _map(documents(cfg, "val"), GptBlocks(tokenizer, d.max_len), cfg).materialize()
     if blocks.count() == 0:
         raise ValueError(f"the held-out split of {d.path or d.corpus} gives no GPT block; raise data.val_fraction")
@@ -466,6 +467,12 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
 # ---------------------------------------------------------------------------------------------
 # The table
 
+def text_derived(cfg: ExperimentConfig, tokenizer: TextTokenizer) -> dict[str, Any]:
+    """A text method's data-derived arguments recomputed from the run's tokenizer and config: for
+    checkpoints written before they were saved in the checkpoint."""
+    return {"vocab_size": tokenizer.vocab_size, "max_len": cfg.data.max_len}
+
+
 # By the batches a text method eats (its spec's token_batches): masked pairs or causal-LM blocks.
 PROTOCOLS = {"masked_pairs": bert_rows, "blocks": gpt_rows}
 
@@ -478,7 +485,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     must be initialised (batches are scored by an actor pool).
     """
     from ssl_platform.methods import method_spec
-    from ssl_platform.train.checkpoint import load_payload
+    from ssl_platform.train.checkpoint import load_payload, saved_derived
 
     spec = method_spec(cfg.method.name)
     if spec.token_batches not in PROTOCOLS:
@@ -486,9 +493,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
                          f"{cfg.method.name}; use ssl_platform.evaluate.evaluate_run, which picks the protocol")
     if checkpoint_dir is None:
         raise ValueError("no checkpoint to evaluate: pass the run's checkpoint directory (checkpoint_*/)")
-    state = load_payload(checkpoint_dir)["model"]
+    payload = load_payload(checkpoint_dir)
     tokenizer = run_tokenizer(Path(checkpoint_dir), Path(run_dir))
-    rows, notes, extra = PROTOCOLS[spec.token_batches](cfg, state, tokenizer)
+    rows, notes, extra = PROTOCOLS[spec.token_batches](cfg, payload["model"], tokenizer, saved_derived(payload))
 
     title = f"{cfg.name}: {spec.display_name} on the held-out documents of {cfg.data.path or cfg.data.corpus}"
     paths = write_results(run_dir, rows, metrics_path=Path(run_dir) / "metrics.jsonl", title=title, notes=notes)

@@ -26,7 +26,7 @@ from ssl_platform.evaluate.inference import check_state
 from ssl_platform.evaluate.report import markdown_table, write_results
 from ssl_platform.finetune import MIN_STEPS, Settings, check_supported
 from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
-from ssl_platform.train.checkpoint import load_payload
+from ssl_platform.train.checkpoint import load_payload, saved_derived
 from ssl_platform.train.trainer import fit, run_paths
 
 
@@ -124,11 +124,13 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
     """Fine-tune from the checkpoint and from random init, probe the frozen encoder; write the
     report into ``out`` and return the rows. Ray must be running."""
     check_supported(cfg.method.name, source)
-    state = load_payload(checkpoint)["model"]
-    channels = methods.expected_derived(cfg)["in_channels"]
+    payload = load_payload(checkpoint)
+    state = payload["model"]
+    saved = saved_derived(payload)  # None for a checkpoint written before they were saved
+    channels = (saved or methods.expected_derived(cfg))["in_channels"]
     splits = labelled_splits(cfg, source, channels, settings)
     train, val = splits.train, splits.val
-    derived = image_derived(cfg, train.images)
+    derived = saved or image_derived(cfg, train.images)
     check_state(cfg, derived, state)  # a checkpoint that does not fit its own config fails before any training
     steps = settings.steps or max(MIN_STEPS, math.ceil(settings.epochs * len(train) / settings.batch_size))
     ranks = max(1, settings.workers)  # 0: local mode, one rank

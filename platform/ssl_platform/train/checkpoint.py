@@ -5,7 +5,9 @@ the step and epoch, every rank's RNG states (torch, CUDA, Python ``random``, Num
 resolved config. It is written with ``torch.save`` and read with
 ``torch.load(weights_only=True)``: only tensors and plain containers, so loading a checkpoint
 can never execute code (the NumPy and Python RNG states are stored as tensors and ints for
-that reason).
+that reason). It also holds the data-derived constructor arguments the method was built with
+(``derived``: ``in_channels``, ``vocab_size``, ...), so evaluation, ``load``, export, embed and
+fine-tuning rebuild the method from the checkpoint alone, without reading the corpus again.
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``, which gives
 the same layout for a plain module, DDP and FSDP: parameter names as in ``method.state_dict()``
@@ -92,10 +94,13 @@ def all_rng_states() -> list[dict[str, Any]]:
 
 
 def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dict, scheduler: Any,
-               state: TrainState, rng: list[dict], config: dict) -> Path:
-    """Write ``state.pt`` (rank 0, with the output of :func:`full_state_dicts` and :func:`all_rng_states`)."""
+               state: TrainState, rng: list[dict], config: dict, derived: dict[str, Any] | None = None) -> Path:
+    """Write ``state.pt`` (rank 0, with the output of :func:`full_state_dicts` and :func:`all_rng_states`).
+
+    ``derived``: the data-derived constructor arguments the method was built with (plain ints)."""
     path = Path(directory) / STATE_FILE
     payload = {
+        "derived": dict(derived or {}),
         "model": model_state,
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
@@ -106,6 +111,14 @@ def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dic
     }
     torch.save(payload, path)
     return path
+
+
+def saved_derived(payload: dict) -> dict[str, Any] | None:
+    """The data-derived constructor arguments a checkpoint's method was built with, or None for
+    a checkpoint written before they were saved (callers then recompute them from the config and
+    the corpus, as they did before)."""
+    derived = payload.get("derived")
+    return dict(derived) if derived else None
 
 
 def load_payload(directory: str | Path) -> dict:

@@ -283,7 +283,7 @@ def report_checkpoint(rank: int, method: nn.Module, optimizer: torch.optim.Optim
     else:
         with tempfile.TemporaryDirectory() as d:
             save_state(d, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler, state=state,
-                       rng=rng, config=loop_config["config"])
+                       rng=rng, config=loop_config["config"], derived=loop_config["derived"])
             for name, path in loop_config["artifacts"].items():
                 shutil.copytree(path, Path(d) / name)
             if loop_config.get("local"):  # Ray Train keeps no checkpoint in local mode: store it where it would
