@@ -53,3 +53,34 @@ def test_the_spec_module_needs_no_torch():
             "m = sys.modules['s'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """(line, value) of every string literal in ``path`` that is code, not a docstring."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_the_platform_never_names_a_method():
+    # What the platform knows about a method it reads from the method's spec: no per-method
+    # table, no `== "bert"` branch. The one name allowed is method.name's default.
+    root = Path(__file__).parents[1] / "platform" / "ssl_platform"
+    found = [f"{path.relative_to(root)}:{line}: {value!r}" for path in sorted(root.rglob("*.py"))
+             for line, value in _string_constants(path) if value in ssl_models.METHODS]
+    assert [f for f in found if not (f.startswith("config.py:") and f.endswith("'simclr'"))] == []
+    assert len(found) <= 1
+
+
+def test_help_config_lists_the_methods(capsys):
+    from ssl_platform import cli
+
+    assert cli.main(["run", "simclr-digits", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "method.temperature" in out and "model.projector_width" in out
+    assert "method.name: one of " + ", ".join(ssl_models.METHODS) in out

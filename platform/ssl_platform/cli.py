@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and args.help_config:
             print(describe_keys(methods.method_params(cfg.method.name), methods.DERIVED,
                                 methods.method_spec(cfg.method.name).objective_keys))
+            print(f"method.name: one of {', '.join(methods.method_specs())} (each declares itself: ssl_models spec)")
             return 0
         methods.validate(cfg)
         if getattr(args, "dry_run", False):
