@@ -264,8 +264,9 @@ def _fit_byol(run_dir, max_steps: int):
     from ssl_platform.config import load_config
     from ssl_platform.train.loop import train_func
 
-    cfg = load_config("byol-digits", [
-        "name=byol-resume", f"runs_dir={run_dir.parent}", f"train.max_steps={max_steps}", "train.batch_size=16",
+    cfg = load_config("byol-digits-m", [
+        "name=byol-resume", "data.corpus=digits", f"runs_dir={run_dir.parent}", f"train.max_steps={max_steps}",
+        "train.batch_size=16",
         "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=0", "train.grad_accum_steps=2",
         "train.precision=bf16", "scaling.strategy=fsdp", "method.momentum_base=0.0", "model.encoder_widths=[4,8]",
         "model.projector_width=16", "model.projector_dim=8", "model.predictor_width=16", "eval.enabled=false",

@@ -24,11 +24,13 @@ from ssl_platform.train.online import online_metrics
 # Tiny architectures, so that every evaluation here takes a fraction of a second.
 TINY = {
     "simclr": ("simclr-digits", ["model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8"]),
-    "byol": ("byol-digits", ["model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8",
-                             "model.predictor_width=16"]),
-    "barlow_twins": ("barlow-digits", ["model.encoder_widths=[4,8]", "model.projector_width=16",
-                                       "model.projector_dim=16"]),
-    "vicreg": ("vicreg-digits", ["model.encoder_widths=[4,8]", "model.expander_width=16", "model.expander_dim=16"]),
+    # the digits-m presets on the plain digits: grayscale, small
+    "byol": ("byol-digits-m", ["data.corpus=digits", "model.encoder_widths=[4,8]", "model.projector_width=16",
+                               "model.projector_dim=8", "model.predictor_width=16"]),
+    "barlow_twins": ("barlow-digits-m", ["data.corpus=digits", "model.encoder_widths=[4,8]",
+                                         "model.projector_width=16", "model.projector_dim=16"]),
+    "vicreg": ("vicreg-digits-m", ["data.corpus=digits", "model.encoder_widths=[4,8]", "model.expander_width=16",
+                                   "model.expander_dim=16"]),
     "clip": ("clip-digit-captions", ["model.vision_width=16", "model.vision_layers=1", "model.vision_heads=2",
                                      "model.text_width=16", "model.text_layers=1", "model.text_heads=2",
                                      "model.embed_dim=16"]),

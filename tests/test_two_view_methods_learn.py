@@ -14,11 +14,11 @@ from ssl_platform.evaluate.image import embed_images
 from ssl_platform.evaluate.inference import build_method
 from ssl_platform.probes import knn_accuracy, linear_probe
 
-SMALL = ["data.image_size=16", "model.encoder_widths=[8,16]"]
+SMALL = ["data.corpus=digits", "data.image_size=16", "model.encoder_widths=[8,16]"]
 HEADS = {  # each method's own head keys, small
-    "byol-digits": ["model.projector_width=64", "model.projector_dim=32", "model.predictor_width=64"],
-    "barlow-digits": ["model.projector_width=64", "model.projector_dim=64"],
-    "vicreg-digits": ["model.expander_width=64", "model.expander_dim=64"],
+    "byol-digits-m": ["model.projector_width=64", "model.projector_dim=32", "model.predictor_width=64"],
+    "barlow-digits-m": ["model.projector_width=64", "model.projector_dim=64"],
+    "vicreg-digits-m": ["model.expander_width=64", "model.expander_dim=64"],
 }
 
 
