@@ -22,7 +22,7 @@ VOCAB_SIZE = 49408
 IMAGE_TOWERS = ("vit", "resnet")
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
+def at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in float32 if it is bf16/fp16 (autocast), unchanged if float32 or float64: the
     normalisation and the loss run in full precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -93,7 +93,7 @@ def encode_image(towers: nn.Module, image: Tensor, in_channels: int, image_size:
                          f"set in_channels/image_size to match the data")
     if in_channels == 1:
         image = image.expand(-1, 3, -1, -1)  # (B, 3, H, W): the towers' stems take RGB
-    return F.normalize(_at_least_fp32(towers.encode_image(image)), dim=-1)  # (B, embed_dim)
+    return F.normalize(at_least_fp32(towers.encode_image(image)), dim=-1)  # (B, embed_dim)
 
 
 def encode_text(towers: nn.Module, text: Tensor, context_length: int) -> Tensor:
@@ -102,7 +102,7 @@ def encode_text(towers: nn.Module, text: Tensor, context_length: int) -> Tensor:
     if text.dim() != 2 or text.shape[1] != context_length or text.is_floating_point():
         raise ValueError(f"text must be (B, {context_length}) integer token ids, got "
                          f"{tuple(text.shape)} {text.dtype}; tokenize with context_length={context_length}")
-    return F.normalize(_at_least_fp32(towers.encode_text(text)), dim=-1)  # (B, embed_dim)
+    return F.normalize(at_least_fp32(towers.encode_text(text)), dim=-1)  # (B, embed_dim)
 
 
 def image_text_pairs(batch: dict[str, Tensor], method: str) -> tuple[Tensor, Tensor]:
@@ -229,7 +229,7 @@ class CLIP(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.max_log_scale)
         image_features, text_features = self.encode_image(image), self.encode_text(text)  # (B, embed_dim)
-        logit_scale = _at_least_fp32(self.logit_scale).exp()  # ()
+        logit_scale = at_least_fp32(self.logit_scale).exp()  # ()
         # Autocast off: it would run the logit matmuls in bf16; the features already are fp32.
         with torch.autocast(image_features.device.type, enabled=False):
             loss = self.criterion(image_features, text_features, logit_scale)
