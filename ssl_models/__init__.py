@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_models import distributed, losses
-from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, SimCLR, VICReg
+from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, SigLIP, SimCLR, VICReg
 from ssl_models.protocol import Method
 from ssl_models.spec import MethodSpec, spec_problems
 
@@ -19,6 +19,7 @@ from ssl_models.spec import MethodSpec, spec_problems
 # platform's data pipeline produces those batches.
 METHODS: dict[str, type[nn.Module]] = {
     "clip": CLIP,            # image-caption: "image", "text"
+    "siglip": SigLIP,        # image-caption
     "simclr": SimCLR,        # two views: "view1", "view2"
     "byol": BYOL,            # two views
     "barlow_twins": BarlowTwins,  # two views
@@ -36,5 +37,5 @@ def build_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "SimCLR", "VICReg",
-           "build_method", "distributed", "losses", "spec_problems"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "SigLIP", "SimCLR",
+           "VICReg", "build_method", "distributed", "losses", "spec_problems"]

@@ -4,6 +4,7 @@
 |---|---|---|
 | ``NTXentLoss`` | SimCLR | negatives (local anchors x all candidates) |
 | ``CLIPLoss`` | CLIP | negatives (local images x all texts, and back) |
+| ``SigLIPLoss`` | SigLIP | negatives (local images x all texts) |
 | ``CPCLoss`` | CPC | negatives (local contexts x all frames) |
 | ``BarlowTwinsLoss``, ``VICRegLoss`` | Barlow Twins, VICReg | the whole batch's statistics |
 | ``BYOLLoss`` | BYOL | nothing: a per-sample regression |
@@ -15,8 +16,9 @@ from ssl_models.losses.byol import BYOLLoss
 from ssl_models.losses.clip import CLIPLoss
 from ssl_models.losses.cpc import CPCLoss
 from ssl_models.losses.ntxent import NTXentLoss
+from ssl_models.losses.siglip import SigLIPLoss
 from ssl_models.losses.tokens import CausalLMLoss, MaskedLMLoss, NSPLoss
 from ssl_models.losses.vicreg import VICRegLoss
 
 __all__ = ["BYOLLoss", "BarlowTwinsLoss", "CLIPLoss", "CPCLoss", "CausalLMLoss", "MaskedLMLoss", "NSPLoss",
-           "NTXentLoss", "VICRegLoss"]
+           "NTXentLoss", "SigLIPLoss", "VICRegLoss"]

@@ -1,4 +1,8 @@
-"""CLIP: open_clip's image and text towers, a learnable logit scale and the symmetric InfoNCE."""
+"""CLIP: open_clip's image and text towers, a learnable logit scale and the symmetric InfoNCE.
+
+The towers and their checks are building blocks (``build_towers``, ``encode_image``, ``encode_text``,
+``image_text_pairs``, ``retrieval_accuracy``) that other image-caption methods (SigLIP) compose.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ VOCAB_SIZE = 49408
 IMAGE_TOWERS = ("vit", "resnet")
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
+def at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in float32 if it is bf16/fp16 (autocast), unchanged if float32 or float64: the
     normalisation and the loss run in full precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -40,6 +44,86 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> Tensor:
     import open_clip  # on first use: importing it takes ~0.5 s in every process that imports ssl_models
 
     return open_clip.tokenize(texts if isinstance(texts, str) else list(texts), context_length=context_length)
+
+
+def build_towers(*, in_channels: int, image_size: int, embed_dim: int, image_tower: str, vision_width: int,
+                 vision_layers: int, vision_heads: int, patch_size: int, resnet_layers: Sequence[int],
+                 context_length: int, text_width: int, text_layers: int, text_heads: int,
+                 init_logit_scale: float) -> nn.Module:
+    """open_clip's image and text towers (``open_clip.CLIP``) for these settings, checked first.
+
+    The building block CLIP and SigLIP share; the arguments are CLIP's (see its docstring).
+    ``init_logit_scale`` is the initial value of the towers' ``logit_scale`` parameter, the log
+    of the scale the logits are multiplied by.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
+    if image_tower not in IMAGE_TOWERS:
+        raise ValueError(f"image_tower must be one of {IMAGE_TOWERS}, got {image_tower!r}")
+    if (image_tower == "vit" and vision_width % vision_heads) or text_width % text_heads:
+        raise ValueError(f"widths must be multiples of the heads, got vision {vision_width}/{vision_heads}, "
+                         f"text {text_width}/{text_heads}")
+    multiple = 32 if image_tower == "resnet" else patch_size
+    if image_size % multiple:
+        raise ValueError(f"image_size must be a multiple of {multiple} for the {image_tower} tower, "
+                         f"got {image_size}")
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+
+    import open_clip  # on first use (see tokenize)
+
+    if image_tower == "vit":
+        vision_cfg = open_clip.CLIPVisionCfg(layers=vision_layers, width=vision_width,
+                                             head_width=vision_width // vision_heads, patch_size=patch_size,
+                                             image_size=image_size)
+    else:  # a tuple of layers is how open_clip selects its ModifiedResNet
+        vision_cfg = open_clip.CLIPVisionCfg(layers=tuple(int(n) for n in resnet_layers), width=vision_width,
+                                             head_width=64, image_size=image_size)
+    text_cfg = open_clip.CLIPTextCfg(context_length=context_length, vocab_size=VOCAB_SIZE, width=text_width,
+                                     heads=text_heads, layers=text_layers)
+    return open_clip.CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale)
+
+
+def encode_image(towers: nn.Module, image: Tensor, in_channels: int, image_size: int) -> Tensor:
+    """L2-normalised output of ``towers``' image tower, in at least float32; grayscale images are
+    repeated to the 3 channels the stem takes. (B, C, H, W) -> (B, embed_dim)."""
+    expected = (in_channels, image_size, image_size)
+    if image.dim() != 4 or tuple(image.shape[1:]) != expected:
+        raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(image.shape)}; "
+                         f"set in_channels/image_size to match the data")
+    if in_channels == 1:
+        image = image.expand(-1, 3, -1, -1)  # (B, 3, H, W): the towers' stems take RGB
+    return F.normalize(at_least_fp32(towers.encode_image(image)), dim=-1)  # (B, embed_dim)
+
+
+def encode_text(towers: nn.Module, text: Tensor, context_length: int) -> Tensor:
+    """L2-normalised output of ``towers``' text tower at the end-of-text token, in at least
+    float32. (B, context_length) int64 -> (B, embed_dim)."""
+    if text.dim() != 2 or text.shape[1] != context_length or text.is_floating_point():
+        raise ValueError(f"text must be (B, {context_length}) integer token ids, got "
+                         f"{tuple(text.shape)} {text.dtype}; tokenize with context_length={context_length}")
+    return F.normalize(at_least_fp32(towers.encode_text(text)), dim=-1)  # (B, embed_dim)
+
+
+def image_text_pairs(batch: dict[str, Tensor], method: str) -> tuple[Tensor, Tensor]:
+    """``batch["image"]``, ``batch["text"]`` after checking both are there, one caption per image.
+    ``method`` names the method in the error. -> (B, C, H, W), (B, L)."""
+    missing = {"image", "text"} - batch.keys()
+    if missing:
+        raise ValueError(f"{method} needs batch keys 'image' and 'text', missing {sorted(missing)}")
+    image, text = batch["image"], batch["text"]
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(f"need one caption per image, got {image.shape[0]} images and {text.shape[0]} texts")
+    return image, text
+
+
+def retrieval_accuracy(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """Top-1 retrieval accuracy among these pairs, image->text and text->image averaged
+    (detached). (B, D), (B, D) -> scalar."""
+    with torch.no_grad():
+        similarity = image_features @ text_features.T  # (B, B)
+        labels = torch.arange(len(similarity), device=similarity.device)
+        return ((similarity.argmax(1) == labels).float().mean() + (similarity.argmax(0) == labels).float().mean()) / 2
 
 
 class CLIP(nn.Module):
@@ -108,38 +192,17 @@ class CLIP(nn.Module):
                  temperature: float = 0.07, max_logit_scale: float = 100.0,
                  gather_distributed: bool = False):
         super().__init__()
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
-        if image_tower not in IMAGE_TOWERS:
-            raise ValueError(f"image_tower must be one of {IMAGE_TOWERS}, got {image_tower!r}")
         if not (0 < temperature <= 1 and 1 / temperature <= max_logit_scale):
             raise ValueError(f"need 1/max_logit_scale <= temperature <= 1, got temperature="
                              f"{temperature}, max_logit_scale={max_logit_scale}")
-        if (image_tower == "vit" and vision_width % vision_heads) or text_width % text_heads:
-            raise ValueError(f"widths must be multiples of the heads, got vision {vision_width}/{vision_heads}, "
-                             f"text {text_width}/{text_heads}")
-        multiple = 32 if image_tower == "resnet" else patch_size
-        if image_size % multiple:
-            raise ValueError(f"image_size must be a multiple of {multiple} for the {image_tower} tower, "
-                             f"got {image_size}")
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.in_channels, self.image_size, self.context_length = in_channels, image_size, context_length
         self.embed_dim = embed_dim
         self.max_log_scale = math.log(max_logit_scale)
-
-        import open_clip  # on first use (see tokenize)
-
-        if image_tower == "vit":
-            vision_cfg = open_clip.CLIPVisionCfg(layers=vision_layers, width=vision_width,
-                                       head_width=vision_width // vision_heads, patch_size=patch_size,
-                                       image_size=image_size)
-        else:  # a tuple of layers is how open_clip selects its ModifiedResNet
-            vision_cfg = open_clip.CLIPVisionCfg(layers=tuple(int(n) for n in resnet_layers), width=vision_width,
-                                       head_width=64, image_size=image_size)
-        text_cfg = open_clip.CLIPTextCfg(context_length=context_length, vocab_size=VOCAB_SIZE, width=text_width,
-                               heads=text_heads, layers=text_layers)
-        self.towers = open_clip.CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=math.log(1 / temperature))
+        self.towers = build_towers(
+            in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, image_tower=image_tower,
+            vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads, patch_size=patch_size,
+            resnet_layers=resnet_layers, context_length=context_length, text_width=text_width,
+            text_layers=text_layers, text_heads=text_heads, init_logit_scale=math.log(1 / temperature))
         self.criterion = CLIPLoss(gather_distributed)
 
     @property
@@ -154,43 +217,24 @@ class CLIP(nn.Module):
     def encode_image(self, image: Tensor) -> Tensor:
         """L2-normalised image embeddings, the frozen representation used for zero-shot
         classification, retrieval and probes. (B, C, H, W) -> (B, embed_dim) float32."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if image.dim() != 4 or tuple(image.shape[1:]) != expected:
-            raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(image.shape)}; "
-                             f"set in_channels/image_size to match the data")
-        if self.in_channels == 1:
-            image = image.expand(-1, 3, -1, -1)  # (B, 3, H, W): the towers' stems take RGB
-        return F.normalize(_at_least_fp32(self.towers.encode_image(image)), dim=-1)  # (B, embed_dim)
+        return encode_image(self.towers, image, self.in_channels, self.image_size)
 
     def encode_text(self, text: Tensor) -> Tensor:
         """L2-normalised text embeddings (the tower's output at the end-of-text token), used for
         zero-shot class prompts and retrieval. (B, context_length) int64 -> (B, embed_dim) float32."""
-        if text.dim() != 2 or text.shape[1] != self.context_length or text.is_floating_point():
-            raise ValueError(f"text must be (B, {self.context_length}) integer token ids, got "
-                             f"{tuple(text.shape)} {text.dtype}; tokenize with context_length={self.context_length}")
-        return F.normalize(_at_least_fp32(self.towers.encode_text(text)), dim=-1)  # (B, embed_dim)
+        return encode_text(self.towers, text, self.context_length)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        missing = {"image", "text"} - batch.keys()
-        if missing:
-            raise ValueError(f"CLIP needs batch keys 'image' and 'text', missing {sorted(missing)}")
-        image, text = batch["image"], batch["text"]  # (B, C, H, W), (B, L)
-        if image.shape[0] != text.shape[0]:
-            raise ValueError(f"need one caption per image, got {image.shape[0]} images and {text.shape[0]} texts")
+        image, text = image_text_pairs(batch, "CLIP")  # (B, C, H, W), (B, L)
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.max_log_scale)
         image_features, text_features = self.encode_image(image), self.encode_text(text)  # (B, embed_dim)
-        logit_scale = _at_least_fp32(self.logit_scale).exp()  # ()
+        logit_scale = at_least_fp32(self.logit_scale).exp()  # ()
         # Autocast off: it would run the logit matmuls in bf16; the features already are fp32.
         with torch.autocast(image_features.device.type, enabled=False):
             loss = self.criterion(image_features, text_features, logit_scale)
-        with torch.no_grad():
-            # Retrieval accuracy among this rank's pairs, both directions.
-            similarity = image_features @ text_features.T  # (B, B)
-            labels = torch.arange(len(similarity), device=similarity.device)
-            accuracy = ((similarity.argmax(1) == labels).float().mean()
-                        + (similarity.argmax(0) == labels).float().mean()) / 2
-        return {"loss": loss, "logit_scale": logit_scale.detach(), "image_text_acc": accuracy}
+        return {"loss": loss, "logit_scale": logit_scale.detach(),
+                "image_text_acc": retrieval_accuracy(image_features, text_features)}
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """``encode_image(batch["image"])``, for evaluation code that treats every method alike."""
