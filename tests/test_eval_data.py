@@ -124,11 +124,12 @@ def test_a_run_on_the_users_corpus_gets_the_table_and_the_online_metric(digit_fo
 
 
 def test_the_config_points_a_data_path_run_at_eval_data(tmp_path):
+    # methods.validate: what every entry point (sslp run/sweep/submit) checks before Ray starts
     with pytest.raises(ConfigError, match=r"set eval\.data=PATH to a labelled image corpus"):
-        load_config("simclr-digits", [f"data.path={tmp_path}"])
-    load_config("simclr-digits", [f"data.path={tmp_path}", f"eval.data={tmp_path}"])  # accepted
+        methods.validate(load_config("simclr-digits", [f"data.path={tmp_path}"]))
+    methods.validate(load_config("simclr-digits", [f"data.path={tmp_path}", f"eval.data={tmp_path}"]))  # accepted
     with pytest.raises(ConfigError, match="gpt is evaluated on the held-out split of the corpus it trains on"):
-        load_config("gpt-python-docs", [f"eval.data={tmp_path}"])
+        methods.validate(load_config("gpt-python-docs", [f"eval.data={tmp_path}"]))
 
 
 def test_clip_is_evaluated_on_a_csv_of_captions_with_classes(tmp_path):
