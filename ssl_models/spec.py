@@ -53,7 +53,10 @@ class MethodSpec:
         derived: constructor arguments the platform fills in from the data (``in_channels``,
             ``image_size``, ``vocab_size``, ``max_len``, ``sample_rate``); saved in checkpoints.
         views: image methods: one mapping per view of ``AugmentConfig`` field -> value, the
-            paper's augmentation (the platform's defaults fill the rest).
+            paper's augmentation (the platform's defaults fill the rest). The pipeline yields
+            view i as ``batch["view{i}"]``: two views of one size, one view, or multi-crop
+            (``size_frac`` < 1 for the local views, ``crop_scale_min``/``crop_scale_max`` their
+            area; see ``ssl_platform.views``).
         views_recipe: whose recipe ``views`` is, in words (docs and the run header).
         token_batches: text methods: ``"masked_pairs"`` or ``"blocks"`` (:data:`TOKEN_BATCHES`).
         tokenizer: text methods: the tokenizer ``data.tokenizer=auto`` trains (:data:`TOKENIZERS`).
@@ -104,6 +107,11 @@ def spec_problems(method: type) -> list[str]:
     for name in ("objective_keys", "derived"):
         if unknown := sorted(set(getattr(spec, name)) - params):
             problems.append(f"spec.{name} names {', '.join(unknown)}, which the constructor does not take")
+    if spec.data_kind == "image" and spec.views:
+        yields = tuple(f"view{i + 1}" for i in range(len(spec.views)))
+        if set(spec.batch_keys) != set(yields):
+            problems.append(f"spec.batch_keys {', '.join(spec.batch_keys)} do not match spec.views: the image "
+                            f"pipeline yields one key per view, {', '.join(yields)}")
     if overlap := sorted(set(spec.objective_keys) & set(spec.derived)):
         problems.append(f"spec.objective_keys and spec.derived both name {', '.join(overlap)}")
     return problems

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from ssl_platform.config import ExperimentConfig, load_config
-from ssl_platform.data.transforms import TwoViewAugment, recipe
+from ssl_platform.data.transforms import MultiViewAugment
 from ssl_platform.evaluate.inference import build_method
 from ssl_platform.train.checkpoint import TrainState, rng_state, save_state
+from ssl_platform.views import recipe
 
 SIZE = 16
 TINY = ["data.image_size=16", "model.encoder_widths=[8,16]", "model.projector_width=64", "model.projector_dim=32",
@@ -37,7 +38,7 @@ def pretrain(cfg: ExperimentConfig, images: np.ndarray, steps: int, seed: int = 
     (BYOL's EMA target) as the training loop calls it."""
     torch.manual_seed(seed)
     method = build_method(cfg, DERIVED, None, seed).train()
-    augment = TwoViewAugment(recipe(cfg.method.name, size=SIZE, flip_prob=0.0, crop_scale_min=0.5), seed=seed)
+    augment = MultiViewAugment(recipe(cfg.method.name, size=SIZE, flip_prob=0.0, crop_scale_min=0.5), seed=seed)
     optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
     g = np.random.default_rng(seed)
     for step in range(steps):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,34 @@ def test_incomplete_or_missing_specs_are_named():
     assert "spec.online_metric='knn' does not start with val_" in problems
     assert any("smell" in p for p in problems)
     assert "spec.objective_keys names temperature, which the constructor does not take" in problems
+
+
+def test_views_a_method_or_a_config_cannot_build_fail_at_config_time(monkeypatch):
+    """Multi-crop is data: a third, local view is one more mapping and one more batch key. A spec
+    whose keys do not match its views, or a data.image_size its smallest view cannot be cut
+    from, is a ConfigError naming the method before anything starts."""
+    from ssl_models.methods.simclr import SimCLR
+    from ssl_platform import methods
+    from ssl_platform.config import ConfigError, load_config
+
+    local = {"size_frac": 0.25, "crop_scale_min": 0.05, "crop_scale_max": 0.3}
+    views = (*SimCLR.spec.views, local)
+
+    class Mismatched(SimCLR):
+        spec = dataclasses.replace(SimCLR.spec, views=views)  # batch_keys still view1, view2
+
+    class MultiCrop(SimCLR):
+        spec = dataclasses.replace(SimCLR.spec, views=views, batch_keys=("view1", "view2", "view3"))
+
+    assert any("do not match spec.views" in p and "view3" in p for p in spec_problems(Mismatched))
+    monkeypatch.setitem(ssl_models.METHODS, "mismatched", Mismatched)
+    with pytest.raises(ConfigError, match=r"method mismatched \(Mismatched\) declares itself incompletely"):
+        methods.validate(load_config("simclr-digits", ["method.name=mismatched"]))
+    monkeypatch.setitem(ssl_models.METHODS, "multicrop", MultiCrop)
+    with pytest.raises(ConfigError, match=r"method multicrop's views \(spec.views\) at data.image_size=16: "
+                                          r"a view's side is 4 pixels"):
+        methods.validate(load_config("simclr-digits", ["method.name=multicrop", "data.image_size=16"]))
+    methods.validate(load_config("simclr-digits", ["method.name=multicrop", "data.image_size=32"]))  # 8 pixels
 
 
 def test_the_spec_module_needs_no_torch():

@@ -1,4 +1,4 @@
-"""Batched two-view augmentation: shapes, recipes, per-record determinism, each op doing what
+"""Batched multi-view augmentation: shapes, recipes, per-record determinism, each op doing what
 it says, and a smoke run of ``sslp bench data``."""
 
 import numpy as np
@@ -12,20 +12,19 @@ from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 from ssl_platform.data.randomness import record_uniforms
 from ssl_platform.data.transforms import (
     DRAWS,
-    AugmentConfig,
+    MultiViewAugment,
     OneViewAugment,
-    TwoViewAugment,
     augment_view,
     color_transform,
     gaussian_blur,
     random_draws,
     random_resized_crop,
     random_solarize,
-    recipe,
     to_float,
     view_draws,
 )
 from ssl_platform.probes import knn_accuracy
+from ssl_platform.views import AugmentConfig, recipe
 
 
 @pytest.fixture(scope="module")
@@ -87,31 +86,31 @@ def test_digits_m_captions_pair_digits_m_images_with_their_digit():
 
 
 def test_two_views_shapes_and_independence(digits):
-    out = TwoViewAugment(AugmentConfig(size=24, flip_prob=0.5), seed=1)({"image": digits["train"].images[:64],
+    out = MultiViewAugment(2 * [AugmentConfig(size=24, flip_prob=0.5)], seed=1)({"image": digits["train"].images[:64],
                                                                         "label": digits["train"].labels[:64]})
     assert set(out) == {"view1", "view2"}  # labels never reach the pretraining batch
     for v in out.values():
         assert v.shape == (64, 1, 24, 24) and v.dtype == np.float32
         assert v.min() >= -1.0 - 1e-5 and v.max() <= 1.0 + 1e-5
     assert not np.allclose(out["view1"], out["view2"])
-    colour = TwoViewAugment(recipe("simclr", size=16), seed=0)(colour_batch())
+    colour = MultiViewAugment(recipe("simclr", size=16), seed=0)(colour_batch())
     assert colour["view1"].shape == (8, 3, 16, 16)
     assert all(not np.allclose(colour["view1"][i], colour["view2"][i]) for i in range(8))  # per image
 
 
 def test_seeded_augment_is_reproducible_and_unseeded_differs(digits):
     batch = {"image": digits["train"].images[:16]}
-    a = TwoViewAugment(AugmentConfig(), seed=3)(batch)
-    b = TwoViewAugment(AugmentConfig(), seed=3)(batch)
-    c = TwoViewAugment(AugmentConfig())(batch)
-    d = TwoViewAugment(AugmentConfig())(batch)
+    a = MultiViewAugment(2 * [AugmentConfig()], seed=3)(batch)
+    b = MultiViewAugment(2 * [AugmentConfig()], seed=3)(batch)
+    c = MultiViewAugment(2 * [AugmentConfig()])(batch)
+    d = MultiViewAugment(2 * [AugmentConfig()])(batch)
     assert np.array_equal(a["view1"], b["view1"])
     assert not np.array_equal(c["view1"], d["view1"])
 
 
 def test_same_seed_and_epoch_give_same_views_whatever_the_batching():
     batch = colour_batch(8)
-    augment = TwoViewAugment(recipe("byol", size=16), seed=7, epoch=2)
+    augment = MultiViewAugment(recipe("byol", size=16), seed=7, epoch=2)
     whole = augment(batch)
     halves = [augment({k: v[s] for k, v in batch.items()}) for s in (slice(0, 4), slice(4, 8))]
     shuffled_order = np.array([5, 1, 7, 3, 0, 6, 2, 4])
@@ -139,14 +138,14 @@ def test_the_fine_tune_view_is_a_crop_of_each_labelled_image_fixed_per_record():
 
 def test_other_epoch_or_seed_gives_other_views_and_epoch_column_overrides():
     batch = colour_batch(8)
-    base = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=0)(batch)
-    next_epoch = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=1)(batch)
-    other_seed = TwoViewAugment(recipe("simclr", size=16), seed=8, epoch=0)(batch)
+    base = MultiViewAugment(recipe("simclr", size=16), seed=7, epoch=0)(batch)
+    next_epoch = MultiViewAugment(recipe("simclr", size=16), seed=7, epoch=1)(batch)
+    other_seed = MultiViewAugment(recipe("simclr", size=16), seed=8, epoch=0)(batch)
     for other in (next_epoch, other_seed):
         assert all(not np.allclose(base["view1"][i], other["view1"][i]) for i in range(8))
-    by_column = TwoViewAugment(recipe("simclr", size=16), seed=7, epoch=0)({**batch, "epoch": np.ones(8, np.int64)})
+    by_column = MultiViewAugment(recipe("simclr", size=16), seed=7, epoch=0)({**batch, "epoch": np.ones(8, np.int64)})
     assert np.array_equal(by_column["view1"], next_epoch["view1"])
-    by_key = TwoViewAugment(recipe("simclr", size=16), seed=7)({"image": batch["image"], "key": batch["path"]})
+    by_key = MultiViewAugment(recipe("simclr", size=16), seed=7)({"image": batch["image"], "key": batch["path"]})
     assert np.array_equal(by_key["view2"], base["view2"])  # "key" stands in for "path"
 
 
@@ -183,7 +182,7 @@ def test_recipes_are_the_papers_defaults():
 def test_byol_second_view_solarizes_sometimes_first_never():
     n = 600
     white = {"image": np.full((n, 3, 8, 8), 255, np.uint8), "id": np.arange(n)}
-    out = TwoViewAugment(recipe("byol", size=8), seed=0)(white)
+    out = MultiViewAugment(recipe("byol", size=8), seed=0)(white)
     # Jitter keeps a white image >= 0.6 (normalised >= 0.2); solarizing maps it to <= 0.4 (<= -0.2).
     solarized = {v: (out[v].mean(axis=(1, 2, 3)) < 0).mean() for v in ("view1", "view2")}
     assert solarized["view1"] == 0
@@ -275,11 +274,50 @@ def test_to_float_matches_augment_normalisation():
 
 def test_rejects_non_image_batches_and_bad_configs():
     with pytest.raises(ValueError, match="uint8 images"):
-        TwoViewAugment(AugmentConfig())({"image": np.zeros((2, 8, 8), np.float32)})
-    with pytest.raises(ValueError, match="same size"):
-        TwoViewAugment((AugmentConfig(size=8), AugmentConfig(size=16)))
-    with pytest.raises(ValueError, match="one AugmentConfig or a pair"):
-        TwoViewAugment([AugmentConfig()] * 3)
+        MultiViewAugment(2 * [AugmentConfig()])({"image": np.zeros((2, 8, 8), np.float32)})
+    with pytest.raises(ValueError, match="one per view"):
+        MultiViewAugment([])
+    with pytest.raises(ValueError, match="min <= max"):
+        AugmentConfig(crop_scale_min=0.5, crop_scale_max=0.4)
+    with pytest.raises(ValueError, match=r"raise data\.image_size"):
+        recipe([{"size_frac": 0.2}], size=32)  # a 6-pixel view
+    with pytest.raises(ValueError, match="unknown augmentation setting"):
+        recipe([{"crop_scale": 0.5}])
+
+
+MULTI_CROP = ({"crop_scale_min": 0.4}, {"crop_scale_min": 0.4},
+              {"size_frac": 0.5, "crop_scale_min": 0.05, "crop_scale_max": 0.4},
+              {"size_frac": 0.5, "crop_scale_min": 0.05, "crop_scale_max": 0.4})
+
+
+def test_multi_crop_views_have_their_own_sizes_and_keep_the_global_views_draws():
+    """2 global + 2 local views: one key per view at its own side; views 1-2 are exactly the
+    two-view transform's (view i draws its own block of each record's uniforms)."""
+    views = recipe(MULTI_CROP, size=16, crop_scale_min=0.6)
+    assert [v.size for v in views] == [16, 16, 8, 8]
+    assert [v.crop_scale_min for v in views] == [0.6, 0.6, 0.05, 0.05]  # data.crop_scale_min: global views only
+    batch = colour_batch(8)
+    out = MultiViewAugment(views, seed=5)(batch)
+    assert [out[f"view{i}"].shape for i in range(1, 5)] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2
+    two = MultiViewAugment(views[:2], seed=5)(batch)
+    assert set(two) == {"view1", "view2"}
+    assert all(np.array_equal(out[k], two[k]) for k in two)
+    one = MultiViewAugment(views[:1], seed=5)(batch)  # a single view (a pretext task's batch)
+    assert set(one) == {"view1"} and np.array_equal(one["view1"], out["view1"])
+
+
+def test_local_crops_cover_a_small_part_of_the_image():
+    """crop_scale_max bounds the crop's area: a local view of a half-black, half-white image is
+    far more often all one colour than a global view of it."""
+    image = np.zeros((256, 1, 32, 32), np.uint8)
+    image[:, :, :, 16:] = 255
+    plain = {"flip_prob": 0.0, "jitter_prob": 0.0, "blur_prob": 0.0}
+    views = recipe([{**plain, "crop_scale_min": 0.9}, {**plain, "crop_scale_min": 0.02, "crop_scale_max": 0.05}],
+                   size=32)
+    out = MultiViewAugment(views, seed=0)({"image": image})
+    spread = {k: (v.max(axis=(1, 2, 3)) - v.min(axis=(1, 2, 3))) for k, v in out.items()}  # (B,) per view
+    assert (spread["view1"] > 1.5).all()  # every global crop sees both halves
+    assert (spread["view2"] < 0.5).mean() > 0.5  # most local crops see one half only
 
 
 def test_bench_smoke(ray_session):

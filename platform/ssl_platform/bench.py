@@ -5,7 +5,7 @@ Both sides get the same synthetic JPEGs (made here, no network), the same SimCLR
 number of CPU cores, and both decode every JPEG:
 
 - platform: Ray Data ``map_batches`` on ``cpus`` one-CPU tasks, each decoding a batch with
-  :func:`decode_image_bytes` and augmenting it with the batched :class:`TwoViewAugment`;
+  :func:`decode_image_bytes` and augmenting it with the batched :class:`MultiViewAugment`;
 - baseline: a ``torch.utils.data.DataLoader`` with ``num_workers = cpus``, each worker
   decoding one image with PIL and applying torchvision.transforms.v2 twice.
 
@@ -82,17 +82,18 @@ class DecodeTwoViews:
 
     def __init__(self, size: int, seed: int | None = None):
         from ssl_models import SimCLR
-        from ssl_platform.data.transforms import TwoViewAugment, recipe
+        from ssl_platform.data.transforms import MultiViewAugment
+        from ssl_platform.views import recipe
 
         self.size = size
-        self.augment = TwoViewAugment(recipe(SimCLR.spec.views, size=size), seed=seed)  # the bench measures SimCLR's
+        self.augment = MultiViewAugment(recipe(SimCLR.spec.views, size=size), seed=seed)  # the bench measures SimCLR's
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from ssl_platform.data.decode import decode_image_bytes
 
-        torch.set_num_threads(1)  # one task per CPU, as TwoViewAugment does
+        torch.set_num_threads(1)  # one task per CPU, as MultiViewAugment does
         images, failed = decode_image_bytes(batch["bytes"], self.size, channels=3)
         paths = np.delete(batch["path"], failed)
         return self.augment({"image": images, "path": paths})

@@ -19,6 +19,7 @@ from typing import Any
 import ssl_models
 from ssl_models.spec import MethodSpec
 from ssl_platform.config import ConfigError, ExperimentConfig, check_data_kind, check_method
+from ssl_platform.views import image_views
 
 # Constructor arguments the platform fills in from the data, and where a user changes them.
 DERIVED = {
@@ -90,6 +91,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     a non-positive temperature) also fail here, before Ray starts. Raises ConfigError."""
     spec = method_spec(cfg.method.name)
     check_data_kind(cfg, spec.data_kind)
+    if spec.views:
+        image_views(cfg, spec.views)  # every view can be built at data.image_size with the data.* overrides
     check_method(cfg, method_params(cfg.method.name), DERIVED, spec.objective_keys)
     build(cfg, **expected_derived(cfg))
     return cfg

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_platform.data.transforms import DRAWS, MEAN, STD, AugmentConfig
+from ssl_platform.data.transforms import DRAWS, MEAN, STD
+from ssl_platform.views import AugmentConfig
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
 # RGB -> YIQ. Hue is a rotation of the (I, Q) chroma plane: linear, so it folds into the colour matrix.
@@ -45,14 +46,14 @@ def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale_min: float, flip_prob: float,
-                        r: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Crop a random box (area fraction in [scale_min, 1], aspect in [3/4, 4/3]) and resize.
+                        r: dict[str, torch.Tensor], scale_max: float = 1.0) -> torch.Tensor:
+    """Crop a random box (area fraction in [scale_min, scale_max], aspect in [3/4, 4/3]) and resize.
 
     One affine grid per image, so the whole batch is one ``grid_sample`` call; a negative x
     scale flips the crop horizontally for free.
     """
     b = x.shape[0]
-    area = _between(r["crop_area"], scale_min, 1.0)
+    area = _between(r["crop_area"], scale_min, scale_max)
     ratio = _between(r["crop_ratio"], math.log(3 / 4), math.log(4 / 3)).exp()
     w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image
     h = (area / ratio).sqrt().clamp(max=1.0)
@@ -160,7 +161,7 @@ def augment_view(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | 
     b = images.shape[0]
     r = random_draws(b, g) if isinstance(g, torch.Generator) else view_draws(g)
     x = images.float().mul_(1 / 255.0)
-    x = random_resized_crop(x, cfg.size, cfg.crop_scale_min, cfg.flip_prob, r)
+    x = random_resized_crop(x, cfg.size, cfg.crop_scale_min, cfg.flip_prob, r, cfg.crop_scale_max)
     x = color_transform(x, cfg, r)
     x = gaussian_blur(x, cfg.blur_prob, r)
     x = random_solarize(x, cfg.solarize_prob, r)

@@ -328,12 +328,13 @@ def inspect_image(source: str, out_dir: Path, *, strict: bool = False, size: int
     """``sslp data inspect SOURCE --kind image``: counts, skips, one augmented batch, a PNG of view pairs.
 
     ``source`` is a path/URI or a built-in corpus name (its train split). ``augment`` is an
-    :class:`~ssl_platform.data.transforms.AugmentConfig` (default: the stock one at ``size``);
+    :class:`~ssl_platform.views.AugmentConfig` (default: the stock one at ``size``);
     ``columns`` are :func:`read_image_corpus`'s column names. With no valid record,
     ``records`` is 0 and no figure is written (``figure`` is None): the caller stops.
     """
     from ssl_platform.data.builtin import IMAGE_CORPORA, load_image_corpus
-    from ssl_platform.data.transforms import AugmentConfig, TwoViewAugment
+    from ssl_platform.data.transforms import MultiViewAugment
+    from ssl_platform.views import AugmentConfig
 
     with InspectLedger(strict) as ledger:
         if source in IMAGE_CORPORA:
@@ -348,7 +349,7 @@ def inspect_image(source: str, out_dir: Path, *, strict: bool = False, size: int
         return report(0, ledger.summary)
     augment = augment or AugmentConfig(size=size)
     # Keyed by path, so a seed shows the same views as training with that seed would draw.
-    views = TwoViewAugment(augment, seed=seed)({"image": np.array(batch["image"]), "path": batch["path"]})
+    views = MultiViewAugment((augment, augment), seed=seed)({"image": np.array(batch["image"]), "path": batch["path"]})
     example = {
         "image": f"uint8 {tuple(batch['image'].shape)}",
         **{k: f"float32 {tuple(v.shape)} in [{v.min():.2f}, {v.max():.2f}]" for k, v in views.items()},

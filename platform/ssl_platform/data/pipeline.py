@@ -4,7 +4,7 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 
 | kind | corpus | transform (``map_batches`` on CPU) | batch keys |
 |---|---|---|---|
-| image | ``digits``, ``digits-m`` or ``data.path`` | ``TwoViewAugment`` (the spec's views) | view1, view2 |
+| image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (the spec's views) | view1 ... viewN |
 | image-caption | ``digit-captions``, ``digits-m-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
 | text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` (spec.token_batches) | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
@@ -74,12 +74,13 @@ def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray
     return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
 
 
-# ----------------------------------------------------------------------------- image (two views)
+# ----------------------------------------------------------------------------- image (the spec's views)
 
 def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.builtin import load_image_corpus
     from ssl_platform.data.images import read_image_corpus, split_dataset
-    from ssl_platform.data.transforms import TwoViewAugment, recipe
+    from ssl_platform.data.transforms import MultiViewAugment
+    from ssl_platform.views import image_views
 
     d = cfg.data
     if d.path:
@@ -90,12 +91,10 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
         split = load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"]
         ds = split_dataset(split.images, d.corpus, label=split.labels)
         channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} train records)"
-    views = recipe(method_spec(cfg.method.name).views, size=d.image_size, **_optional(
-        crop_scale_min=d.crop_scale_min, jitter_strength=d.jitter_strength, jitter_prob=d.jitter_prob,
-        blur_prob=d.blur_prob, flip_prob=d.flip_prob))
+    views = image_views(cfg, method_spec(cfg.method.name).views)
     # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
     # data.seed: a fixed block order and fixed views per record (reproducibility checks).
-    ds = _transform(ds.randomize_block_order(seed=d.seed), TwoViewAugment(views, seed=d.seed), cfg)
+    ds = _transform(ds.randomize_block_order(seed=d.seed), MultiViewAugment(views, seed=d.seed), cfg)
     return PretrainData(ds, {"in_channels": int(channels)}, what, count)
 
 

@@ -20,7 +20,7 @@ from ssl_platform.data.builtin import IMAGE_CORPORA, ImageSplit, load_image_corp
 from ssl_platform.data.images import read_image_corpus
 from ssl_platform.data.pipeline import PretrainData, quiet_progress
 from ssl_platform.data.skips import SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
-from ssl_platform.data.transforms import AugmentConfig, OneViewAugment
+from ssl_platform.data.transforms import OneViewAugment
 from ssl_platform.evaluate.image import encoder_rows, image_derived
 from ssl_platform.evaluate.inference import check_state
 from ssl_platform.evaluate.report import markdown_table, write_results
@@ -28,6 +28,7 @@ from ssl_platform.finetune import MIN_STEPS, Settings, check_supported
 from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
 from ssl_platform.train.checkpoint import load_payload, saved_derived
 from ssl_platform.train.trainer import fit, run_paths
+from ssl_platform.views import AugmentConfig
 
 
 @dataclass(frozen=True)
