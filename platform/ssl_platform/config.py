@@ -65,7 +65,8 @@ class DataConfig:
     image_size: int = _f(32, "side of the square images fed to the encoder", min=8, max=1024)
     val_fraction: float = _f(0.2, "held-out fraction for evaluation (stratified, fixed seed)", min=0.05, max=0.9)
     # Image augmentation; empty = the method paper's recipe (ssl_platform.views.recipe).
-    crop_scale_min: float | None = _f(None, "lower bound of the random-resized-crop area fraction", min=0.01, max=1.0)
+    crop_scale_min: float | None = _f(None, "lower bound of the random-resized-crop area fraction (full-size "
+                                   "views; multi-crop's local views keep their recipe's)", min=0.01, max=1.0)
     jitter_strength: float | None = _f(None, "colour/intensity jitter strength s (SimCLR appendix A)", min=0.0, max=2.0)
     jitter_prob: float | None = _f(None, "probability of applying colour jitter to a view", min=0.0, max=1.0)
     blur_prob: float | None = _f(None, "probability of Gaussian blur per view", min=0.0, max=1.0)
