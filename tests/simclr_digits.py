@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ssl_platform.config import ExperimentConfig, load_config
+from ssl_platform.data.augment import finish_views
 from ssl_platform.data.transforms import MultiViewAugment
 from ssl_platform.evaluate.inference import build_method
 from ssl_platform.train.checkpoint import TrainState, rng_state, save_state
@@ -44,7 +45,7 @@ def pretrain(cfg: ExperimentConfig, images: np.ndarray, steps: int, seed: int = 
     for step in range(steps):
         idx = g.choice(len(images), 128, replace=False)
         views = augment({"image": images[idx], "path": np.array([f"{step}/{i}" for i in idx])})
-        loss = method({k: torch.from_numpy(v) for k, v in views.items()})["loss"]
+        loss = method(finish_views({k: torch.from_numpy(v) for k, v in views.items()}, ()))["loss"]  # as the loop
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

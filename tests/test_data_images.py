@@ -194,7 +194,7 @@ def test_inspect_counts_skips_and_draws_view_pairs(tmp_path):
     write_images(corpus, (0, 50, 100, 150, 200), corrupt="bad.png")
     out = inspect_image(str(corpus), tmp_path / "out", size=16)
     assert out["records"] == 5 and out["skipped"]["by_reason"] == {"corrupt image": 1}
-    assert out["example"]["view1"].startswith("float32 (5, 3, 16, 16)")
+    assert out["example"]["view1"].startswith("uint8 (5, 3, 16, 16)")
     assert (tmp_path / "out" / "image_views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     builtin = inspect_image("digits", tmp_path / "digits", size=16)

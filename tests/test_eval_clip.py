@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ssl_platform.config import load_config
+from ssl_platform.data.augment import finish_views
 from ssl_platform.data.captions import CaptionTransform
 from ssl_platform.data.digit_captions import load_digit_caption_splits
 from ssl_platform.evaluate import evaluate_run
@@ -93,7 +94,7 @@ def pretrain_clip(cfg, steps: int, seed: int = 0):
         idx = g.choice(len(train), 128, replace=False)
         batch = transform({"image": train.images[idx], "caption": train.captions[idx],
                            "path": np.array([f"{step}/{i}" for i in idx])})
-        loss = method({k: torch.from_numpy(v) for k, v in batch.items()})["loss"]
+        loss = method(finish_views({k: torch.from_numpy(v) for k, v in batch.items()}, ()))["loss"]  # as the loop
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

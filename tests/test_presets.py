@@ -40,9 +40,12 @@ def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
     # pipeline, loss, optimizer and online metric. Data-parallel training is what test_run_e2e
     # (the demo's preset, 2 workers), test_faults, test_multinode and test_loop run. Each kind's
     # evaluation protocol (what the end of `sslp run` calls) is tested in test_eval_*.py.
+    # BYOL's views get their colour, blur and solarize on the train worker's device (the CPU
+    # here): data.augment_on=device, the default on GPUs (uint8 crops and draws from Ray Data).
+    placement = ["data.augment_on=device"] if preset == "byol-digits-m" else []
     assert cli.main(["run", preset, f"runs_dir={tmp_path}", "scaling.num_workers=0", "train.max_steps=4",
                      "train.log_every=2", "train.checkpoint_every=4", "train.warmup_steps=1",
-                     "eval.enabled=false"]) == 0
+                     "eval.enabled=false", *placement]) == 0
     run_dir = tmp_path / preset
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -16,6 +16,7 @@ from ssl_platform.data.transforms import (
     OneViewAugment,
     augment_view,
     color_transform,
+    finish_views,
     gaussian_blur,
     random_draws,
     random_resized_crop,
@@ -90,8 +91,8 @@ def test_two_views_shapes_and_independence(digits):
                                                                         "label": digits["train"].labels[:64]})
     assert set(out) == {"view1", "view2"}  # labels never reach the pretraining batch
     for v in out.values():
-        assert v.shape == (64, 1, 24, 24) and v.dtype == np.float32
-        assert v.min() >= -1.0 - 1e-5 and v.max() <= 1.0 + 1e-5
+        assert v.shape == (64, 1, 24, 24) and v.dtype == np.uint8  # a quarter of float32's bytes
+        assert v.max() > 128  # the digits' ink survives the crop and the jitter
     assert not np.allclose(out["view1"], out["view2"])
     colour = MultiViewAugment(recipe("simclr", size=16), seed=0)(colour_batch())
     assert colour["view1"].shape == (8, 3, 16, 16)
@@ -183,8 +184,8 @@ def test_byol_second_view_solarizes_sometimes_first_never():
     n = 600
     white = {"image": np.full((n, 3, 8, 8), 255, np.uint8), "id": np.arange(n)}
     out = MultiViewAugment(recipe("byol", size=8), seed=0)(white)
-    # Jitter keeps a white image >= 0.6 (normalised >= 0.2); solarizing maps it to <= 0.4 (<= -0.2).
-    solarized = {v: (out[v].mean(axis=(1, 2, 3)) < 0).mean() for v in ("view1", "view2")}
+    # Jitter keeps a white image >= 0.6 of full scale; solarizing maps it to <= 0.4.
+    solarized = {v: (out[v].mean(axis=(1, 2, 3)) < 127.5).mean() for v in ("view1", "view2")}
     assert solarized["view1"] == 0
     assert 0.15 < solarized["view2"] < 0.25
 
@@ -283,6 +284,26 @@ def test_rejects_non_image_batches_and_bad_configs():
         recipe([{"size_frac": 0.2}], size=32)  # a 6-pixel view
     with pytest.raises(ValueError, match="unknown augmentation setting"):
         recipe([{"crop_scale": 0.5}])
+
+
+def test_views_augmented_on_the_device_equal_the_cpu_ones():
+    """data.augment_on=device: the CPU workers ship uint8 crops and each view's draws; the train
+    worker's finish_views runs colour, grayscale, blur and solarize there. Same views, bit for bit."""
+    views = recipe("byol", size=16)  # jitter, grayscale, blur and BYOL's solarize all in play
+    batch = colour_batch(16)
+    on_cpu = MultiViewAugment(views, seed=3)(batch)
+    shipped = MultiViewAugment(views, seed=3, placement="device")(batch)
+    assert set(shipped) == {"view1", "view1_draws", "view2", "view2_draws"}
+    assert shipped["view1"].dtype == np.uint8 and shipped["view1_draws"].shape == (16, len(DRAWS))
+    assert not np.array_equal(shipped["view2"], on_cpu["view2"])  # the crops alone: colour still to come
+    tensors = lambda b: {k: torch.from_numpy(v) for k, v in b.items()}  # noqa: E731
+    finished, reference = finish_views(tensors(shipped), views), finish_views(tensors(on_cpu), ())
+    assert set(finished) == {"view1", "view2"}
+    for key, x in finished.items():
+        assert x.dtype == torch.float32 and torch.equal(x, reference[key])
+        assert x.min() >= -1.0 and x.max() <= 1.0  # normalised as to_float does
+    with pytest.raises(ValueError, match="placement='gpu'"):
+        MultiViewAugment(views, placement="gpu")
 
 
 MULTI_CROP = ({"crop_scale_min": 0.4}, {"crop_scale_min": 0.4},

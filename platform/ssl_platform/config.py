@@ -72,6 +72,10 @@ class DataConfig:
     blur_prob: float | None = _f(None, "probability of Gaussian blur per view", min=0.0, max=1.0)
     flip_prob: float | None = _f(None, "probability of a horizontal flip (0 for digits: flips change the class)",
                                min=0.0, max=1.0)
+    augment_on: str = _f("auto", "where an image view's colour jitter, grayscale, blur and solarize run: on the "
+                                 "Ray Data CPU workers, or batched on the train worker's device (the crop always "
+                                 "runs on the CPUs; both give the same views); auto: device with GPUs, else cpu",
+                         choices=("auto", "cpu", "device"))
     transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
@@ -227,6 +231,13 @@ class ExperimentConfig:
         if "://" in self.runs_dir:
             return f"{self.runs_dir.rstrip('/')}/{self.name}"
         return str(Path(self.runs_dir).expanduser().resolve() / self.name)
+
+    def augment_placement(self) -> str:
+        """Where image views get their per-pixel ops: ``data.augment_on``, with auto -> the
+        device on GPU runs (the CPUs then only decode and crop), the CPU workers otherwise."""
+        if self.data.augment_on != "auto":
+            return self.data.augment_on
+        return "device" if self.scaling.use_gpu else "cpu"
 
     def method_kwargs(self, **derived: Any) -> dict:
         """Keyword arguments of ``ssl_models.build_method(self.method.name, ...)``: the values the

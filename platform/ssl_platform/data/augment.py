@@ -6,12 +6,13 @@ recipes, the per-record randomness and the ``map_batches`` callable).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_platform.data.transforms import DRAWS, MEAN, STD
+from ssl_platform.data.transforms import DRAWS, DRAWS_SUFFIX, MEAN, STD
 from ssl_platform.views import AugmentConfig
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
@@ -88,20 +89,21 @@ def color_transform(x: torch.Tensor, cfg: AugmentConfig, r: dict[str, torch.Tens
     gain = factor("brightness", cfg.jitter_brightness)
     contrast = factor("contrast", cfg.jitter_contrast)
     # Contrast blends towards the brightened image's mean grey, gain * mean(luma(x)).
+    luma, yiq, yiq_inv = (m.to(x.device) for m in (LUMA, _YIQ, _YIQ_INV))  # on the train worker's GPU too
     channel_means = x.mean(dim=(2, 3))  # (B, C)
-    grey = channel_means @ LUMA if c == 3 else channel_means[:, 0]  # (B,)
+    grey = channel_means @ luma if c == 3 else channel_means[:, 0]  # (B,)
     offset = (1 - contrast) * gain * grey  # (B,)
     if c == 1:
         y = torch.addcmul(offset.view(b, 1, 1, 1), x, (gain * contrast).view(b, 1, 1, 1))
         return y.clamp_(0, 1)
     saturation = factor("saturation", cfg.jitter_saturation)
-    eye, to_grey = torch.eye(3), torch.ones(3, 1) * LUMA  # to_grey: every row is LUMA
+    eye, to_grey = torch.eye(3, device=x.device), torch.ones(3, 1, device=x.device) * luma  # every row is LUMA
     sat = saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * to_grey  # (B, 3, 3)
     angle = 2 * math.pi * on * _between(r["hue"], -cfg.jitter_hue * s, cfg.jitter_hue * s)
     cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(b, 3, 3)
+    rot = torch.zeros(b, 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
-    matrix = _YIQ_INV @ rot @ _YIQ @ sat * (gain * contrast)[:, None, None]  # (B, 3, 3)
+    matrix = yiq_inv @ rot @ yiq @ sat * (gain * contrast)[:, None, None]  # (B, 3, 3)
     gray = r["gray"] < cfg.grayscale_prob
     matrix = torch.where(gray[:, None, None], to_grey @ matrix, matrix)
     # Grey stays grey under saturation, hue and grayscale, so the offset passes through them unchanged.
@@ -125,7 +127,7 @@ def gaussian_blur(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor]) -> t
     # SimCLR's kernel spans ~10% of the side; taps beyond 4 sigma hold < 1e-4 of the weight,
     # so the batch's largest sigma bounds the radius (23 -> 17 taps at 224 px).
     radius = min(max(1, int(0.1 * h) // 2), math.ceil(4 * float(sigma.max())))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))  # (n, k)
     # Weights of ~1e-40 are denormal floats, which make every multiply with them ~10x slower.
     kernel = torch.where(kernel < 1e-12, 0.0, kernel)
@@ -153,19 +155,63 @@ def random_solarize(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor], th
 
 
 def augment_view(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | torch.Tensor) -> torch.Tensor:
-    """One random view of a uint8 batch (B, C, H, W) -> normalised float32 (B, C, size, size).
+    """One random view of a uint8 batch (B, C, H, W) -> normalised float32 (B, C, size, size):
+    :func:`normalise` of :func:`photometric` of :func:`geometric`, the ops a pretraining batch
+    gets split between the CPU workers and the train worker's device.
 
     ``g`` is a torch generator, or the (B, D) uniforms of this view (see
     :func:`~ssl_platform.data.randomness.record_uniforms`).
     """
-    b = images.shape[0]
-    r = random_draws(b, g) if isinstance(g, torch.Generator) else view_draws(g)
-    x = images.float().mul_(1 / 255.0)
-    x = random_resized_crop(x, cfg.size, cfg.crop_scale_min, cfg.flip_prob, r, cfg.crop_scale_max)
+    r = random_draws(images.shape[0], g) if isinstance(g, torch.Generator) else view_draws(g)
+    return normalise(photometric(geometric(images, cfg, r), cfg, r))
+
+
+def geometric(images: torch.Tensor, cfg: AugmentConfig, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The random resized crop and flip of a view: uint8 (B, C, H, W) -> uint8 (B, C, size, size).
+
+    Always on the CPU workers (it shrinks the image); rounded to uint8, so the crop that
+    crosses to the device is the same whichever side runs :func:`photometric`.
+    """
+    return quantize(random_resized_crop(images.float().mul_(1 / 255.0), cfg.size, cfg.crop_scale_min,
+                                        cfg.flip_prob, r, cfg.crop_scale_max))
+
+
+def photometric(crops: torch.Tensor, cfg: AugmentConfig, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour jitter, grayscale, blur and solarize of a view: uint8 -> uint8, on the tensor's device
+    (the CPU workers with ``data.augment_on=cpu``, the train worker's GPU with ``device``)."""
+    x = crops.float().mul_(1 / 255.0)
     x = color_transform(x, cfg, r)
     x = gaussian_blur(x, cfg.blur_prob, r)
-    x = random_solarize(x, cfg.solarize_prob, r)
-    return x.sub_(MEAN).div_(STD)
+    return quantize(random_solarize(x, cfg.solarize_prob, r))
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """float in [0, 1] -> uint8, rounded: a view crosses the object store in a quarter of the bytes."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> the encoder's float32 input, on the images' device (as :func:`to_float`)."""
+    return images.float().mul_(1 / 255.0).sub_(MEAN).div_(STD)
+
+
+def finish_views(batch: dict[str, torch.Tensor], views: Sequence[AugmentConfig]) -> dict[str, torch.Tensor]:
+    """The train worker's half of a pretraining batch, just before the forward, on its device.
+
+    A view that came with its draws (``view3`` with ``view3_draws``: ``data.augment_on=device``)
+    gets its :func:`photometric` ops here, with the record's own uniforms, so both placements
+    give the same views; then every uint8 image (B, C, H, W) is normalised. Other tensors
+    (token ids, audio, labels) pass through.
+    """
+    out = {}
+    for key, value in batch.items():
+        if key.endswith(DRAWS_SUFFIX):
+            continue
+        draws = batch.get(key + DRAWS_SUFFIX)
+        if draws is not None:
+            value = photometric(value, views[int(key.removeprefix("view")) - 1], view_draws(draws))
+        out[key] = normalise(value) if value.dtype == torch.uint8 and value.ndim == 4 else value
+    return out
 
 
 def uint8_images(batch: dict[str, np.ndarray]) -> torch.Tensor:

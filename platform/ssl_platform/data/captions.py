@@ -120,7 +120,8 @@ def read_delimited(loc: Location, source: str, fmt: str, columns: tuple[str, ...
 
 class CaptionTransform:
     """``map_batches`` callable for CLIP: ``{"image": uint8 (B, C, H, W), "caption": str (B,), "path"}``
-    -> ``{"image": float32 (B, C, size, size) normalised like to_float, "text": int64 (B, context_length)}``.
+    -> ``{"image": uint8 (B, C, size, size), "text": int64 (B, context_length)}``; the train worker
+    normalises the image on its device (``data.augment.finish_views``).
 
     Light augmentation only (CLIP, Radford et al. 2021, trained on a random square crop; open_clip
     uses a random resized crop of area 0.9..1): image-text alignment needs the caption to stay
@@ -146,14 +147,14 @@ class CaptionTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ssl_models.methods.clip import tokenize
-        from ssl_platform.data.transforms import DRAWS, MEAN, STD, random_resized_crop, uint8_images, view_draws
+        from ssl_platform.data.transforms import DRAWS, quantize, random_resized_crop, uint8_images, view_draws
 
         torch.set_num_threads(1)  # one data task per CPU; no oversubscription
         images = uint8_images(batch)  # (B, C, H, W)
         u = batch_uniforms(batch, len(DRAWS), self.seed, self.epoch, rows=images.shape[0])  # (B, D)
         x = random_resized_crop(images.float() / 255.0, self.size, self.crop_scale_min, self.flip_prob, view_draws(u))
         text = tokenize([str(c) for c in batch["caption"]], self.context_length)  # (B, L) int64
-        return {"image": ((x - MEAN) / STD).numpy(), "text": text.numpy()}
+        return {"image": quantize(x).numpy(), "text": text.numpy()}
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -196,7 +197,7 @@ def inspect_image_caption(source: str, out_dir: Path, *, strict: bool = False, s
         return report(0, ledger.summary)
     out = CaptionTransform(size, context_length, seed=seed)(batch)
     example = {
-        "image": f"float32 {tuple(out['image'].shape)} in [{out['image'].min():.2f}, {out['image'].max():.2f}]",
+        "image": f"{out['image'].dtype} {tuple(out['image'].shape)} in [{out['image'].min()}, {out['image'].max()}]",
         "text": f"int64 {tuple(out['text'].shape)}; first row starts {out['text'][0, :8].tolist()}",
         "caption": [str(c) for c in batch["caption"][:4]],
         "path": [str(p) for p in batch["path"][:3]],

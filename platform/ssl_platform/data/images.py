@@ -352,7 +352,7 @@ def inspect_image(source: str, out_dir: Path, *, strict: bool = False, size: int
     views = MultiViewAugment((augment, augment), seed=seed)({"image": np.array(batch["image"]), "path": batch["path"]})
     example = {
         "image": f"uint8 {tuple(batch['image'].shape)}",
-        **{k: f"float32 {tuple(v.shape)} in [{v.min():.2f}, {v.max():.2f}]" for k, v in views.items()},
+        **{k: f"{v.dtype} {tuple(v.shape)} in [{v.min()}, {v.max()}]" for k, v in views.items()},
         "label": batch["label"].tolist(),
         "path": [str(p) for p in batch["path"][:3]],
         "class_names": list(class_names),

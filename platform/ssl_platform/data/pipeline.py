@@ -4,13 +4,14 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 
 | kind | corpus | transform (``map_batches`` on CPU) | batch keys |
 |---|---|---|---|
-| image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (the spec's views) | view1 ... viewN |
-| image-caption | ``digit-captions``, ``digits-m-captions`` or ``data.path`` | ``CaptionTransform`` | image, text |
+| image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (spec.views) | view1 ... viewN (uint8) |
+| image-caption | ``digit-captions``, ``digits-m-captions``, ``data.path`` | ``CaptionTransform`` | image, text |
 | text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` (spec.token_batches) | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
 Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
-workers only see finished batches via ``iter_torch_batches``. Transforms draw fresh randomness
+workers see finished batches via ``iter_torch_batches``, images as uint8 that the loop
+normalises on its device (``data.augment.finish_views``). Transforms draw fresh randomness
 on every pass (seed None), so each epoch sees new views and masks.
 """
 
@@ -94,7 +95,8 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
     views = image_views(cfg, method_spec(cfg.method.name).views)
     # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
     # data.seed: a fixed block order and fixed views per record (reproducibility checks).
-    ds = _transform(ds.randomize_block_order(seed=d.seed), MultiViewAugment(views, seed=d.seed), cfg)
+    augment = MultiViewAugment(views, seed=d.seed, placement=cfg.augment_placement())
+    ds = _transform(ds.randomize_block_order(seed=d.seed), augment, cfg)
     return PretrainData(ds, {"in_channels": int(channels)}, what, count)
 
 

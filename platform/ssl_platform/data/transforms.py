@@ -35,7 +35,8 @@ MEAN, STD = 0.5, 0.5
 # callables without calling them, and importing torch there cost ~4 CPU-s per run. Their names
 # are still reachable from here (``from ssl_platform.data.transforms import augment_view``).
 KERNELS = frozenset({"view_draws", "random_draws", "to_float", "random_resized_crop", "color_transform",
-                     "gaussian_blur", "random_solarize", "augment_view", "uint8_images", "LUMA"})
+                     "gaussian_blur", "random_solarize", "augment_view", "geometric", "photometric", "quantize",
+                     "normalise", "finish_views", "uint8_images", "LUMA"})
 
 
 def __getattr__(name: str):
@@ -52,6 +53,10 @@ def __getattr__(name: str):
 # One uniform in [0, 1) per name and view: the columns of the (B, D) draws of one view.
 DRAWS = ("crop_area", "crop_ratio", "crop_x", "crop_y", "flip", "jitter", "brightness", "contrast",
          "saturation", "hue", "gray", "blur", "blur_sigma", "solarize")
+# ``data.augment_on=device``: view i travels as its uint8 crop plus ``view{i}_draws`` (B, D)
+# float32, the uniforms its photometric ops use on the train worker (augment.finish_views).
+DRAWS_SUFFIX = "_draws"
+PLACEMENTS = ("cpu", "device")
 
 
 class OneViewAugment:
@@ -77,9 +82,11 @@ class OneViewAugment:
 class MultiViewAugment:
     """``map_batches`` callable: ``{"image": uint8 (B, C, H, W), ...}`` -> ``{"view1", ..., "viewN"}``.
 
-    One random view of every image per config, float32 (B, C, size_i, size_i): two views of one
+    One random view of every image per config, uint8 (B, C, size_i, size_i): two views of one
     size (SimCLR, BYOL), one view (a pretext task) or multi-crop (views of different sizes, DINO).
-    Labels are dropped: the pretraining batch carries no supervision.
+    Views cross the object store as uint8, a quarter of float32's bytes; the train worker
+    normalises them on its device (:func:`~ssl_platform.data.augment.finish_views`). Labels are
+    dropped: the pretraining batch carries no supervision.
 
     Args:
         views: one :class:`AugmentConfig` per view, e.g. ``recipe("byol", size=32)``.
@@ -89,23 +96,35 @@ class MultiViewAugment:
             draws the i-th block of uniforms, so adding views never changes the earlier ones.
         epoch: mixed into the randomness so each epoch sees new views; an ``epoch`` column in
             the batch, if present, overrides it per record.
+        placement: ``"cpu"`` runs every op here; ``"device"`` only the crop and flip, shipping
+            each view's draws (``view{i}_draws``) so that colour, grayscale, blur and solarize
+            run batched on the train worker's device, with the same result.
     """
 
-    def __init__(self, views: Sequence[AugmentConfig], seed: int | None = None, epoch: int = 0):
+    def __init__(self, views: Sequence[AugmentConfig], seed: int | None = None, epoch: int = 0,
+                 placement: str = "cpu"):
         self.views = tuple(views)
         if not self.views or not all(isinstance(c, AugmentConfig) for c in self.views):
             raise ValueError("MultiViewAugment takes a sequence of AugmentConfig, one per view, e.g. recipe('byol')")
-        self.seed = seed
-        self.epoch = epoch
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement={placement!r}: use one of {', '.join(PLACEMENTS)}")
+        self.seed, self.epoch, self.placement = seed, epoch, placement
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from ssl_platform.data.augment import augment_view, uint8_images
+        from ssl_platform.data.augment import geometric, photometric, uint8_images, view_draws
 
         torch.set_num_threads(1)  # one data task per CPU; no oversubscription
         images = uint8_images(batch)
         d = len(DRAWS)
         u = batch_uniforms(batch, len(self.views) * d, self.seed, self.epoch, rows=images.shape[0])  # (B, N*D)
-        return {f"view{i + 1}": augment_view(images, cfg, u[:, i * d:(i + 1) * d]).numpy()
-                for i, cfg in enumerate(self.views)}
+        out = {}
+        for i, cfg in enumerate(self.views):
+            key, draws = f"view{i + 1}", u[:, i * d:(i + 1) * d]
+            crops = geometric(images, cfg, view_draws(draws))
+            if self.placement == "device":
+                out[key], out[key + DRAWS_SUFFIX] = crops.numpy(), draws.numpy()
+            else:
+                out[key] = photometric(crops, cfg, view_draws(draws)).numpy()
+        return out

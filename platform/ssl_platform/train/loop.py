@@ -19,6 +19,9 @@ Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
   micro-batch's negatives, and batch statistics (BatchNorm, Barlow Twins' cross-correlation,
   VICReg's variance and covariance) are taken per micro-batch, as in every framework that
   accumulates gradients: it saves memory but changes the objective.
+- Images arrive as uint8 (a quarter of float32's bytes through the object store) and are
+  normalised on the device just before the forward (``data.augment.finish_views``), where
+  ``data.augment_on=device`` also runs the views' colour, grayscale, blur and solarize ops.
 - ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
   float32 regardless.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
@@ -51,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_platform import methods
 from ssl_platform.config import from_dict
+from ssl_platform.data.augment import finish_views
 from ssl_platform.train import local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -63,6 +67,7 @@ from ssl_platform.train.checkpoint import (
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
+from ssl_platform.views import image_views
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
 CRASH_AT_STEP_ENV = "SSLP_CRASH_AT_STEP"
@@ -91,6 +96,9 @@ def train_func(loop_config: dict) -> None:
         model = torch.compile(model)
     autocast = autocast_context(t.precision, device)
     step_end = getattr(method, "on_train_step_end", None)
+    # data.augment_on=device: the views' configs, for the ops finish_views runs here on the device
+    spec_views = methods.method_spec(cfg.method.name).views
+    views = image_views(cfg, spec_views) if spec_views and cfg.augment_placement() == "device" else ()
     seed_everything(t.seed + 1 + rank)  # each rank its own stream from here on (dropout)
 
     # 2. Resume: Ray hands back the newest checkpoint it registered for this run name, if any; the
@@ -125,7 +133,9 @@ def train_func(loop_config: dict) -> None:
             prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
         )
         epoch_start = state.step
-        for batches in groups_of(meter.timed(micro_batches), t.grad_accum_steps):
+        stream = groups_of(meter.timed(micro_batches), t.grad_accum_steps)
+        for batches in stream:
+            batches = [finish_views(b, views) for b in batches]  # normalise uint8 images on the device
             optimizer.zero_grad(set_to_none=True)
             out = accumulate_gradients(model, batches, autocast)  # forward + backward, synced on the last
             out["grad_norm"] = clip_gradients(method, t.grad_clip)  # the worker-averaged gradient
@@ -150,6 +160,7 @@ def train_func(loop_config: dict) -> None:
                 ray.train.report({"step": state.step, "epoch": state.epoch, **logger.summary(), **val}, checkpoint=None)
             if state.step >= t.max_steps:
                 break
+        stream.close()  # max_steps mid-epoch: stop this pass's Ray Data executor now, not when collected
         if state.step == epoch_start:
             raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
                              f"lower train.batch_size")
@@ -207,13 +218,18 @@ def autocast_context(precision: str, device: torch.device) -> AbstractContextMan
 
 
 def groups_of(iterable: Iterable, n: int) -> Iterator[list]:
-    """Consecutive lists of ``n`` items; an incomplete last group is dropped, like drop_last."""
-    group = []
-    for item in iterable:
-        group.append(item)
-        if len(group) == n:
-            yield group
-            group = []
+    """Consecutive lists of ``n`` items; an incomplete last group is dropped, like drop_last.
+    Closing this generator closes ``iterable``."""
+    group, it = [], iter(iterable)
+    try:
+        for item in it:
+            group.append(item)
+            if len(group) == n:
+                yield group
+                group = []
+    finally:
+        if hasattr(it, "close"):
+            it.close()
 
 
 @contextmanager

@@ -81,17 +81,22 @@ class StepMeter:
         self.data_wait_s = 0.0
 
     def timed(self, iterable: Iterable) -> Iterator:
-        """Yield from ``iterable``, adding the time blocked in ``next()`` to the data wait."""
+        """Yield from ``iterable``, adding the time blocked in ``next()`` to the data wait; closing
+        this generator closes ``iterable`` (a Ray Data iterator stops its executor)."""
         it = iter(iterable)
-        while True:
-            tic = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.data_wait_s += time.perf_counter() - tic
-            yield item
+        try:
+            while True:
+                tic = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self.data_wait_s += time.perf_counter() - tic
+                yield item
+        finally:
+            if hasattr(it, "close"):
+                it.close()
 
     def add(self, outputs: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor | int) -> None:
         """One optimizer step: ``outputs`` are scalar tensors (loss, grad_norm, method metrics)."""
