@@ -49,7 +49,7 @@ QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
 # every 0.25 s instead of 2 s, so a run's start and end are noticed at once.
 os.environ.update({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
 # Ray Data lists a parquet corpus with 32 footer-reading actors by default (~3 CPU-s each to
-# start); the platform's own local clusters use one per CPU (train.trainer.init_ray), and so does
+# start); the platform's own local clusters use one per CPU (train.session.init_ray), and so does
 # every cluster of the session.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 STORE = 100 * 2**20  # the head's object store; the big corpus below is 2.3x this

@@ -35,7 +35,7 @@ from test_run_e2e import TINY
 from ssl_platform import cli
 from ssl_platform.config import load_config
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV
-from ssl_platform.train.trainer import run_paths
+from ssl_platform.train.storage import run_paths
 
 pytestmark = pytest.mark.ray
 

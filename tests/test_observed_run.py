@@ -64,7 +64,8 @@ def observed(ray_session, tmp_path_factory):
 
     from ssl_platform.config import load_config
     from ssl_platform.data.skips import SkipReporter, ledger_name
-    from ssl_platform.train.trainer import fit, run_paths
+    from ssl_platform.train.storage import run_paths
+    from ssl_platform.train.trainer import fit
 
     root = tmp_path_factory.mktemp("observed")
     cfg = load_config("simclr-digits", [

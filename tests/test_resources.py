@@ -4,15 +4,9 @@ held by other jobs are waited for with a timeout; where a run lives."""
 import pytest
 
 from ssl_platform.config import load_config
-from ssl_platform.train.trainer import (
-    ResourceError,
-    StorageError,
-    cluster_nodes,
-    completed_run,
-    plan_workers,
-    run_paths,
-    wait_for_free_resources,
-)
+from ssl_platform.train.resources import cluster_nodes, plan_workers, wait_for_free_resources
+from ssl_platform.train.session import ResourceError, StorageError
+from ssl_platform.train.storage import completed_run, run_paths
 
 
 def test_two_workers_on_two_cores_get_half_a_cpu_each():

@@ -12,7 +12,8 @@ from conftest import BIG_RECORDS, spilled_mib
 
 from ssl_platform import methods
 from ssl_platform.config import load_config
-from ssl_platform.train.trainer import fit, run_paths
+from ssl_platform.train.storage import run_paths
+from ssl_platform.train.trainer import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]  # see conftest
 

@@ -212,7 +212,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ssl_platform.data.skips import format_summary
-    from ssl_platform.train.trainer import init_ray
+    from ssl_platform.train.session import init_ray
 
     kind = args.kind or BUILTIN_KINDS.get(args.source, "image")
     module, function, options = {
@@ -265,14 +265,9 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.train.trainer import (
-        StorageError,
-        completed_run,
-        copy_to_storage,
-        fit,
-        local_checkpoint,
-        run_paths,
-    )
+    from ssl_platform.train.session import StorageError
+    from ssl_platform.train.storage import completed_run, copy_to_storage, local_checkpoint, run_paths
+    from ssl_platform.train.trainer import fit
 
     if args.max_failures and cfg.scaling.num_workers == 0:  # before Ray starts (fit() says the same)
         print("sslp: resources: scaling.num_workers=0 trains in this process: it cannot be restarted "
@@ -346,7 +341,7 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             evaluate_run(cfg, checkpoint, out)
         except (ValueError, FileNotFoundError) as e:
-            from ssl_platform.train.trainer import DataError
+            from ssl_platform.train.session import DataError
 
             raise DataError(str(e)) from None
         print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)

@@ -35,7 +35,7 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str)
     line follows it)."""
     import ray
 
-    from ssl_platform.train.trainer import DataError, ResourceError, StorageError, TrainingFailed, init_ray
+    from ssl_platform.train.session import DataError, ResourceError, StorageError, TrainingFailed, init_ray
 
     failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
                 StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}

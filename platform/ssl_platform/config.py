@@ -174,7 +174,7 @@ class ScalingConfig:
     # --- per-worker loop (issue 5, train/loop.py) ---
     strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
                               "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
-    # --- driver (issue 5, train/trainer.py) ---
+    # --- driver (issue 5, train/resources.py) ---
     autoscale: bool = _f(False, "the cluster adds nodes on demand (ray up / KubeRay autoscaling): ask the autoscaler "
                                 "for the workers' resources and wait for them instead of refusing a cluster that is "
                                 "still too small")

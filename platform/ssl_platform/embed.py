@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
     def work() -> None:
         from ssl_platform.data.skips import format_summary
-        from ssl_platform.train.trainer import DataError
+        from ssl_platform.train.session import DataError
 
         try:
             summary = embed(pretrained, args.source, Path(args.out), modality=modality, batch_size=args.batch_size,

@@ -71,7 +71,7 @@ def _optional(**values: Any) -> dict[str, Any]:
 
 
 def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray.data.Dataset:
-    # One CPU per transform task; the train workers hold only fractions (see train.trainer).
+    # One CPU per transform task; the train workers hold only fractions (see train.resources).
     return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
 
 

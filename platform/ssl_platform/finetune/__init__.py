@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
     def work() -> None:
         from ssl_platform.finetune.protocol import finetune
-        from ssl_platform.train.trainer import DataError
+        from ssl_platform.train.session import DataError
 
         try:
             finetune(cfg, checkpoint, args.data, out, settings)

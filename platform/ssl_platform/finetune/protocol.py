@@ -27,7 +27,8 @@ from ssl_platform.evaluate.report import markdown_table, write_results
 from ssl_platform.finetune import MIN_STEPS, Settings, check_supported
 from ssl_platform.finetune.classifier import ClassifierBuild, fit_head
 from ssl_platform.train.checkpoint import load_payload, saved_derived
-from ssl_platform.train.trainer import fit, run_paths
+from ssl_platform.train.storage import run_paths
+from ssl_platform.train.trainer import fit
 from ssl_platform.views import AugmentConfig
 
 

@@ -74,7 +74,8 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
 
     import ray
 
-    from ssl_platform.train.trainer import ResourceError, cluster_nodes, init_ray, plan_workers
+    from ssl_platform.train.resources import cluster_nodes, plan_workers
+    from ssl_platform.train.session import ResourceError, init_ray
 
     started = not ray.is_initialized()
     try:
@@ -190,7 +191,8 @@ def run_trial(values: dict, *, base: dict, trials_dir: str) -> None:
 
     from ssl_platform import methods
     from ssl_platform.train.metrics import read_metrics
-    from ssl_platform.train.trainer import METRICS_FILE, completed_run, fit, run_paths
+    from ssl_platform.train.storage import METRICS_FILE, completed_run, run_paths
+    from ssl_platform.train.trainer import fit
     from ssl_platform.tune.asha import ReportAndObey, decision_path, read_decision
 
     trial_id = tune.get_context().get_trial_id()

@@ -1,0 +1,63 @@
+"""Ray for a run: join a cluster or start a local one (:func:`init_ray`), and the errors a run
+reports to the user, whose messages say what to change (``command.on_ray`` turns them into exit
+statuses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+class ResourceError(RuntimeError):
+    """The cluster can never (or not in time) satisfy the request; the message says what to change."""
+
+
+class DataError(RuntimeError):
+    """The corpus cannot be trained on (missing path, no usable record); the message names it."""
+
+
+class StorageError(RuntimeError):
+    """``runs_dir`` cannot be opened (an unknown URI scheme, a store without credentials)."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on a worker error; the message is one line, the full error is in error.log."""
+
+
+# Driver environment variables with this prefix reach every worker (SSLP_CRASH_AT_STEP, the
+# worker-kill fault injection of tests/test_faults.py, is one).
+ENV_PREFIX = "SSLP_"
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster. Returns the dashboard URL."""
+    if ray.is_initialized():
+        return None
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Train V2 re-routes print() in workers to its logger *and* stdout, and Ray Data logs a
+    # line per pass over the data; the training progress line is what the terminal should show.
+    # A user's own setting of either variable wins.
+    quiet = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    if not address:
+        # Ray Data lists a parquet corpus with a pool of footer-reading actors, 32 of them by
+        # default: on a laptop, 32 processes that each take ~3 CPU-s to start, for a few files.
+        # One per CPU of the local cluster (a joined cluster keeps Ray's default).
+        quiet[FOOTER_ACTORS_ENV] = str(min(32, os.cpu_count() or 1))
+    env = {k: os.environ.get(k, v) for k, v in quiet.items()}
+    if FOOTER_ACTORS_ENV in env:  # the listing may run in this process too
+        os.environ[FOOTER_ACTORS_ENV] = env[FOOTER_ACTORS_ENV]
+    # Workers on a joined cluster do not inherit the driver's environment; the job's runtime_env does reach them.
+    env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
+    runtime_env = {"env_vars": env}
+    if address:
+        ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    else:
+        # address="local": start our own cluster even when another one runs on this machine
+        # (plain ray.init() would silently join it); joining is what --address is for.
+        ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                       runtime_env=runtime_env)
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
