@@ -76,3 +76,21 @@ def test_no_blobs_and_bad_arguments():
         decode_image_bytes([], size=8, channels=4)
     with pytest.raises(ValueError, match="size"):
         decode_image_bytes([], size=0, channels=3)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size_with_the_same_pixels():
+    """A photo 7.5x the output side: libjpeg's DCT scaling decodes 1/4 of it (short side 120, still
+    >= 64), and the resized result matches the full decode's within a few grey levels."""
+    from ssl_platform.data.decode import _decode_jpeg_reduced, center_square_resize, decode_one
+
+    y, x = np.mgrid[0:480, 0:640]
+    photo = np.stack([x * 255 // 640, y * 255 // 480, (x + y) * 255 // 1120], axis=-1).astype(np.uint8)
+    blob = encode(photo, "JPEG", quality=95)
+    reduced = _decode_jpeg_reduced(blob, 3, 64)
+    assert reduced is not None and 64 <= min(reduced.shape[1:]) < 2 * 64 and reduced.shape[1:] == (120, 160)
+    images, failed = decode_image_bytes([blob, blob[: len(blob) // 3], encode(photo[:100, :100], "JPEG")],
+                                        size=64, channels=3)
+    assert failed == [1] and images.shape == (2, 3, 64, 64)  # a truncated large JPEG is still skipped
+    full = center_square_resize(decode_one(blob, 3), 64).numpy()  # no size: the whole image is decoded
+    assert np.abs(images[0].astype(int) - full.astype(int)).mean() < 3
+    assert _decode_jpeg_reduced(encode(photo, "PNG"), 3, 64) is None  # other formats: the full decoders

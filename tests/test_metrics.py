@@ -14,6 +14,7 @@ from ssl_platform.train.metrics import (
     MetricsLogger,
     StepMeter,
     count_tokens,
+    data_bound,
     drop_rows_after,
     read_metrics,
 )
@@ -115,3 +116,25 @@ def test_row_progress_line_and_summary(tmp_path, capsys):
     summary = logger.summary()
     assert summary["loss"] == pytest.approx(0.6) and summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 0
     assert summary["train_seconds"] > 0
+
+
+def test_a_data_bound_run_is_told_what_to_give_it(tmp_path, capsys):
+    """Over 10% of the steady-state time waiting for data: the progress line marks it, the advice
+    is printed once, and the summary carries the fraction. The first interval (the pipeline's
+    start) does not count."""
+    logger = MetricsLogger(tmp_path, "run", max_steps=10, start_step=0, enabled=True, data_advice="add CPUs")
+    logger.log(2, {**_interval(0.7), "data_wait_s": 1e6})  # start-up: capped, and not steady state
+    assert "data-bound" not in capsys.readouterr().out and logger.summary()["data_wait_fraction"] == 1.0
+    time.sleep(0.05)
+    logger.log(4, {**_interval(0.6), "data_wait_s": 0.0})
+    assert "data-bound" not in capsys.readouterr().out and logger.summary()["data_wait_fraction"] == 0.0
+    time.sleep(0.05)
+    logger.log(6, {**_interval(0.5), "data_wait_s": 1e6})  # all of this interval: half the steady time or so
+    out = capsys.readouterr().out.splitlines()
+    assert "(data-bound)" in out[0] and out[1].startswith("data-bound: ") and out[1].endswith("wait; add CPUs")
+    time.sleep(0.05)
+    logger.log(8, {**_interval(0.5), "data_wait_s": 1e6})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "(data-bound)" in out[0]  # the advice only once
+    assert 0.5 < logger.summary()["data_wait_fraction"] < 1.0
+    assert data_bound(0.18, "add CPUs") == "data-bound: 18% wait; add CPUs" and data_bound(0.05, "x") == ""

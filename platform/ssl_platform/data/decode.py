@@ -2,9 +2,12 @@
 
 Decoding is the expensive half of an image pipeline at 224 px, so the common formats (JPEG,
 PNG, WebP, GIF) go through torchvision's libjpeg-turbo/libpng decoders straight into a uint8
-tensor, and only the rest (BMP, TIFF, ...) through PIL. Each image is centre-cropped to a
-square first and then resized once with an antialiased uint8 kernel: the same pixels as a
-short-side resize followed by a centre crop, for a fraction of the work.
+tensor, and only the rest (BMP, TIFF, ...) through PIL. A JPEG at least twice the output side
+is decoded at reduced size instead (libjpeg's DCT scaling, through PIL's draft mode: 1/2, 1/4 or
+1/8 of the pixels, never below the output side), which skips most of the decode's work on
+photos larger than the crop. Each image is centre-cropped to a square first and then resized
+once with an antialiased uint8 kernel: the same pixels as a short-side resize followed by a
+centre crop, for a fraction of the work.
 
 A blob that neither decoder can read (empty, truncated, corrupt, not an image) is not an
 error here: its index is returned so the caller can skip and count it (see ``skips.py``).
@@ -56,10 +59,32 @@ def _as_bytes(blob) -> bytes:
     return blob if isinstance(blob, bytes) else bytes(blob)
 
 
-def decode_one(blob: bytes, channels: int) -> torch.Tensor | None:
-    """uint8 (channels, H, W) at the image's own size, or None when the blob is not a readable image."""
+def _decode_jpeg_reduced(blob: bytes, channels: int, size: int) -> torch.Tensor | None:
+    """A JPEG whose short side is at least ``2 * size``, decoded by libjpeg at the smallest DCT
+    scale (1/2, 1/4, 1/8) that keeps the short side >= ``size``; None for any other image (or
+    one this path cannot read: the full decoders then try, and skip it if they fail too)."""
+    try:
+        with Image.open(io.BytesIO(blob)) as im:  # reads the header only
+            if im.format != "JPEG" or min(im.size) < 2 * size:
+                return None
+            scale = min(im.size) // size  # >= 2; draft picks the largest reduction within it
+            im.draft(_MODES[channels][1], (im.width // scale, im.height // scale))
+            im = im.convert(_MODES[channels][1])
+            array = np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, channels)
+    except Exception:  # PIL raises many types on a corrupt file
+        return None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def decode_one(blob: bytes, channels: int, size: int | None = None) -> torch.Tensor | None:
+    """uint8 (channels, H, W), or None when the blob is not a readable image. With ``size``, a
+    large JPEG may come back reduced (short side still >= ``size``); without, at its own size."""
     if not blob:
         return None
+    if size is not None and blob.startswith(b"\xff\xd8\xff"):
+        reduced = _decode_jpeg_reduced(blob, channels, size)
+        if reduced is not None:
+            return reduced
     if _is_torchvision_format(blob):
         try:
             return _to_channels(_decode_torchvision(blob, channels), channels)
@@ -117,7 +142,7 @@ def decode_image_bytes(blobs: Sequence[bytes], size: int, channels: int) -> tupl
         # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
         warnings.simplefilter("ignore", DeprecationWarning)
         for i, blob in enumerate(blobs):
-            image = decode_one(_as_bytes(blob), channels)
+            image = decode_one(_as_bytes(blob), channels, size)
             if image is None or image.shape[1] == 0 or image.shape[2] == 0:
                 failed.append(i)
                 continue

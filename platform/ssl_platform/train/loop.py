@@ -64,7 +64,7 @@ from ssl_platform.train.checkpoint import (
     restore_state,
     save_state,
 )
-from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens
+from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
 from ssl_platform.views import image_views
@@ -123,7 +123,8 @@ def train_func(loop_config: dict) -> None:
     # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
     #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.
     shard = ray.train.get_dataset_shard("train")
-    logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0)
+    logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
+                           data_advice=data_advice(cfg))
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.skips import SKIPPED_METRIC
 
 # Every ray.util.metrics name the platform emits: name -> (kind, description). Prometheus sees
@@ -133,6 +134,25 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+# Above this fraction of the training time spent waiting for data, a run is data-bound: the
+# progress line and the run summary say so, and what to give it.
+DATA_BOUND = 0.10
+
+
+def data_bound(fraction: float | None, advice: str) -> str:
+    """"data-bound: 18% wait; <advice>" when ``fraction`` is over :data:`DATA_BOUND`, else ""."""
+    if fraction is None or fraction <= DATA_BOUND:
+        return ""
+    return f"data-bound: {fraction:.0%} wait; {advice}"
+
+
+def data_advice(cfg: ExperimentConfig) -> str:
+    """What a data-bound run of ``cfg`` should be given, in one clause."""
+    if cfg.scaling.use_gpu and cfg.augment_placement() == "cpu":
+        return "run the per-pixel augmentation on the GPU (data.augment_on=device) or give Ray Data more CPUs"
+    return "give Ray Data more CPUs: scaling.data_cpus (or CPU nodes), or fewer per train worker"
+
+
 class MetricsLogger:
     """Turns reduced :class:`StepMeter` intervals into metrics.jsonl rows, gauges and the
     progress line (rank 0 only, ``enabled``), and keeps the run's summary on every rank.
@@ -142,8 +162,13 @@ class MetricsLogger:
             rows after it are removed from metrics.jsonl because those steps are done again.
     """
 
-    def __init__(self, run_dir: str | Path, run_name: str, max_steps: int, start_step: int, enabled: bool):
+    def __init__(self, run_dir: str | Path, run_name: str, max_steps: int, start_step: int, enabled: bool,
+                 data_advice: str = "give Ray Data more CPUs: scaling.data_cpus"):
         self.enabled = enabled
+        self.data_advice = data_advice  # what the progress line and summary suggest when data-bound
+        self._rows = 0
+        self._steady_wait_s = self._steady_s = 0.0  # data wait over the rows after the first (warm-up)
+        self._advised = False
         self.max_steps = max_steps
         self.start_step = start_step
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -185,6 +210,10 @@ class MetricsLogger:
                "elapsed_s": elapsed, "time": time.time()}
         if interval["tokens"]:
             row["tokens_per_s"] = interval["tokens"] / seconds
+        if self._rows:  # the first interval holds the pipeline's start: not the steady state
+            self._steady_wait_s += min(interval["data_wait_s"], seconds)
+            self._steady_s += seconds
+        self._rows += 1
         self._last = row
         if not self.enabled:
             return row
@@ -201,14 +230,25 @@ class MetricsLogger:
         eta = elapsed / done * (self.max_steps - step) if done > 0 else float("nan")
         rate = (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
                 else f"{row['samples_per_s']:,.0f} samples/s")
+        steady = self.steady_data_wait()
+        bound = data_bound(steady, self.data_advice) if self._rows > 1 else ""
         print(
             f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {row.get('loss', float('nan')):.4f} | "
             f"lr {row.get('lr', 0):.4g} | {rate} | {row['step_time_s']:.3g} s/step | "
-            f"data wait {row['data_wait_fraction']:.0%} | ETA {format_duration(eta)}"
+            f"data wait {row['data_wait_fraction']:.0%}{' (data-bound)' if bound else ''} | "
+            f"ETA {format_duration(eta)}"
             + "".join(f" | {name} {value:.4g}" for name, value in online.items()),
             flush=True,
         )
+        if bound and not self._advised:  # the advice once; "(data-bound)" on the lines after
+            print(bound, flush=True)
+            self._advised = True
         return row
+
+    def steady_data_wait(self) -> float | None:
+        """The fraction of training time spent waiting for data after the first logged interval
+        (None until there is one)."""
+        return self._steady_wait_s / self._steady_s if self._steady_s > 0 else None
 
     def summary(self) -> dict[str, float]:
         """This session's totals for the run summary: the last logged loss, seconds of training
@@ -219,6 +259,11 @@ class MetricsLogger:
             out["tokens_per_s"] = self._tokens / elapsed
         if "loss" in self._last:
             out["loss"] = self._last["loss"]
+        steady = self.steady_data_wait()
+        if steady is None and "data_wait_fraction" in self._last:  # a single interval: all there is
+            steady = self._last["data_wait_fraction"]
+        if steady is not None:
+            out["data_wait_fraction"] = steady
         return out
 
 

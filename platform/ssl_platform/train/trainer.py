@@ -42,7 +42,7 @@ from ssl_platform.data.skips import (
 )
 from ssl_platform.train import local_mode
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV
-from ssl_platform.train.metrics import format_duration
+from ssl_platform.train.metrics import data_advice, data_bound, format_duration
 from ssl_platform.train.resources import (
     PLACEMENT_TIMEOUT_S,
     WorkerPlan,
@@ -75,6 +75,8 @@ class RunSummary:
     final_loss: float | None  # mean over workers at the last logged step
     skipped_records: dict
     checkpoint: str
+    data_wait_fraction: float | None = None  # steady-state share of the training time spent waiting for data
+    data_advice: str = ""  # what to give a data-bound run
 
     def text(self) -> str:
         rate = "n/a" if self.samples_per_s is None else f"{self.samples_per_s:,.0f} samples/s"
@@ -86,6 +88,9 @@ class RunSummary:
             f"  steps       {self.steps}/{self.max_steps}",
             f"  wall time   {format_duration(self.wall_time_s)} (data set-up, worker start-up and training)",
             f"  throughput  {rate}",
+            *([f"  data wait   {self.data_wait_fraction:.0%} of training time"
+               + (f" ({bound})" if (bound := data_bound(self.data_wait_fraction, self.data_advice)) else "")]
+              if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
             f"  data        {format_summary(self.skipped_records)}",
             f"  checkpoint  {self.checkpoint}",
@@ -289,4 +294,5 @@ def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result,
         run=cfg.name, steps=int(m.get("step", cfg.train.max_steps)), max_steps=cfg.train.max_steps,
         wall_time_s=time.time() - t0, samples_per_s=m.get("samples_per_s"), tokens_per_s=m.get("tokens_per_s"),
         final_loss=m.get("loss"), skipped_records=skipped, checkpoint=checkpoint,
+        data_wait_fraction=m.get("data_wait_fraction"), data_advice=data_advice(cfg),
     )
