@@ -1,15 +1,16 @@
-"""All of ``ssl_models``' distributed code: rank, world size and an all-gather with gradient.
+"""All of ``ssl_models``' distributed code: rank, world size, an all-gather with gradient and
+BatchNorm over the global batch.
 
 Everything else calls these helpers and therefore runs unchanged in a single process with no
-process group, where ``rank() == 0``, ``world_size() == 1`` and ``gather_with_grad`` is the
-identity.
+process group, where ``rank() == 0``, ``world_size() == 1``, ``gather_with_grad`` is the
+identity and :class:`GlobalBatchNorm` is plain BatchNorm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _initialized() -> bool:
@@ -63,3 +64,73 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch: every rank's samples.
+
+    torch's ``SyncBatchNorm`` does this on GPUs only; this one runs on any backend (gloo on
+    CPU, NCCL on GPU) with one small all-gather per layer. Each rank sends its count, mean and
+    sum of squared deviations per channel, and every rank combines them (Chan et al.'s parallel
+    variance) into the global mean and biased variance it normalises with, so the output, the
+    loss and, through :func:`gather_with_grad`'s backward, every gradient equal those of one
+    process on the whole batch. The running statistics are updated with the global ones and
+    stay equal on every rank. Without a process group, in eval mode, or on one rank it is
+    plain BatchNorm; its state dict is BatchNorm's, so checkpoints load either way.
+
+    Shape: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), like ``BatchNorm1d/2d/3d``.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 under autocast; float64 stays
+        count = x32.new_full((1,), x32.numel() / c)
+        mean = x32.mean(dims)
+        m2 = (x32 - mean.view(1, c, *[1] * (x.dim() - 2))).square().sum(dims)
+        ranks = gather_with_grad(torch.cat([count, mean, m2])[None])  # (W, 1 + 2C)
+        counts, means, m2s = ranks[:, :1], ranks[:, 1:1 + c], ranks[:, 1 + c:]
+        total = counts.sum()
+        global_mean = (counts * means).sum(0) / total  # (C,)
+        global_m2 = (m2s + counts * (means - global_mean).square()).sum(0)  # (C,)
+        var = global_m2 / total  # biased: what the batch is normalised with
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = global_m2 / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(global_mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        shape = (1, c, *[1] * (x.dim() - 2))
+        y = (x32 - global_mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every ``BatchNorm1d/2d/3d`` in ``module`` replaced by a :class:`GlobalBatchNorm` holding the
+    same parameters and buffers (the parameter objects themselves: an optimizer built before
+    still updates them). Returns ``module``, or the replacement if ``module`` is a BatchNorm."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_global_batchnorm(child))
+    return module
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether any BatchNorm layer (whose statistics depend on the batch) is in ``module``."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -9,6 +9,9 @@
 | ``BarlowTwinsLoss``, ``VICRegLoss`` | Barlow Twins, VICReg | the whole batch's statistics |
 | ``BYOLLoss`` | BYOL | nothing: a per-sample regression |
 | ``MaskedLMLoss``, ``NSPLoss``, ``CausalLMLoss`` | BERT, GPT | nothing: per-token cross-entropy |
+
+Losses run in float32 even under bf16 autocast and keep float64 (the exactness tests): a method
+raises its embeddings with :func:`ssl_models.losses.precision.at_least_fp32` before a loss.
 """
 
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss
@@ -20,5 +23,16 @@ from ssl_models.losses.siglip import SigLIPLoss
 from ssl_models.losses.tokens import CausalLMLoss, MaskedLMLoss, NSPLoss
 from ssl_models.losses.vicreg import VICRegLoss
 
-__all__ = ["BYOLLoss", "BarlowTwinsLoss", "CLIPLoss", "CPCLoss", "CausalLMLoss", "MaskedLMLoss", "NSPLoss",
-           "NTXentLoss", "SigLIPLoss", "VICRegLoss"]
+__all__ = [
+    "BYOLLoss",
+    "BarlowTwinsLoss",
+    "CLIPLoss",
+    "CPCLoss",
+    "CausalLMLoss",
+    "MaskedLMLoss",
+    "NSPLoss",
+    "NTXentLoss",
+    "SigLIPLoss",
+    "VICRegLoss",
+    "at_least_fp32",
+]

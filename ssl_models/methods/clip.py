@@ -14,18 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.clip import CLIPLoss
+from ssl_models.losses.precision import at_least_fp32
 from ssl_models.spec import MethodSpec
 
 # Size of the BPE vocabulary bundled with open_clip (49152 merges-derived tokens + SOT + EOT);
 # the text tower's embedding table must cover every id the tokenizer emits.
 VOCAB_SIZE = 49408
 IMAGE_TOWERS = ("vit", "resnet")
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """``x`` in float32 if it is bf16/fp16 (autocast), unchanged if float32 or float64: the
-    normalisation and the loss run in full precision."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77) -> Tensor:

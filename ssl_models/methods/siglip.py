@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ssl_models.losses.precision import at_least_fp32
 from ssl_models.losses.siglip import SigLIPLoss
 from ssl_models.methods.clip import (
-    at_least_fp32,
     build_towers,
     encode_image,
     encode_text,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ssl_models.encoders import build_image_encoder, image_input, stack_two_views
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.ntxent import NTXentLoss
+from ssl_models.losses.precision import at_least_fp32
 from ssl_models.spec import MethodSpec
 
 # SimCLR's augmentation (appendix A), the same for both views: random resized crop from 8% of the
@@ -64,7 +65,7 @@ class SimCLR(nn.Module):
         z1, z2 = self.projector(self.encoder(views)).chunk(2)  # (B, projector_dim) each
         # float32 with autocast off: under bf16 autocast the similarity matmul would run in bf16.
         with torch.autocast(views.device.type, enabled=False):
-            loss = self.criterion(z1.float(), z2.float())
+            loss = self.criterion(at_least_fp32(z1), at_least_fp32(z2))
         return {
             "loss": loss,
             "pos_cosine": F.cosine_similarity(z1.float(), z2.float(), dim=1).mean().detach(),

@@ -22,6 +22,9 @@ Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
 - Images arrive as uint8 (a quarter of float32's bytes through the object store) and are
   normalised on the device just before the forward (``data.augment.finish_views``), where
   ``data.augment_on=device`` also runs the views' colour, grayscale, blur and solarize ops.
+- ``scaling.sync_batchnorm`` (default on): every BatchNorm layer normalises with the statistics
+  of the global batch (``ssl_models.distributed.GlobalBatchNorm``), as the papers' multi-GPU
+  runs do, so a step's update is the same on 1, 2 or N workers.
 - ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
   float32 regardless.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
@@ -52,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
@@ -87,6 +91,9 @@ def train_func(loop_config: dict) -> None:
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
+    global_bn = cfg.scaling.sync_batchnorm and world > 1 and has_batchnorm(method)
+    if global_bn:  # BatchNorm over every worker's samples: the step no longer depends on the worker count
+        method = convert_global_batchnorm(method)
     # DDP wrapper, or `method` sharded in place; in local mode `method` itself, on the device.
     model = method.to(device) if local else wrap_model(method, cfg.scaling.strategy, device, world)
     # Built after wrapping: FSDP replaces the parameters with sharded ones.
@@ -118,6 +125,7 @@ def train_func(loop_config: dict) -> None:
         print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
               f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
               f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
+              f"{', global BatchNorm' if global_bn else ''}"
               f"{', torch.compile' if t.compile else ''}", flush=True)
 
     # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
