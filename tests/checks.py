@@ -15,3 +15,17 @@ def assert_step_end_changes_nothing(method: nn.Module, step: int, max_steps: int
     assert set(after) == set(before)
     changed = sorted(k for k in before if not before[k].equal(after[k]) and not k.startswith("target_"))
     assert not changed, f"on_train_step_end changed {changed}"
+
+
+def train_on_one_batch(method: nn.Module, batch: dict, optimizer, steps: int) -> list[float]:
+    """``steps`` optimizer steps of ``method`` on the same ``batch``, each followed by
+    ``on_train_step_end`` as the training loop calls it; the loss before each step."""
+    losses = []
+    for step in range(steps):
+        out = method(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.on_train_step_end(step, steps)
+        losses.append(out["loss"].item())
+    return losses
