@@ -1,4 +1,4 @@
-"""The seed papers' frozen-encoder table for an image run (SimCLR, BYOL, Barlow Twins, VICReg).
+"""The seed papers' frozen-encoder table for an image run (every method whose spec says it embeds images).
 
 Linear probe and weighted kNN top-1 on the held-out split (of the built-in corpus, or of the
 user's labelled ``eval.data``, see :mod:`~ssl_platform.data.labelled`), for this run's encoder and for
