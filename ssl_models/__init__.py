@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_models import distributed, losses
-from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, SigLIP, SimCLR, VICReg
+from ssl_models.methods import BERT, BYOL, CLIP, CPC, DINO, GPT, BarlowTwins, SigLIP, SimCLR, VICReg
 from ssl_models.protocol import Method
 from ssl_models.spec import MethodSpec, spec_problems
 
@@ -24,6 +24,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "byol": BYOL,            # two views
     "barlow_twins": BarlowTwins,  # two views
     "vicreg": VICReg,        # two views
+    "dino": DINO,            # multi-crop: "view1", "view2" global, "view3".."view6" local
     "cpc": CPC,              # audio: "audio" (+ "lengths")
     "bert": BERT,            # text: "input_ids", "mlm_labels", "nsp_labels", ...
     "gpt": GPT,              # text: "input_ids" (+ "attention_mask")
@@ -37,5 +38,5 @@ def build_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "SigLIP", "SimCLR",
-           "VICReg", "build_method", "distributed", "losses", "spec_problems"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "DINO", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "SigLIP",
+           "SimCLR", "VICReg", "build_method", "distributed", "losses", "spec_problems"]

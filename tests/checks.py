@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -15,3 +16,19 @@ def assert_step_end_changes_nothing(method: nn.Module, step: int, max_steps: int
     assert set(after) == set(before)
     changed = sorted(k for k in before if not before[k].equal(after[k]) and not k.startswith("target_"))
     assert not changed, f"on_train_step_end changed {changed}"
+
+
+def losses_on_a_fixed_batch(method: nn.Module, batch: dict[str, torch.Tensor], steps: int = 30,
+                            lr: float = 3e-3) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on one batch, with the end-of-step hook as the
+    training loop calls it: a method that can learn anything fits a single batch."""
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        out = method(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.on_train_step_end(step, steps)
+        losses.append(out["loss"].item())
+    return losses
