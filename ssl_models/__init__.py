@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_models import distributed, losses
-from ssl_models.methods import BERT, BYOL, CLIP, CPC, GPT, BarlowTwins, RotNet, SigLIP, SimCLR, VICReg
+from ssl_models.methods import BERT, BYOL, CLIP, CPC, DINO, GPT, BarlowTwins, RotNet, SigLIP, SimCLR, VICReg
 from ssl_models.protocol import Method
 from ssl_models.spec import MethodSpec, spec_problems
 
@@ -25,6 +25,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "barlow_twins": BarlowTwins,  # two views
     "vicreg": VICReg,        # two views
     "rotnet": RotNet,        # one view: "view1", rotated four ways in forward
+    "dino": DINO,            # multi-crop: "view1", "view2" global, "view3".."view6" local
     "cpc": CPC,              # audio: "audio" (+ "lengths")
     "bert": BERT,            # text: "input_ids", "mlm_labels", "nsp_labels", ...
     "gpt": GPT,              # text: "input_ids" (+ "attention_mask")
@@ -38,5 +39,5 @@ def build_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-__all__ = ["BERT", "BYOL", "CLIP", "CPC", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "RotNet", "SigLIP",
-           "SimCLR", "VICReg", "build_method", "distributed", "losses", "spec_problems"]
+__all__ = ["BERT", "BYOL", "CLIP", "CPC", "DINO", "GPT", "METHODS", "BarlowTwins", "Method", "MethodSpec", "RotNet",
+           "SigLIP", "SimCLR", "VICReg", "build_method", "distributed", "losses", "spec_problems"]

@@ -1,9 +1,9 @@
 """All of ``ssl_models``' distributed code: rank, world size, an all-gather with gradient and
-BatchNorm over the global batch.
+BatchNorm over the global batch, and an all-reduce of statistics.
 
 Everything else calls these helpers and therefore runs unchanged in a single process with no
-process group, where ``rank() == 0``, ``world_size() == 1``, ``gather_with_grad`` is the
-identity and :class:`GlobalBatchNorm` is plain BatchNorm.
+process group, where ``rank() == 0``, ``world_size() == 1``, ``gather_with_grad`` and
+``all_reduce_sum`` are the identity and :class:`GlobalBatchNorm` is plain BatchNorm.
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """``x`` summed over all ranks, in place, without gradient (statistics such as DINO's centre);
+    ``x`` itself when W == 1."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -29,3 +30,11 @@ def train_on_one_batch(method: nn.Module, batch: dict, optimizer, steps: int) ->
         method.on_train_step_end(step, steps)
         losses.append(out["loss"].item())
     return losses
+
+
+def losses_on_a_fixed_batch(method: nn.Module, batch: dict[str, torch.Tensor], steps: int = 30,
+                            lr: float = 3e-3) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on one batch (:func:`train_on_one_batch`): a
+    method that can learn anything fits a single batch."""
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    return train_on_one_batch(method, batch, optimizer, steps)

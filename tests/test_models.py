@@ -27,7 +27,7 @@ def test_build_method_builds_simclr():
 
 def test_registry_has_every_method_with_the_common_interface():
     assert sorted(ssl_models.METHODS) == [
-        "barlow_twins", "bert", "byol", "clip", "cpc", "gpt", "rotnet", "siglip", "simclr", "vicreg"]
+        "barlow_twins", "bert", "byol", "clip", "cpc", "dino", "gpt", "rotnet", "siglip", "simclr", "vicreg"]
     for name, cls in ssl_models.METHODS.items():
         assert issubclass(cls, torch.nn.Module), name
         assert callable(getattr(cls, "on_train_step_end", None)), name

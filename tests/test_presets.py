@@ -12,7 +12,7 @@ from ssl_platform.methods import method_spec, method_specs
 from ssl_platform.tune.spec import load_sweep
 
 LOCAL = ["simclr-digits", "simclr-digits-m", "byol-digits-m", "barlow-digits-m", "vicreg-digits-m", "rotnet-digits",
-         "clip-digit-captions", "clip-digits-m-captions", "siglip-digit-captions", "cpc-spoken-digits",
+         "dino-digits", "clip-digit-captions", "clip-digits-m-captions", "siglip-digit-captions", "cpc-spoken-digits",
          "bert-python-docs", "gpt-python-docs"]
 CLUSTER = ["simclr-resnet50-imagenet", "byol-resnet50-imagenet", "clip-vitb32-webdataset", "bert-base-parquet",
            "gpt2-small-parquet", "cpc-librispeech"]

@@ -23,6 +23,8 @@ from ssl_models.distributed import GlobalBatchNorm, convert_global_batchnorm, ha
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.clip import CLIP, tokenize
+from ssl_models.methods.dino import DINO
+from ssl_models.methods.rotnet import RotNet
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.vicreg import VICReg
 
@@ -33,6 +35,8 @@ BUILD = {
     "byol": lambda: BYOL(**ENCODER, projector_width=16, projector_dim=8, predictor_width=16),
     "barlow_twins": lambda: BarlowTwins(**ENCODER, projector_width=16, projector_dim=8, gather_distributed=True),
     "vicreg": lambda: VICReg(**ENCODER, expander_width=16, expander_dim=8, gather_distributed=True),
+    "rotnet": lambda: RotNet(**ENCODER, classifier_width=16),
+    "dino": lambda: DINO(**ENCODER, head_width=16, head_batchnorm=True, bottleneck_dim=8, out_dim=16),
     "clip": lambda: CLIP(image_tower="resnet", in_channels=1, image_size=32, embed_dim=8, vision_width=8,
                          context_length=8, text_width=16, text_layers=1, text_heads=2, gather_distributed=True),
 }
@@ -49,6 +53,11 @@ def _batch(name: str) -> dict[str, torch.Tensor]:
         return {"image": torch.randn(BATCH, 1, 32, 32, generator=g, dtype=torch.float64),
                 "text": tokenize(CAPTIONS[:BATCH], 8)}
     x = torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64)
+    if name == "rotnet":  # one view, rotated four ways inside
+        return {"view1": x}
+    if name == "dino":  # multi-crop: 2 global views and 4 local ones at half the side
+        return {f"view{i + 1}": x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) if i < 2
+                else torch.randn(BATCH, 1, 8, 8, generator=g, dtype=torch.float64) for i in range(6)}
     return {"view1": x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64),
             "view2": x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)}
 

@@ -38,6 +38,15 @@ def cosine_momentum(step: int, max_steps: int, base: float = 0.996) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * step / (max_steps - 1)) + 1) / 2
 
 
+@torch.no_grad()
+def ema_update(pairs: Sequence[tuple[nn.Module, nn.Module]], tau: float) -> None:
+    """``target <- tau * target + (1 - tau) * online`` for every parameter of each (online, target)
+    pair of modules of one architecture (BYOL's target, DINO's teacher); buffers are left alone."""
+    for online, target in pairs:
+        for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True):
+            p_target.mul_(tau).add_(p_online.detach(), alpha=1 - tau)
+
+
 class BYOL(nn.Module):
     """BYOL (Grill et al. 2020, "Bootstrap Your Own Latent: A New Approach to
     Self-Supervised Learning").
@@ -117,6 +126,4 @@ class BYOL(nn.Module):
         """EMA update of the target, called after ``optimizer.step()`` with the 0-based index of
         the step just taken and the total number of steps (see ``cosine_momentum``)."""
         tau = cosine_momentum(step, max_steps, self.momentum_base)
-        for online, target in ((self.encoder, self.target_encoder), (self.projector, self.target_projector)):
-            for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True):
-                p_target.mul_(tau).add_(p_online.detach(), alpha=1 - tau)
+        ema_update(((self.encoder, self.target_encoder), (self.projector, self.target_projector)), tau)
