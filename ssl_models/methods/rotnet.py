@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ssl_models.encoders import build_image_encoder, image_input
 from ssl_models.heads import ProjectionHead
+from ssl_models.losses.precision import at_least_fp32
 from ssl_models.spec import MethodSpec
 
 NUM_ROTATIONS = 4  # 0, 90, 180 and 270 degrees (the paper's choice; its CIFAR-10 ablation tried 2 and 8)
@@ -85,7 +86,7 @@ class RotNet(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         rotated, labels = rotate_four_ways(image_input(batch, "view1", self.in_channels))  # (4B, C, S, S), (4B,)
-        logits = self.classifier(self.encoder(rotated)).float()  # (4B, 4); float32 under autocast
+        logits = at_least_fp32(self.classifier(self.encoder(rotated)))  # (4B, 4); float32 under autocast
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "rotation_acc": accuracy.detach()}
