@@ -58,10 +58,11 @@ def digits() -> np.ndarray:
     return load_digits_splits(image_size=16)["val"].images[:6]  # uint8 (6, 1, 16, 16)
 
 
-def test_simclr_export_matches_load_in_a_fresh_process(root, digits, tmp_path):
+@pytest.mark.parametrize("method_name", ["simclr", "rotnet", "dino"])  # the latter two: ssl_models code only
+def test_image_export_matches_load_in_a_fresh_process(root, digits, tmp_path, method_name):
     import torch
 
-    run_dir, method = make_run(root, "simclr")
+    run_dir, method = make_run(root, method_name)
     out = export(run_dir, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "modeling.py"]
     assert set(load_file(out / "model.safetensors")) == set(method.encoder.state_dict())  # no projector

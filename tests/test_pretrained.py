@@ -38,9 +38,13 @@ TINY = {
     "bert": ["data.vocab_size=200", "data.max_len=24", "model.dim=16", "model.depth=1", "model.heads=2"],
     "gpt": ["data.vocab_size=300", "data.max_len=24", "model.dim=16", "model.depth=1", "model.heads=2"],
     "cpc": ["model.channels=16", "model.context_dim=16", "method.num_steps=2"],
+    # the methods added as ssl_models code only (issue 15): load and export know them from their spec
+    "rotnet": ["data.image_size=16", "model.encoder_widths=[8,16]", "model.classifier_width=16"],
+    "dino": ["data.image_size=16", "model.encoder_widths=[8,16]", "model.head_width=16", "model.bottleneck_dim=8",
+             "model.out_dim=32"],
 }
 PRESETS = {"simclr": "simclr-digits", "clip": "clip-digit-captions", "bert": "bert-python-docs",
-           "gpt": "gpt-python-docs", "cpc": "cpc-spoken-digits"}
+           "gpt": "gpt-python-docs", "cpc": "cpc-spoken-digits", "rotnet": "rotnet-digits", "dino": "dino-digits"}
 TEXTS = ["the cat sat on the mat and looked at the dog", "a dog runs after the red ball in the park",
          "python lists hold items in order", "the mat is red"]
 
@@ -59,7 +63,7 @@ def make_run(root: Path, method_name: str) -> tuple[Path, torch.nn.Module]:
     else:
         derived = {"in_channels": 1, **({"image_size": SIZE} if method_name == "clip" else {})}
     method = build_method(cfg, derived, None, seed=7)
-    if method_name == "simclr":  # running statistics a real run would have moved
+    if method_name in ("simclr", "rotnet", "dino"):  # running statistics a real run would have moved
         method.train()
         with torch.no_grad():
             method.embed({"image": torch.randn(32, 1, SIZE, SIZE) * 2 + 0.5})
