@@ -119,3 +119,49 @@ def test_global_batchnorm_is_plain_batchnorm_in_one_process_and_keeps_the_state_
     torch.testing.assert_close(converted(x), plain(x))  # no process group: BatchNorm itself
     torch.testing.assert_close(converted[1].running_var, plain[1].running_var)
     converted.load_state_dict(plain.state_dict())
+
+
+def _clip_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return CLIP(in_channels=1, image_size=16, patch_size=8, embed_dim=8, vision_width=16, vision_layers=1,
+                vision_heads=2, context_length=8, text_width=16, text_layers=1, text_heads=2,
+                gather_distributed=True).double()
+
+
+def _clip_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"image": torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64),
+            "text": tokenize(CAPTIONS[:BATCH], 8)}
+
+
+def _fsdp_worker(rank: int) -> dict:
+    """CLIP sharded as the loop shards it (scaling.strategy=fsdp): the scalar logit_scale stays
+    whole on every rank and the loop averages its gradient."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ssl_platform.train.loop import shard_model, sync_scalar_gradients
+
+    warnings.simplefilter("ignore")
+    method = shard_model(_clip_vit(), init_device_mesh("cpu", (WORLD,)))
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    loss = method({k: v[rows] for k, v in _clip_batch().items()})["loss"]
+    loss.backward()
+    sync_scalar_gradients(method, WORLD)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in method.named_parameters()}
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return {"loss": total / WORLD, "grads": grads}
+
+
+def test_clip_trains_under_fsdp_with_the_single_process_step(tmp_path):
+    """fully_shard refuses 0-dim parameters: the loop leaves them unsharded and syncs them."""
+    torch.set_num_threads(1)
+    ranks = run_on_ranks(_fsdp_worker, tmp_path)
+    whole = _step(_clip_vit(), _clip_batch())
+    for res in ranks:
+        torch.testing.assert_close(res["loss"], whole["loss"], rtol=1e-8, atol=1e-8)
+        assert res["grads"].keys() == whole["grads"].keys() and "towers.logit_scale" in whole["grads"]
+        for key, want in whole["grads"].items():
+            torch.testing.assert_close(res["grads"][key], want, rtol=1e-8, atol=1e-8, msg=key)

@@ -147,6 +147,7 @@ def train_func(loop_config: dict) -> None:
             batches = [finish_views(b, views) for b in batches]  # normalise uint8 images on the device
             optimizer.zero_grad(set_to_none=True)
             out = accumulate_gradients(model, batches, autocast)  # forward + backward, synced on the last
+            sync_scalar_gradients(method, world)  # FSDP: CLIP's logit_scale is not sharded
             out["grad_norm"] = clip_gradients(method, t.grad_clip)  # the worker-averaged gradient
             optimizer.step()
             lr = scheduler.get_last_lr()[0]  # the rate this step used; the scheduler moves on to the next
@@ -206,16 +207,34 @@ def wrap_model(method: nn.Module, strategy: str, device: torch.device, world: in
 def shard_model(method: nn.Module, mesh) -> nn.Module:
     """FSDP2 in place: each block of every ``nn.ModuleList`` (a transformer layer) is its own
     unit, all-gathered just before it runs and freed after; the rest belongs to the root unit.
-    Tied weights (GPT's embedding and LM head) live outside the blocks, in the root."""
+    Tied weights (GPT's embedding and LM head) live outside the blocks, in the root. Scalar
+    parameters (CLIP's and SigLIP's ``logit_scale``), which ``fully_shard`` refuses, stay whole
+    on every rank; :func:`sync_scalar_gradients` averages their gradients."""
     from torch.distributed.fsdp import fully_shard  # here: a DDP run need not import FSDP (~0.7 s a worker)
 
     # Reversed pre-order: inner blocks are sharded before the blocks that contain them.
     for blocks in [m for m in reversed(list(method.modules())) if isinstance(m, nn.ModuleList)]:
         for block in blocks:
             if any(p.requires_grad for p in block.parameters()):
-                fully_shard(block, mesh=mesh)
-    fully_shard(method, mesh=mesh)
+                fully_shard(block, mesh=mesh, ignored_params=scalar_parameters(block))
+    fully_shard(method, mesh=mesh, ignored_params=scalar_parameters(method))
     return method
+
+
+def scalar_parameters(module: nn.Module) -> set[nn.Parameter]:
+    """The 0-dimensional parameters of ``module`` (FSDP leaves them unsharded)."""
+    return {p for p in module.parameters() if p.ndim == 0}
+
+
+def sync_scalar_gradients(method: nn.Module, world: int) -> None:
+    """Under FSDP, average the gradients of the unsharded scalar parameters over the ranks, as
+    FSDP does for the sharded ones; DDP and one worker need nothing."""
+    if world == 1 or not is_fsdp(method):
+        return
+    for p in scalar_parameters(method):
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)  # SUM (gloo has no AVG)
+            p.grad.div_(world)
 
 
 def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
