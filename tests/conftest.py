@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,6 +160,11 @@ def ray_session(ray_head: RayHead) -> Iterator[RayHead]:
     ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
     quiet_progress()
     yield ray_head
+    # A local-mode run leaves Ray Data's iterator threads finishing the batch they were fetching
+    # when the loop stopped; ray.shutdown() under one of them makes Ray exit this process.
+    for thread in threading.enumerate():
+        if thread.name == "iter_threaded":
+            thread.join(timeout=30)
     ray.shutdown()
 
 
