@@ -184,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             from ssl_platform.bench import run_from_args
 
             return run_from_args(args)
-        from ssl_platform import methods  # ssl_models and torch, not Ray
-
         if args.command == "demo":
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = load_config(DEMO_PRESET, [f"name=demo-{stamp}", *args.overrides])
         else:
-            cfg = load_config(args.preset, args.overrides)
+            cfg = load_config(args.preset, args.overrides)  # a typo in a key stops here, before torch loads
+        from ssl_platform import methods  # ssl_models and torch, not Ray
         if args.command == "run" and args.help_config:
             print(describe_keys(methods.method_params(cfg.method.name), methods.DERIVED,
                                 methods.method_spec(cfg.method.name).objective_keys))
