@@ -349,3 +349,22 @@ def test_bench_smoke(ray_session):
         assert rows[0][key] > 0
     table = format_bench(rows)
     assert "platform (Ray Data)" in table and "16" in table
+
+
+def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():
+    """``sslp bench train``'s compute bound and plain DataLoader loop on a tiny SimCLR (the third
+    figure is ``sslp run`` itself, tested end to end elsewhere); non-image presets are refused."""
+    from ssl_platform.bench_train import compute_bound, format_train_bench, plain_loop, run_train_bench
+    from ssl_platform.config import load_config
+
+    cfg = load_config("simclr-digits", ["data.image_size=16", "model.encoder_widths=[4,8]", "model.projector_width=16",
+                                        "model.projector_dim=8", "train.batch_size=16"])
+    assert compute_bound(cfg, steps=2, cpus=1) > 0
+    assert plain_loop(cfg, steps=2, cpus=1) > 0
+    with pytest.raises(SystemExit, match="measures image presets"):
+        run_train_bench("gpt-python-docs", steps=2, cpus=1, overrides=[])
+    text = format_train_bench({"preset": "p", "steps": 2, "cpus": 1, "batch_size": 16, "load_avg_1m": 1.0,
+                               "load_avg_1m_after": 1.0, "compute_bound_samples_per_s": 100.0,
+                               "plain_loop_samples_per_s": 50.0, "sslp_run_samples_per_s": 75.0,
+                               "sslp_run_data_wait": 0.1})
+    assert "50%" in text and "75%" in text and "1.50x the plain loop" in text

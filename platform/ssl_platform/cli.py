@@ -133,13 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--channels", type=int, default=3, choices=(1, 3), help="image channels (image kinds)")
 
     from ssl_platform.bench import add_arguments as add_bench_arguments  # no torch at import
+    from ssl_platform.bench_train import add_arguments as add_bench_train_arguments
 
-    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks: `sslp bench data`.")
-    bench_data = bench.add_subparsers(dest="bench_command", required=True).add_parser(
+    bench = sub.add_parser("bench", help="benchmarks",
+                           description="Benchmarks: `sslp bench data`, `sslp bench train`.")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_data = bench_commands.add_parser(
         "data", help="two-view augmentation throughput against a torchvision DataLoader",
         description="Two-view augmentation throughput (views/s) of the platform's Ray Data pipeline against a "
                     "torchvision-transforms DataLoader on the same JPEGs and cores, at 32 and 224 px.")
     add_bench_arguments(bench_data)
+    add_bench_train_arguments(bench_commands.add_parser(
+        "train", help="training throughput: compute bound, a plain DataLoader loop and sslp run",
+        description="A preset's training throughput (samples/s) three ways on the same model, batch and cores: "
+                    "the compute bound (a fixed batch), a plain PyTorch loop fed by a torchvision DataLoader, "
+                    "and sslp run."))
 
     import importlib
 
@@ -180,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "data":
             return _inspect(args)
+        if args.command == "bench" and args.bench_command == "train":
+            from ssl_platform.bench_train import run_from_args
+
+            return run_from_args(args)
         if args.command == "bench":
             from ssl_platform.bench import run_from_args
 

@@ -1,0 +1,226 @@
+"""``sslp bench train``: a preset's training throughput three ways, in one run, on one model,
+batch and set of cores.
+
+- **compute bound**: forward, backward and optimizer step of the preset's method on one fixed,
+  already augmented batch, in this process with every core: what training would do if data
+  were free.
+- **plain loop** (the peers' way, as lightly or solo-learn users train): one PyTorch process, a
+  ``torch.utils.data.DataLoader`` with one worker process per core applying torchvision's
+  transforms per image, the same recipe and model.
+- **sslp run**: the preset itself (its workers, Ray Data pipeline and loop) for ``steps`` steps,
+  read from its ``metrics.jsonl`` after the first logged interval (start-up excluded).
+
+Image presets on the built-in corpora only for now; the figures are samples per second and
+each run prints them beside each other with the machine's load, because a shared machine's
+numbers move between runs.
+
+    sslp bench train --preset simclr-digits --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ssl_platform.config import ExperimentConfig, load_config
+
+
+def _cpus(cpus: int | None) -> int:
+    return cpus or len(os.sched_getaffinity(0))
+
+
+def _method(cfg: ExperimentConfig):
+    from ssl_platform import methods
+
+    return methods.build(cfg, **methods.expected_derived(cfg))
+
+
+def _images(cfg: ExperimentConfig) -> np.ndarray:
+    from ssl_platform.data.builtin import load_image_corpus
+
+    d = cfg.data
+    return load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"].images
+
+
+def _optimizer(cfg: ExperimentConfig, method):
+    from ssl_platform.train.optim import build_optimizer
+
+    return build_optimizer(method, cfg.train.optimizer, cfg.train.effective_lr()[0], cfg.train.weight_decay,
+                           cfg.train.adam_beta2)
+
+
+def _step(method, optimizer, batch) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    method(batch)["loss"].backward()
+    optimizer.step()
+
+
+def compute_bound(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
+    """Samples/s of forward + backward + step on one fixed batch the pipeline's transform made."""
+    import torch
+
+    from ssl_platform.data.augment import finish_views
+    from ssl_platform.data.transforms import MultiViewAugment
+    from ssl_platform.methods import method_spec
+    from ssl_platform.views import image_views
+
+    torch.set_num_threads(cpus)
+    images = _images(cfg)[: cfg.train.batch_size]
+    views = MultiViewAugment(image_views(cfg, method_spec(cfg.method.name).views), seed=0)({"image": images})
+    batch = finish_views({k: torch.from_numpy(v) for k, v in views.items()}, ())
+    method = _method(cfg).train()
+    optimizer = _optimizer(cfg, method)
+    for _ in range(2):  # warm-up: allocator, kernels
+        _step(method, optimizer, batch)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        _step(method, optimizer, batch)
+    return steps * len(images) / (time.perf_counter() - tic)
+
+
+class TorchvisionViews:
+    """Map-style dataset: index -> the method's views of one image, each made by torchvision's
+    per-image transforms from the same recipe (crop, flip, jitter, grayscale, blur), float32."""
+
+    def __init__(self, images: np.ndarray, configs: tuple):
+        self.images, self.configs = images, configs
+        self.transforms = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        if self.transforms is None:  # built in the worker process
+            self.transforms = [_torchvision_view(c, self.images.shape[1]) for c in self.configs]
+        image = torch.from_numpy(self.images[i])
+        return {f"view{k + 1}": t(image) for k, t in enumerate(self.transforms)}
+
+
+def _torchvision_view(c, channels: int):
+    import torch
+    import torchvision.transforms.v2 as v2
+
+    s = c.jitter_strength
+    steps = [v2.RandomResizedCrop(c.size, scale=(c.crop_scale_min, c.crop_scale_max), antialias=True),
+             v2.RandomHorizontalFlip(c.flip_prob),
+             v2.RandomApply([v2.ColorJitter(c.jitter_brightness * s, c.jitter_contrast * s,
+                                            *((c.jitter_saturation * s, c.jitter_hue * s) if channels == 3 else ()))],
+                            p=c.jitter_prob)]
+    if channels == 3:
+        steps.append(v2.RandomGrayscale(c.grayscale_prob))
+    steps += [v2.RandomApply([v2.GaussianBlur(max(3, int(0.1 * c.size) // 2 * 2 + 1), sigma=(0.1, 2.0))],
+                             p=c.blur_prob),
+              v2.RandomSolarize(128, p=c.solarize_prob),
+              v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels)]
+    return v2.Compose(steps)
+
+
+def _loader_worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def plain_loop(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
+    """Samples/s of one PyTorch process fed by a torchvision DataLoader with ``cpus`` workers."""
+    import torch
+
+    from ssl_platform.methods import method_spec
+    from ssl_platform.views import image_views
+
+    torch.set_num_threads(cpus)
+    dataset = TorchvisionViews(_images(cfg), image_views(cfg, method_spec(cfg.method.name).views))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cpus, worker_init_fn=_loader_worker_init,
+                                         persistent_workers=True, multiprocessing_context="spawn")
+    method = _method(cfg).train()
+    optimizer = _optimizer(cfg, method)
+    done, tic = -2, 0.0  # two warm-up steps start the workers
+    while done < steps:
+        for batch in loader:
+            _step(method, optimizer, batch)
+            done += 1
+            if done == 0:
+                tic = time.perf_counter()
+            if done == steps:
+                break
+    return steps * cfg.train.batch_size / (time.perf_counter() - tic)
+
+
+def platform_run(preset: str, steps: int, overrides: list[str]) -> tuple[float, float]:
+    """(samples/s, data wait fraction) of ``sslp run PRESET`` after its first logged interval."""
+    with tempfile.TemporaryDirectory(prefix="sslp-bench-train-") as tmp:
+        log_every = max(1, steps // 8)
+        args = [sys.executable, "-m", "ssl_platform.cli", "run", preset, f"runs_dir={tmp}", "name=bench",
+                f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
+                "eval.enabled=false", "eval.online_every=0", *overrides]
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"sslp run {preset} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        rows = [json.loads(line) for line in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:] or rows
+    seconds = sum(r["step_time_s"] * log_every for r in steady)
+    return (sum(r["samples_per_s"] * r["step_time_s"] * log_every for r in steady) / seconds,
+            sum(r["data_wait_fraction"] * r["step_time_s"] * log_every for r in steady) / seconds)
+
+
+def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[str]) -> dict:
+    from ssl_platform import methods
+
+    cfg = methods.validate(load_config(preset, overrides))
+    if methods.method_spec(cfg.method.name).data_kind != "image" or cfg.data.path:
+        raise SystemExit(f"sslp bench train measures image presets on the built-in corpora; {preset} trains "
+                         f"{cfg.method.name} on {cfg.data.path or cfg.data.corpus}: pick an image preset "
+                         f"(e.g. simclr-digits)")
+    n = _cpus(cpus)
+    load = os.getloadavg()[0]
+    bound = compute_bound(cfg, steps, n)
+    plain = plain_loop(cfg, steps, n)
+    ours, wait = platform_run(preset, steps, overrides)
+    return {"preset": preset, "steps": steps, "cpus": n, "batch_size": cfg.train.batch_size,
+            "compute_bound_samples_per_s": bound, "plain_loop_samples_per_s": plain,
+            "sslp_run_samples_per_s": ours, "sslp_run_data_wait": wait,
+            "load_avg_1m": round(load, 1), "load_avg_1m_after": round(os.getloadavg()[0], 1)}
+
+
+def format_train_bench(r: dict) -> str:
+    bound = r["compute_bound_samples_per_s"]
+    plain, ours = r["plain_loop_samples_per_s"], r["sslp_run_samples_per_s"]
+    head = (f"training throughput of {r['preset']}, samples/s ({r['steps']} steps, batch {r['batch_size']}, "
+            f"{r['cpus']} cores; machine load {r['load_avg_1m']}-{r['load_avg_1m_after']})")
+    run = (f"  sslp run (Ray Data + Ray Train)           {ours:>9,.0f}  {ours / bound:.0%}  "
+           f"(data wait {r['sslp_run_data_wait']:.0%}; {ours / plain:.2f}x the plain loop)")
+    return "\n".join([head,
+                      f"  compute bound (fixed batch, no data)      {bound:>9,.0f}  100%",
+                      f"  plain loop (torchvision DataLoader)       {plain:>9,.0f}  {plain / bound:.0%}",
+                      run])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sslp bench train``."""
+    parser.add_argument("--preset", default="simclr-digits", help="an image preset (default: simclr-digits)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each of the three (default: 40)")
+    parser.add_argument("--cpus", type=int, default=None, help="cores for the compute bound and the plain loop "
+                                                                "(default: all)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for sslp run")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.steps < 2:
+        raise SystemExit(f"--steps must be at least 2, got {args.steps}")
+    if args.cpus is not None and args.cpus < 1:
+        raise SystemExit(f"--cpus must be at least 1, got {args.cpus}")
+    row = run_train_bench(args.preset, args.steps, args.cpus, args.overrides)
+    print(json.dumps(row, indent=2) if args.json else format_train_bench(row))
+    return 0
