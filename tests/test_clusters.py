@@ -270,7 +270,7 @@ def sslp_commands(name: str) -> list[list[str]]:
             continue
         lines.append(joined)
         joined = ""
-    commands = [shlex.split(c, comments=True) for c in lines if re.match(r"sslp (run|sweep|submit) ", c)]
+    commands = [shlex.split(c, comments=True) for c in lines if re.match(r"sslp (run|sweep|submit|jobs) ", c)]
     if name.endswith(".yaml"):
         for doc in yaml.safe_load_all(text):
             if doc and doc.get("kind") == "RayJob":
@@ -283,6 +283,8 @@ def check_sslp_command(argv: list[str]) -> None:
     the platform runs: `sslp`'s own parser takes it, and its preset or sweep loads with its overrides."""
     assert argv[0] == "sslp"
     args = build_parser().parse_args(argv[1:])
+    if args.command == "jobs":  # sslp jobs list|status|logs|stop: the parser is the whole check
+        return
     if args.command == "submit":  # sslp submit [--address URL] [--sweep] PRESET_OR_YAML [key=value ...]
         target, sweep = args.target, args.sweep
     else:
@@ -299,6 +301,8 @@ def load_target(target: str, overrides: tuple[str, ...], sweep: bool) -> None:
 
 
 def _target(argv: list[str]) -> str:
+    if argv[1] == "jobs":
+        return argv[2]
     return next(a for i, a in enumerate(argv[2:]) if not a.startswith("-") and argv[1 + i] != "--address")
 
 
