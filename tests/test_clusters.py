@@ -31,7 +31,10 @@ from ssl_platform.tune.spec import load_sweep
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY_UP = ("aws.yaml", "gcp.yaml", "onprem.yaml")
 KUBERAY = ("kuberay/raycluster.yaml", "kuberay/rayjob-pretrain.yaml", "kuberay/rayjob-sweep.yaml")
-RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"  # the base of every node and pod
+RAY_CPU_IMAGE = f"rayproject/ray:{ray.__version__}-py311-cpu"  # the project image's base; the RayJob submitters
+# The image clusters/Dockerfile builds: every node and Ray pod runs it.
+PROJECT_IMAGE = f"YOUR-REGISTRY/ssl-platform:0.1.0-ray{ray.__version__}-py311-gpu"
+A2_HIGHGPU_8G_ALLOCATABLE_GI = 600  # 680 GB = 633 GiB, less the kubelet's reservations and eviction threshold
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
@@ -81,19 +84,49 @@ def test_the_schema_check_rejects_misspelt_keys():
 
 
 @pytest.mark.parametrize("name", RAY_UP)
-def test_ray_up_nodes_run_the_project_with_dashboard_and_metrics(name):
+def test_ray_up_nodes_run_the_project_image_with_token_auth_and_a_local_dashboard(name):
     raw = load(name)
-    assert raw["docker"]["image"] == RAY_IMAGE
+    text = (CLUSTERS / name).read_text()
+    assert raw["docker"]["image"] == PROJECT_IMAGE
+    assert not {"head_image", "worker_image"} & set(raw["docker"])
     head = " ".join(raw["head_start_ray_commands"])
     worker = " ".join(raw["worker_start_ray_commands"])
-    for flag in ("--head", "--dashboard-host=0.0.0.0", "--metrics-export-port=8080", "--num-cpus=0"):
+    for flag in ("--head", "--dashboard-host=127.0.0.1", "--metrics-export-port=8080", "--num-cpus=0"):
         assert flag in head, f"{name}: head start command lacks {flag}"
+    assert "0.0.0.0" not in head  # opting in is the operator's edit, not the default
     assert "--metrics-export-port=8080" in worker and "$RAY_HEAD_IP" in worker
-    # The checkout ships to every node (`ray up` from the repository root) and is installed there.
-    remote = [r for r, local in raw["file_mounts"].items() if local == "."]
-    assert len(remote) == 1, f"{name}: file_mounts should map one remote path to the checkout '.'"
-    assert any(re.search(rf"pip install .*-e {re.escape(remote[0])}\b", c) for c in raw["setup_commands"])
-    assert f"ray up clusters/{name}" in (CLUSTERS / name).read_text()
+    # Nothing heavy at boot: the image holds everything, no node pip-installs anything.
+    types = raw.get("available_node_types", {}).values()
+    boot = [*raw.get("setup_commands", []), *raw.get("head_setup_commands", []), *raw.get("worker_setup_commands", []),
+            *(c for t in types for c in t.get("worker_setup_commands", []))]
+    assert not [c for c in boot if "pip install" in c or "conda install" in c], boot
+    assert not [local for local in raw["file_mounts"].values() if local == "."], "the checkout is not shipped"
+    # Token authentication: the mode in every container's environment, the token where Ray looks.
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert raw["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+    assert "ray get-auth-token --generate" in text and f"ray up clusters/{name}" in text
+    assert "--gpus all" not in text  # Ray adds --runtime=nvidia, never --gpus
+
+
+def test_aws_head_can_pass_the_workers_role():
+    types = load("aws.yaml")["available_node_types"]
+    assert types["head"]["node_config"]["IamInstanceProfile"]["Arn"].endswith("/YOUR-HEAD-PROFILE")
+    for name in ("gpu", "cpu"):
+        assert "IamInstanceProfile" in types[name]["node_config"]
+    readme = (CLUSTERS / "README.md").read_text()
+    assert '"iam:PassRole"' in readme and "YOUR-WORKER-ROLE" in readme
+
+
+def test_gcp_gpu_nodes_wait_for_the_nvidia_driver_before_the_container_starts():
+    raw = load("gcp.yaml")
+    for name, t in raw["available_node_types"].items():
+        waits = " ".join(t.get("initialization_commands", []))
+        if t["resources"].get("GPU"):
+            assert {"key": "install-nvidia-driver", "value": "True"} in t["node_config"]["metadata"]["items"]
+            assert re.search(r"timeout \d+ bash -c 'until nvidia-smi", waits), name
+        else:  # a CPU node would wait out the timeout and fail its setup
+            assert "nvidia-smi" not in waits, name
+    assert raw["initialization_commands"] == []
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
@@ -124,7 +157,10 @@ def test_kuberay_manifest_carries_what_the_operator_requires(name):
     params = head["rayStartParams"]
     # KubeRay's rayStartParams is map[string]string: a bare number or boolean is refused.
     assert all(isinstance(v, str) for v in params.values()), params
+    # 0.0.0.0: the head service (port-forward, the operator, Prometheus) reaches the dashboard; the
+    # service is ClusterIP and every request needs the token the operator generates.
     assert params["dashboard-host"] == "0.0.0.0" and params["metrics-export-port"] == "8080"
+    assert spec["authOptions"] == {"mode": "token"}
     assert params["num-cpus"] == "0"
     assert head["template"]["spec"]["containers"][0]["image"]
 
@@ -139,10 +175,35 @@ def test_kuberay_manifest_carries_what_the_operator_requires(name):
     volumes = [v["name"] for t in _templates(spec) for v in t["spec"].get("volumes", [])]
     assert set(mounts) <= set(volumes), f"{name}: a volumeMount names no volume"
 
+    # Every Ray pod: /dev/shm in memory (Kubernetes' default is 64 MB), sized within the pod's memory.
+    for template in _templates(spec):
+        shm = [v for v in template["spec"]["volumes"] if v["name"] == "dshm"]
+        assert shm and shm[0]["emptyDir"]["medium"] == "Memory", f"{name}: a pod without a memory /dev/shm"
+        container = template["spec"]["containers"][0]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        memory = container["resources"]["requests"]["memory"]
+        assert memory == container["resources"]["limits"]["memory"]
+        assert _gi(shm[0]["emptyDir"]["sizeLimit"]) < _gi(memory) / 2
+        if "nvidia.com/gpu" in container["resources"]["limits"]:
+            assert _gi(memory) <= A2_HIGHGPU_8G_ALLOCATABLE_GI, f"{name}: a GPU pod no a2-highgpu-8g can hold"
+
     if obj["kind"] == "RayJob":
-        assert isinstance(obj["spec"]["entrypoint"], str) and obj["spec"]["entrypoint"].startswith("sslp ")
-        assert obj["spec"]["shutdownAfterJobFinishes"] is True
+        job = obj["spec"]
+        assert isinstance(job["entrypoint"], str) and job["entrypoint"].startswith("sslp ")
+        assert job["shutdownAfterJobFinishes"] is True
+        assert isinstance(job["backoffLimit"], int) and job["backoffLimit"] >= 1
+        assert isinstance(job["activeDeadlineSeconds"], int) and job["activeDeadlineSeconds"] > 0
+        submitter = job["submitterPodTemplate"]["spec"]
+        assert submitter["restartPolicy"] == "Never"
+        assert [c["image"] for c in submitter["containers"]] == [RAY_CPU_IMAGE]  # no CUDA torch to run `ray job submit`
+        text = (CLUSTERS / name).read_text()
+        assert "Re-applying" not in text and "kubectl delete" in text  # an ended RayJob is not re-run by apply
     assert f"kubectl apply -f clusters/{name}" in (CLUSTERS / name).read_text()
+
+
+def _gi(quantity: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024, "Ti": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
 
 
 def _templates(spec: dict) -> list[dict]:
@@ -178,12 +239,15 @@ def test_sweep_job_mounts_one_shared_volume_where_its_runs_dir_points():
 
 def test_images_and_ray_versions_agree():
     dockerfile = (CLUSTERS / "Dockerfile").read_text()
-    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == [RAY_IMAGE]
+    # One CUDA stack: Ray's CPU image, CUDA from torch's wheel; Ray pinned to the installed version.
+    assert re.findall(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M) == [ray.__version__]
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["rayproject/ray:${RAY_VERSION}-py311-cpu"]
+    assert '"ray[default,data,train,tune]==${RAY_VERSION}"' in dockerfile
+    assert "NVIDIA_VISIBLE_DEVICES=all" in dockerfile  # the NVIDIA runtime exposes GPUs only when asked
     project_images = {c["image"] for name in KUBERAY for c in _containers(cluster_spec(ray_resource(name)))}
-    assert len(project_images) == 1, f"the KubeRay manifests use different images: {project_images}"
-    image = project_images.pop()
-    assert f"ray{ray.__version__}-py311" in image.rsplit(":", 1)[1]
-    assert f"-t {image} ." in dockerfile  # the build command makes the image the manifests pull
+    project_images |= {load(name)["docker"]["image"] for name in RAY_UP}
+    assert project_images == {PROJECT_IMAGE}, f"the cluster files use different images: {project_images}"
+    assert f"-t {PROJECT_IMAGE} ." in dockerfile  # the build command makes the image the cluster files pull
 
 
 # ----------------------------------------------------------------------------- sslp commands
@@ -206,7 +270,7 @@ def sslp_commands(name: str) -> list[list[str]]:
             continue
         lines.append(joined)
         joined = ""
-    commands = [shlex.split(c, comments=True) for c in lines if re.match(r"sslp (run|sweep|submit) ", c)]
+    commands = [shlex.split(c, comments=True) for c in lines if re.match(r"sslp (run|sweep|submit|jobs) ", c)]
     if name.endswith(".yaml"):
         for doc in yaml.safe_load_all(text):
             if doc and doc.get("kind") == "RayJob":
@@ -219,6 +283,8 @@ def check_sslp_command(argv: list[str]) -> None:
     the platform runs: `sslp`'s own parser takes it, and its preset or sweep loads with its overrides."""
     assert argv[0] == "sslp"
     args = build_parser().parse_args(argv[1:])
+    if args.command == "jobs":  # sslp jobs list|status|logs|stop: the parser is the whole check
+        return
     if args.command == "submit":  # sslp submit [--address URL] [--sweep] PRESET_OR_YAML [key=value ...]
         target, sweep = args.target, args.sweep
     else:
@@ -235,6 +301,8 @@ def load_target(target: str, overrides: tuple[str, ...], sweep: bool) -> None:
 
 
 def _target(argv: list[str]) -> str:
+    if argv[1] == "jobs":
+        return argv[2]
     return next(a for i, a in enumerate(argv[2:]) if not a.startswith("-") and argv[1 + i] != "--address")
 
 

@@ -138,3 +138,26 @@ def test_without_autoscale_a_small_cluster_is_refused_at_once():
     assert cluster.requests == [] and nodes == [{"CPU": 0.0}]
     with pytest.raises(ResourceError, match="needs 2 GPUs"):
         plan_workers(cfg, nodes)
+
+
+def test_a_slow_autoscaler_is_waited_for_with_what_is_missing_said(capsys):
+    """GPU nodes from zero take minutes: the wait says what it asked for, what has arrived, and
+    keeps saying so (every minute and whenever a node arrives) until the nodes are there."""
+    cluster = AutoscalingCluster(delay=130)
+    _, nodes = autoscaled(cluster, "scaling.wait_for_resources_s=600")
+    assert 130 <= cluster.now < 136 and sum(n.get("GPU", 0) for n in nodes) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("asked the autoscaler for 3 CPUs and 2 GPUs (2 train workers x {CPU 1, GPU 1} + 1 CPUs for "
+                      "Ray Data); waiting up to 600 s for the nodes (scaling.wait_for_resources_s); the cluster has "
+                      "0 of 2 GPUs, 0 of 3 CPUs")
+    progress = [line for line in out[1:] if line.startswith("still waiting for the autoscaler (")]
+    assert len(progress) == 2 and all(line.endswith("the cluster has 0 of 2 GPUs, 0 of 3 CPUs") for line in progress)
+
+
+def test_cluster_presets_wait_long_enough_for_gpu_nodes_from_zero():
+    from ssl_platform.config import list_presets
+
+    autoscaling = [name for name in list_presets() if load_config(name).scaling.autoscale]
+    assert len(autoscaling) >= 6
+    for name in autoscaling:
+        assert load_config(name).scaling.wait_for_resources_s >= 1200, name

@@ -93,7 +93,7 @@ def test_submitted_run_succeeds_with_shipped_code(head, client, tmp_path, capsys
                  "--max-failures", "2", "--follow"]) == 0
     out = capsys.readouterr().out
     job_id = submitted_id(out)
-    assert f"ray job logs -f {job_id} --address {head}" in out and f"ray job stop {job_id}" in out
+    assert f"sslp jobs logs -f {job_id} --address {head}" in out and f"sslp jobs stop {job_id}" in out
     assert "step 3/3 | loss" in out  # the streamed log of the job's driver
     info = client.get_job_info(job_id)
     assert str(info.status) == "SUCCEEDED"
@@ -131,9 +131,71 @@ def test_ctrl_c_while_following_leaves_the_job_running(head, client, tmp_path, c
                  "--follow"]) == 130
     out, err = capsys.readouterr()
     job_id = submitted_id(out)
-    assert f"job {job_id} keeps running on the cluster" in err and f"ray job stop {job_id} --address {head}" in err
+    assert f"job {job_id} keeps running on the cluster" in err and f"sslp jobs stop {job_id} --address {head}" in err
     assert str(client.get_job_status(job_id)) in ("PENDING", "RUNNING")
     client.stop_job(job_id)
+
+
+def test_jobs_list_status_logs_stop_and_a_run_name_trained_twice_is_refused(head, client, tmp_path, capsys,
+                                                                           monkeypatch):
+    """`sslp jobs` against the real head: the job `sslp submit` started is listed, its status and
+    log are shown, a second submission of the same run (same runs_dir/name) is refused naming the
+    job, and stop stops it; an unknown id, a wrong token and a wrong address are one line each."""
+    long_run = ["simclr-digits", "name=twice", f"runs_dir={tmp_path}", *TINY, "train.max_steps=100000"]
+    assert sslp(["submit", "--address", head, *long_run]) == 0
+    job_id = submitted_id(capsys.readouterr().out)
+
+    assert sslp(["jobs", "list", "--address", head]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["JOB", "STATUS", "KIND", "STARTED"]
+    row = next(line for line in out if line.startswith(job_id))
+    assert row.split()[1] in ("PENDING", "RUNNING") and row.split()[2] == "run" and row.endswith(f"{tmp_path}/twice")
+
+    before = len(client.list_jobs())
+    assert sslp(["submit", "--address", head, *long_run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sslp: submit: job {job_id} (") and f"already trains {tmp_path}/twice" in err
+    assert f"sslp jobs stop {job_id} --address {head}" in err and len(err.splitlines()) == 1
+    assert len(client.list_jobs()) == before
+    # Another name in the same runs_dir is a different run: not refused by this check.
+    assert sslp(["submit", "--address", head, *long_run[:1], "name=other", *long_run[2:], "train.max_steps=1"]) == 0
+    other = submitted_id(capsys.readouterr().out)
+
+    assert sslp(["jobs", "status", job_id, "--address", head]) == 0
+    assert capsys.readouterr().out.startswith(f"job {job_id}: ")
+    assert sslp(["jobs", "logs", job_id, "--address", head]) == 0
+    assert sslp(["jobs", "stop", job_id, "--address", head]) == 0
+    assert f"asked job {job_id} to stop" in capsys.readouterr().out
+    client_wait_terminal(client, job_id)
+    assert str(client.get_job_status(job_id)) == "STOPPED"
+    assert sslp(["jobs", "status", job_id, "--address", head]) == 1
+    assert "STOPPED" in capsys.readouterr().out
+    client_wait_terminal(client, other)
+
+    assert sslp(["jobs", "status", "sslp-nothing-here", "--address", head]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sslp: jobs status: no job sslp-nothing-here on the cluster at {head} "
+                   f"(`sslp jobs list --address {head}` lists them)")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    assert sslp(["jobs", "list", "--address", head]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sslp: jobs list: the Ray dashboard at {head} refused this machine")
+    assert "RAY_AUTH_TOKEN" in err and len(err.splitlines()) == 1
+    monkeypatch.undo()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nobody = f"http://127.0.0.1:{free_ports(1)[0]}"
+    assert sslp(["jobs", "stop", job_id, "--address", nobody]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sslp: jobs stop: no Ray dashboard at {nobody}") and len(err.splitlines()) == 1
+
+
+def client_wait_terminal(client, job_id: str, timeout_s: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not client.get_job_status(job_id).is_terminal():
+        assert time.monotonic() < deadline, f"job {job_id} did not end"
+        time.sleep(1.0)
 
 
 def test_a_sweep_ships_its_local_preset_beside_it(tmp_path, monkeypatch):

@@ -52,6 +52,7 @@ DEMO_PRESET = "simclr-digits-m"
 # every `sslp` call builds the parser) and ``main(args) -> int`` (the exit status).
 COMMAND_MODULES: dict[str, str] = {
     "submit": "ssl_platform.submit",
+    "jobs": "ssl_platform.jobs",
     "finetune": "ssl_platform.finetune",
     "embed": "ssl_platform.embed",
     "dashboards": "ssl_platform.dashboards",

@@ -62,9 +62,7 @@ def add_parser(sub) -> None:
     p.add_argument("target", metavar="PRESET_OR_YAML", help="preset name or config YAML (with --sweep: a sweep name "
                                                             "or sweep YAML)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config (or sweep) overrides, as for sslp run")
-    p.add_argument("--address", default=None,
-                   help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else "
-                        "$RAY_ADDRESS, as for `ray job submit`)")
+    add_address_arg(p)
     p.add_argument("--sweep", action="store_true", help="submit a Ray Tune sweep (`sslp sweep`) instead of one run")
     p.add_argument("--max-failures", type=int, default=0,
                    help="as for sslp run: restart the run's worker group from its newest checkpoint this many times "
@@ -81,21 +79,50 @@ def add_parser(sub) -> None:
                       help="wait for the job to end without streaming its logs; exit with its status")
 
 
-def main(args: argparse.Namespace) -> int:
-    address = args.address or next((os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)), None)
+def add_address_arg(p) -> None:
+    """--address, as `sslp submit` and `sslp jobs` take it."""
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else "
+                        "$RAY_ADDRESS, as for `ray job submit`). The token sent is $RAY_AUTH_TOKEN, else the file at "
+                        "$RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token")
+
+
+def resolve_address(given: str | None, command: str) -> str | None:
+    """--address, else the environment; None (with one line on stderr) when there is none."""
+    address = given or next((os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)), None)
     if not address:
-        print("sslp: submit: no cluster address; give --address http://HEAD:8265 (the Ray dashboard) or set "
+        print(f"sslp: {command}: no cluster address; give --address http://HEAD:8265 (the Ray dashboard) or set "
               "RAY_API_SERVER_ADDRESS", file=sys.stderr)
+    return address
+
+
+def connect(address: str, command: str):
+    """The Jobs API client of the cluster at ``address``, or None with one line on stderr saying
+    whether the address or the token was wrong."""
+    try:
+        return _connect(address)
+    except _Unreachable as e:
+        print(f"sslp: {command}: {e}", file=sys.stderr)
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    address = resolve_address(args.address, "submit")
+    if not address:
         return EXIT_USAGE
     try:
         job = _prepare(args)
     except ConfigError as e:
         print(f"sslp: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        client = _connect(address)
-    except _Unreachable as e:
-        print(f"sslp: submit: {e}", file=sys.stderr)
+    client = connect(address, "submit")
+    if client is None:
+        return EXIT_USAGE
+    training = running_job_for(client, job.location)
+    if training is not None:
+        print(f"sslp: submit: job {training.submission_id} ({training.status}) already trains {job.location}; "
+              f"stop it (`sslp jobs stop {training.submission_id} --address {address}`) or give this run another "
+              f"name=", file=sys.stderr)
         return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="sslp-submit-") as staging:
@@ -107,12 +134,12 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         except OSError as e:  # the connection dropped (requests' errors are OSErrors): submitted or not
             print(f"sslp: submit: lost the connection to the cluster at {address} while submitting "
-                  f"({_first_line(e)}); see whether the job is there with `ray job list --address {address}` "
+                  f"({_first_line(e)}); see whether the job is there with `sslp jobs list --address {address}` "
                   f"before submitting again", file=sys.stderr)
             return EXIT_FAILED
     print(f"submitted {job.kind} {job.name} as job {submission_id} ({job.location})")
-    print(f"  follow: ray job logs -f {submission_id} --address {address}")
-    print(f"  stop:   ray job stop {submission_id} --address {address}", flush=True)
+    print(f"  follow: sslp jobs logs -f {submission_id} --address {address}")
+    print(f"  stop:   sslp jobs stop {submission_id} --address {address}", flush=True)
     if not (args.follow or args.wait):
         return EXIT_OK
     try:
@@ -123,11 +150,11 @@ def main(args: argparse.Namespace) -> int:
         return _final_status(client, submission_id)
     except KeyboardInterrupt:
         print(f"\nsslp: stopped waiting; job {submission_id} keeps running on the cluster. Stop it with "
-              f"`ray job stop {submission_id} --address {address}`", file=sys.stderr)
+              f"`sslp jobs stop {submission_id} --address {address}`", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (OSError, RuntimeError) as e:  # the head went away, the log stream broke off
         print(f"sslp: submit: lost the cluster at {address} while waiting for job {submission_id} ({_first_line(e)}); "
-              f"check it with `ray job status {submission_id} --address {address}`", file=sys.stderr)
+              f"check it with `sslp jobs status {submission_id} --address {address}`", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -254,6 +281,19 @@ def _submit_when_an_agent_is_up(client, job, staging: Path, wait_s: float = AGEN
             if NO_AGENT not in str(e) or clock() >= deadline:
                 raise
             sleep(2.0)
+
+
+def sslp_jobs(client) -> list:
+    """The cluster's jobs that `sslp submit` sent (metadata "sslp"), newest first."""
+    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("sslp") and j.submission_id]
+    return sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
+
+
+def running_job_for(client, location: str):
+    """The job (not yet ended) that trains the run or sweep writing to ``location``, or None: two
+    drivers in one run directory would overwrite each other's checkpoints and metrics."""
+    return next((j for j in sslp_jobs(client)
+                 if not j.status.is_terminal() and (j.metadata or {}).get("location") == location), None)
 
 
 def _first_line(e: BaseException) -> str:

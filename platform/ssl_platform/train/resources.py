@@ -99,6 +99,21 @@ def _request_resources(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
+PROGRESS_EVERY_S = 60.0  # while the autoscaler works: a line this often, and whenever a node arrives
+
+
+def _have(nodes: list[dict[str, float]], want: dict[str, float]) -> str:
+    """``"8 of 16 GPUs, 96 of 96 CPUs"``: what the alive nodes hold of what the run asked for."""
+    return ", ".join(f"{sum(n.get(k, 0.0) for n in nodes):g} of {want[k]:g} {k}s" for k in ("GPU", "CPU") if want[k])
+
+
+def _bundles_text(cfg: ExperimentConfig) -> str:
+    s = cfg.scaling
+    worker = f"CPU {s.cpus_per_worker if s.cpus_per_worker is not None else 1.0:g}" + (", GPU 1" if s.use_gpu else "")
+    data = f" + {s.data_cpus:g} CPUs for Ray Data" if s.data_cpus else ""
+    return f"{s.num_workers} train workers x {{{worker}}}{data}"
+
+
 def cluster_nodes(cfg: ExperimentConfig, nodes=alive_nodes, request=_request_resources, sleep=time.sleep,
                   clock=time.monotonic) -> list[dict[str, float]]:
     """The nodes to plan the train workers on.
@@ -115,9 +130,11 @@ def cluster_nodes(cfg: ExperimentConfig, nodes=alive_nodes, request=_request_res
         return nodes()
     timeout = cfg.scaling.wait_for_resources_s
     bundles = worker_bundles(cfg)
-    deadline = clock() + timeout
+    want = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    start = clock()
+    deadline = start + timeout
     request(bundles)
-    announced = False
+    last_said, said_at = None, start
     try:
         while True:
             current = nodes()
@@ -129,11 +146,16 @@ def cluster_nodes(cfg: ExperimentConfig, nodes=alive_nodes, request=_request_res
                     raise ResourceError(
                         f"{e} (the autoscaler did not add the nodes within scaling.wait_for_resources_s={timeout:g} s: "
                         f"check the worker group's max_workers / maxReplicas and `ray status`)") from None
-            if not announced:
-                want = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-                print(f"asked the autoscaler for {want['CPU']:g} CPUs and {want['GPU']:g} GPUs; waiting up to "
-                      f"{timeout:g} s for the nodes", flush=True)
-                announced = True
+            have = _have(current, want)
+            if last_said is None:
+                print(f"asked the autoscaler for {want['CPU']:g} CPUs and {want['GPU']:g} GPUs "
+                      f"({_bundles_text(cfg)}); waiting up to {timeout:g} s for the nodes "
+                      f"(scaling.wait_for_resources_s); the cluster has {have}", flush=True)
+                last_said = have
+            elif have != last_said or clock() - said_at >= PROGRESS_EVERY_S:
+                print(f"still waiting for the autoscaler ({clock() - start:.0f} of {timeout:g} s): the cluster has "
+                      f"{have}", flush=True)
+                last_said, said_at = have, clock()
             sleep(min(5.0, max(deadline - clock(), 0.0)))
     finally:
         request([])
