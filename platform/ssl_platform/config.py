@@ -146,7 +146,13 @@ class TrainConfig:
     seed: int = _f(0, "seed for model init, splits and the supervised baseline", min=0)
     # --- per-worker loop (issue 5, train/loop.py) ---
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "
-                                  "(contrastive methods then see only their micro-batch's negatives)", min=1)
+                                  "(see train.grad_accum_mode)", min=1)
+    grad_accum_mode: str = _f("exact", "how micro-batches combine: exact takes the loss over all of them, so the "
+                                       "step equals one big batch's (GradCache for coupled losses: SimCLR, CLIP, "
+                                       "SigLIP, Barlow Twins, VICReg, CPC; a second forward per micro-batch; BERT "
+                                       "falls back to independent; BatchNorm statistics stay per micro-batch); "
+                                       "independent: each micro-batch its own negatives and batch statistics",
+                              choices=("exact", "independent"))
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none",
                         choices=("auto", "bf16", "fp32"))
     compile: bool = _f(False, "torch.compile the wrapped model (the first steps are slow while it compiles)")
