@@ -28,7 +28,13 @@ from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.vicreg import VICReg
 from ssl_platform.config import ConfigError, load_config
 from ssl_platform.train.grad_cache import accumulate_exact, concat_features
-from ssl_platform.train.loop import accumulate_gradients, accumulation_words, gradient_sync
+from ssl_platform.train.loop import (
+    accumulate_gradients,
+    accumulation_words,
+    gradient_sync,
+    shard_model,
+    sync_scalar_gradients,
+)
 
 BATCH, K = 8, 4
 ENCODER = dict(in_channels=1, encoder_widths=[4, 8])
@@ -172,23 +178,39 @@ def test_config_checks_the_mode_and_the_split():
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
 def _worker(rank: int) -> dict:
-    """Rank ``rank``'s half of the batch as k = 2 micro-batches, under DDP, exact accumulation."""
+    """Rank ``rank``'s half of the batch as k = 2 micro-batches, exact accumulation, under DDP and
+    under FSDP as the loop shards it (the scalar logit_scale whole on every rank, synced after)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     warnings.simplefilter("ignore")
-    method = _method("clip", gather_distributed=True)
-    model = DistributedDataParallel(method)
-    half = {k: v.chunk(2)[rank] for k, v in _batch("clip").items()}
-    out = accumulate_exact(model, method, _split(half, 2), gradient_sync=gradient_sync)
-    return {"loss": out["loss"], "grads": _grads(method)}
+    half = _split(_batch("clip"), 2)[rank]
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        method = _method("clip", gather_distributed=True)
+        model = (DistributedDataParallel(method) if strategy == "ddp"
+                 else shard_model(method, init_device_mesh("cpu", (2,))))
+        step = accumulate_exact(model, method, _split(half, 2), gradient_sync=gradient_sync)
+        sync_scalar_gradients(method, 2)
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in method.named_parameters() if p.grad is not None}
+        out[strategy] = {"loss": step["loss"], "grads": grads}
+    return out
 
 
-def test_exact_accumulation_on_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_exact_accumulation_on_two_ranks_equals_one_process(strategy, two_ranks):
     method = _method("clip", gather_distributed=True)
     loss = method(_batch("clip"))["loss"]
     loss.backward()
     grads = _grads(method)
-    results = run_on_ranks(_worker, tmp_path)
+    results = [r[strategy] for r in two_ranks]
     torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, loss.float(), rtol=0, atol=1e-6)
     for r in results:
         assert r["grads"].keys() == grads.keys()
         for n in grads:
-            torch.testing.assert_close(r["grads"][n], grads[n], rtol=0, atol=1e-8, msg=n)
+            torch.testing.assert_close(r["grads"][n], grads[n], rtol=0, atol=1e-8, msg=f"{strategy}: {n}")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("gloo_gradcache"))
