@@ -214,3 +214,21 @@ def test_exact_accumulation_on_two_ranks_equals_one_process(strategy, two_ranks)
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     return run_on_ranks(_worker, tmp_path_factory.mktemp("gloo_gradcache"))
+
+
+def test_bench_memory_measures_a_step_and_refuses_other_kinds():
+    """``sslp bench train --memory``'s one measurement, in this process, on a tiny SimCLR (the
+    command runs each in a fresh process); a text preset is refused."""
+    from ssl_platform.bench_memory import format_memory_bench, measure
+
+    tiny = ["data.image_size=16", "model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8",
+            "train.batch_size=16"]
+    row = measure("simclr-digits", 4, "exact", 1, tiny)
+    assert row["exact"] and row["batch_size"] == 16 and row["step_s"] > 0 and row["peak_step_bytes"] >= 0
+    assert not measure("simclr-digits", 4, "independent", 1, tiny)["exact"]
+    with pytest.raises(SystemExit, match="image and image-caption presets"):
+        measure("gpt-python-docs", 2, "exact", 1, [])
+    text = format_memory_bench([{"preset": "p", "batch_size": 16, "accum": 8, "mode": "exact", "exact": True,
+                                 "param_mb": 1.0, "peak_mb_k1": 80.0, "peak_mb_k": 20.0, "step_s_k1": 0.1,
+                                 "step_s_k": 0.125, "throughput_ratio": 0.8}])
+    assert "memory 0.25x, throughput 0.80x" in text and "k=8 (exact, GradCache)" in text
