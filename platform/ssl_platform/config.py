@@ -180,9 +180,10 @@ class ScalingConfig:
     # --- per-worker loop (issue 5, train/loop.py) ---
     strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
                               "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
-    sync_batchnorm: bool = _f(True, "BatchNorm statistics over the global batch (every worker's samples), as the "
-                                    "papers train, so a step does not depend on the number of workers; false: "
-                                    "each worker's own statistics")
+    sync_batchnorm: bool | None = _f(None, "BatchNorm statistics over the global batch (every worker's samples), "
+                                           "as the papers train, so a step does not depend on the number of "
+                                           "workers; false: each worker's own statistics; empty: on wherever the "
+                                           "method's networks have BatchNorm (true for one without is refused)")
     # --- driver (issue 5, train/resources.py) ---
     autoscale: bool = _f(False, "the cluster adds nodes on demand (ray up / KubeRay autoscaling): ask the autoscaler "
                                 "for the workers' resources and wait for them instead of refusing a cluster that is "

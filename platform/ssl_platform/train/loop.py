@@ -23,9 +23,9 @@ Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
 - Images arrive as uint8 (a quarter of float32's bytes through the object store) and are
   normalised on the device just before the forward (``data.augment.finish_views``), where
   ``data.augment_on=device`` also runs the views' colour, grayscale, blur and solarize ops.
-- ``scaling.sync_batchnorm`` (default on): every BatchNorm layer normalises with the statistics
-  of the global batch (``ssl_models.distributed.GlobalBatchNorm``), as the papers' multi-GPU
-  runs do, so a step's update is the same on 1, 2 or N workers.
+- ``scaling.sync_batchnorm`` (default: on wherever there is BatchNorm): every BatchNorm layer
+  normalises with the statistics of the global batch (``ssl_models.distributed.GlobalBatchNorm``),
+  as the papers' multi-GPU runs do, so a step's update is the same on 1, 2 or N workers.
 - ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
   float32 regardless.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
@@ -93,7 +93,7 @@ def train_func(loop_config: dict) -> None:
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
-    global_bn = cfg.scaling.sync_batchnorm and world > 1 and has_batchnorm(method)
+    global_bn = cfg.scaling.sync_batchnorm is not False and world > 1 and has_batchnorm(method)
     if global_bn:  # BatchNorm over every worker's samples: the step no longer depends on the worker count
         method = convert_global_batchnorm(method)
     # DDP wrapper, or `method` sharded in place; in local mode `method` itself, on the device.
