@@ -232,3 +232,14 @@ def test_bench_memory_measures_a_step_and_refuses_other_kinds():
                                  "param_mb": 1.0, "peak_mb_k1": 80.0, "peak_mb_k": 20.0, "step_s_k1": 0.1,
                                  "step_s_k": 0.125, "throughput_ratio": 0.8}])
     assert "memory 0.25x, throughput 0.80x" in text and "k=8 (exact, GradCache)" in text
+
+
+def test_the_run_header_builds_nothing_to_say_it():
+    """The driver's first line: the architecture on the meta device tells whether BatchNorm is there."""
+    from ssl_platform.train.trainer import describe_accumulation
+
+    assert describe_accumulation(load_config("simclr-digits")) == ""
+    assert describe_accumulation(load_config("clip-digit-captions", ["train.grad_accum_steps=4"])) == (
+        ", 4 micro-batches a step (exact accumulation: GradCache)")
+    assert describe_accumulation(load_config("simclr-digits", ["train.grad_accum_steps=4"])).endswith(
+        "(exact accumulation: GradCache; BatchNorm statistics per micro-batch)")

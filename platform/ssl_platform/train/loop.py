@@ -128,8 +128,7 @@ def train_func(loop_config: dict) -> None:
     start_step = state.step
     if rank == 0:
         print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
-              f"{t.grad_accum_steps} x {micro_batch} samples per worker and step"
-              f"{accumulation_words(t.grad_accum_mode, t.grad_accum_steps, spec, has_batchnorm(method))}, "
+              f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
               f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
               f"{', global BatchNorm' if global_bn else ''}"
               f"{', torch.compile' if t.compile else ''}", flush=True)
@@ -196,7 +195,8 @@ def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:
 
 
 def accumulation_words(mode: str, steps: int, spec, batchnorm: bool) -> str:
-    """How ``steps`` micro-batches make one step, for the run's first line ("" for one)."""
+    """How ``steps`` micro-batches make one step, for the run's first line (the driver's,
+    ``train.trainer.describe_accumulation``); "" for one."""
     if steps == 1:
         return ""
     if mode == "exact" and spec.accumulation:
