@@ -109,6 +109,34 @@ def test_every_coupled_method_is_covered():
     assert set(GRADCACHE) == set(BUILD)
 
 
+MEAN = sorted(n for n, c in ssl_models.METHODS.items() if c.spec.accumulation == "mean")
+
+
+@pytest.mark.parametrize("name", MEAN)
+def test_a_per_sample_loss_accumulates_exactly_without_gradcache(name):
+    """``spec.accumulation == "mean"``: plain accumulation of the 1/k-scaled losses is the big
+    batch's gradient (BatchNorm in eval mode; GPT's micro-batches hold equally many tokens)."""
+    import test_fsdp_methods as fsdp
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        method = fsdp.BUILD[name]().double().train()
+        for m in method.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return method
+
+    batch = fsdp._batch(name)
+    whole = build()
+    whole(batch)["loss"].backward()
+    method = build()
+    accumulate_gradients(method, _split(batch, K))
+    grads = _grads(whole)
+    assert _grads(method).keys() == grads.keys()
+    for n, want in grads.items():
+        torch.testing.assert_close(method.get_parameter(n).grad, want, rtol=0, atol=1e-8, msg=f"{name}: {n}")
+
+
 @pytest.mark.parametrize("name", GRADCACHE)
 def test_objective_uses_no_parameter(name):
     """The protocol's contract: every parameter the loss depends on enters through ``features``
