@@ -57,6 +57,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
+from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
@@ -194,7 +195,7 @@ def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:
     return batch_size // (world * accum_steps)
 
 
-def accumulation_words(mode: str, steps: int, spec, batchnorm: bool) -> str:
+def accumulation_words(mode: str, steps: int, spec: MethodSpec, batchnorm: bool) -> str:
     """How ``steps`` micro-batches make one step, for the run's first line (the driver's,
     ``train.trainer.describe_accumulation``); "" for one."""
     if steps == 1:
