@@ -33,6 +33,16 @@ class Method(Protocol):
         encode_image / encode_text / encode_audio: per-modality encoders, for the modalities in
             ``spec.embeds`` whose evaluation needs more than ``embed`` (CLIP's two towers,
             per-token or per-frame states).
+        features(batch) / objective(features): the forward split in two, for methods whose loss
+            couples the samples of a batch (``spec.accumulation == "gradcache"``), so that exact
+            gradient accumulation (GradCache) can take the loss over many micro-batches:
+            ``forward(batch) == objective(features(batch))``. ``features`` returns a dict of
+            tensors, batch-major (dim 0 one row per sample, concatenable over micro-batches) or
+            0-dimensional (a learnt scale, the same for every micro-batch); every parameter the
+            loss depends on enters through it. ``objective`` takes such a dict (the micro-batches'
+            concatenated) and returns what ``forward`` does; it uses no parameter and may gather
+            across ranks. The platform runs ``features`` as the wrapped module's forward, so DDP's
+            and FSDP's hooks run.
     """
 
     spec: ClassVar[MethodSpec]

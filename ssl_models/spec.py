@@ -33,6 +33,15 @@ TOKENIZERS = ("wordpiece", "bpe")
 # How ``embed`` reads one feature off a sequence: the first ([CLS]) token's state, or the mean
 # of the real tokens' states.
 POOLINGS = ("cls", "mean")
+# How ``train.grad_accum_mode=exact`` makes k accumulated micro-batches give one big batch's gradient:
+# "gradcache": the loss couples the samples (negatives, batch statistics), and the method splits its
+#   forward into ``features(batch)`` and ``objective(features)`` (see ``ssl_models.protocol``), so the
+#   loss is taken over the features of all k micro-batches and each is re-run with its cached
+#   feature gradient (GradCache, Gao et al. 2021);
+# "mean": the loss is a mean of per-sample terms, so plain accumulation of the 1/k-scaled micro-batch
+#   losses already is the big batch's gradient;
+# "": neither: exact mode falls back to independent micro-batches, and the run's first line says so.
+ACCUMULATIONS = ("gradcache", "mean")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,10 @@ class MethodSpec:
         token_batches: text methods: ``"masked_pairs"`` or ``"blocks"`` (:data:`TOKEN_BATCHES`).
         tokenizer: text methods: the tokenizer ``data.tokenizer=auto`` trains (:data:`TOKENIZERS`).
         pooling: text methods: how ``embed`` pools a sequence (:data:`POOLINGS`).
+        accumulation: how exact gradient accumulation works for it (:data:`ACCUMULATIONS`; empty:
+            it does not, micro-batches stay independent).
+        accumulation_note: what is still not exact across micro-batches besides BatchNorm (which
+            the platform detects itself), in words for the run header; empty if nothing.
     """
 
     display_name: str
@@ -76,13 +89,16 @@ class MethodSpec:
     token_batches: str = ""
     tokenizer: str = ""
     pooling: str = ""
+    accumulation: str = ""
+    accumulation_note: str = ""
 
 
 # Fields every spec must fill, and those its data kind needs on top.
 REQUIRED = ("display_name", "data_kind", "batch_keys", "embeds", "online_metric", "online_mode")
 REQUIRED_BY_KIND = {"image": ("views",), "text": ("token_batches", "tokenizer", "pooling")}
 CHOICES = {"data_kind": DATA_KINDS, "online_mode": ("max", "min"), "token_batches": TOKEN_BATCHES,
-           "tokenizer": TOKENIZERS, "pooling": POOLINGS}
+           "tokenizer": TOKENIZERS, "pooling": POOLINGS,
+           "accumulation": ACCUMULATIONS}
 
 
 def spec_problems(method: type) -> list[str]:
@@ -112,6 +128,9 @@ def spec_problems(method: type) -> list[str]:
         if set(spec.batch_keys) != set(yields):
             problems.append(f"spec.batch_keys {', '.join(spec.batch_keys)} do not match spec.views: the image "
                             f"pipeline yields one key per view, {', '.join(yields)}")
+    split = all(callable(getattr(method, name, None)) for name in ("features", "objective"))
+    if spec.accumulation == "gradcache" and not split:
+        problems.append("spec.accumulation='gradcache' needs the methods features(batch) and objective(features)")
     if overlap := sorted(set(spec.objective_keys) & set(spec.derived)):
         problems.append(f"spec.objective_keys and spec.derived both name {', '.join(overlap)}")
     return problems

@@ -46,6 +46,8 @@ def test_int_is_accepted_for_float_and_saved_config_round_trips():
     ("train.optimizer=adam", "expected one of lars, adamw, sgd"),
     ("scaling.use_gpu=yes please", "expected true or false"),
     ("scaling.num_workers=3", "use a multiple of 3"),
+    ("train.grad_accum_steps=3", "does not split into scaling.num_workers=2 x train.grad_accum_steps=3 equal"),
+    ("train.grad_accum_mode=exactly", "train.grad_accum_mode='exactly': expected one of exact, independent"),
     ("model.encoder_widths=[0,4]", "list of positive ints"),
     ("train", "not of the form section.key=value"),
 ])
@@ -130,6 +132,18 @@ def test_evaluation_needs_a_labelled_split():
     for preset in ("clip-digit-captions", "cpc-spoken-digits", "bert-python-docs", "gpt-python-docs"):
         assert load_config(preset, ["eval.enabled=true", "eval.online_every=10"]).eval.enabled
     assert load_config("gpt-python-docs", ["data.path=/data/text", "data.kind=text", "eval.enabled=true"]).eval.enabled
+
+
+def test_sync_batchnorm_is_refused_for_a_method_without_batchnorm():
+    """Only an explicit true: the default (empty) means "wherever there is BatchNorm"."""
+    assert load_config("clip-digit-captions").scaling.sync_batchnorm is None
+    with pytest.raises(ConfigError, match=r"^scaling\.sync_batchnorm=true: CLIP has no BatchNorm layer") as e:
+        load_config("clip-digit-captions", ["scaling.sync_batchnorm=true"])
+    assert "\n" not in str(e.value)
+    load_config("clip-digit-captions", ["scaling.sync_batchnorm=false"])
+    load_config("clip-digit-captions", ["scaling.sync_batchnorm=true", "model.image_tower=resnet",
+                                        "data.image_size=32"])  # its ResNet tower has BatchNorm
+    assert load_config("simclr-digits", ["scaling.sync_batchnorm=true"]).scaling.sync_batchnorm is True
 
 
 def test_unknown_method_fails_at_config_time_naming_it():

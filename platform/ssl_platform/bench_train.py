@@ -15,6 +15,9 @@ each run prints them beside each other with the machine's load, because a shared
 numbers move between runs.
 
     sslp bench train --preset simclr-digits --steps 40
+
+``--memory`` measures something else: the peak memory and speed of one step with k = 1 and k
+accumulated micro-batches (``ssl_platform.bench_memory``).
 """
 
 from __future__ import annotations
@@ -208,8 +211,15 @@ def format_train_bench(r: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sslp bench train``."""
-    parser.add_argument("--preset", default="simclr-digits", help="an image preset (default: simclr-digits)")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps of each of the three (default: 40)")
+    parser.add_argument("--preset", default=None, help="an image preset (default: simclr-digits; with --memory "
+                                                         "clip-digit-captions and simclr-digits)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps of each measurement (default: 40; "
+                                                                 "5 with --memory)")
+    parser.add_argument("--memory", action="store_true", help="peak memory and speed of one step with k = 1 and "
+                                                              "k = --accum micro-batches, instead of the throughput")
+    parser.add_argument("--accum", type=int, default=8, help="--memory: micro-batches k (default: 8)")
+    parser.add_argument("--mode", default="exact", choices=("exact", "independent"),
+                        help="--memory: train.grad_accum_mode of the k micro-batches (default: exact)")
     parser.add_argument("--cpus", type=int, default=None, help="cores for the compute bound and the plain loop "
                                                                 "(default: all)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -217,6 +227,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.memory:
+        from ssl_platform.bench_memory import MEMORY_PRESETS, format_memory_bench, run_memory_bench
+
+        if args.accum < 2:
+            raise SystemExit(f"--accum must be at least 2, got {args.accum}")
+        rows = run_memory_bench([args.preset] if args.preset else list(MEMORY_PRESETS), args.accum, args.mode,
+                                max(1, args.steps or 5), args.overrides)
+        print(json.dumps(rows, indent=2) if args.json else format_memory_bench(rows))
+        return 0
+    args.preset, args.steps = args.preset or "simclr-digits", 40 if args.steps is None else args.steps
     if args.steps < 2:
         raise SystemExit(f"--steps must be at least 2, got {args.steps}")
     if args.cpus is not None and args.cpus < 1:

@@ -146,7 +146,13 @@ class TrainConfig:
     seed: int = _f(0, "seed for model init, splits and the supervised baseline", min=0)
     # --- per-worker loop (issue 5, train/loop.py) ---
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "
-                                  "(contrastive methods then see only their micro-batch's negatives)", min=1)
+                                  "(see train.grad_accum_mode)", min=1)
+    grad_accum_mode: str = _f("exact", "how micro-batches combine: exact takes the loss over all of them, so the "
+                                       "step equals one big batch's (GradCache for coupled losses: SimCLR, CLIP, "
+                                       "SigLIP, Barlow Twins, VICReg, CPC; a second forward per micro-batch; BERT "
+                                       "falls back to independent; BatchNorm statistics stay per micro-batch); "
+                                       "independent: each micro-batch its own negatives and batch statistics",
+                              choices=("exact", "independent"))
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none",
                         choices=("auto", "bf16", "fp32"))
     compile: bool = _f(False, "torch.compile the wrapped model (the first steps are slow while it compiles)")
@@ -174,9 +180,10 @@ class ScalingConfig:
     # --- per-worker loop (issue 5, train/loop.py) ---
     strategy: str = _f("ddp", "data parallelism: ddp replicates the model on every worker; fsdp shards parameters, "
                               "gradients and optimizer state (torch FSDP2)", choices=("ddp", "fsdp"))
-    sync_batchnorm: bool = _f(True, "BatchNorm statistics over the global batch (every worker's samples), as the "
-                                    "papers train, so a step does not depend on the number of workers; false: "
-                                    "each worker's own statistics")
+    sync_batchnorm: bool | None = _f(None, "BatchNorm statistics over the global batch (every worker's samples), "
+                                           "as the papers train, so a step does not depend on the number of "
+                                           "workers; false: each worker's own statistics; empty: on wherever the "
+                                           "method's networks have BatchNorm (true for one without is refused)")
     # --- driver (issue 5, train/resources.py) ---
     autoscale: bool = _f(False, "the cluster adds nodes on demand (ray up / KubeRay autoscaling): ask the autoscaler "
                                 "for the workers' resources and wait for them instead of refusing a cluster that is "

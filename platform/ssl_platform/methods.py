@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 import ssl_models
+from ssl_models.distributed import has_batchnorm
 from ssl_models.spec import MethodSpec
 from ssl_platform.config import ConfigError, ExperimentConfig, check_data_kind, check_method
 from ssl_platform.views import image_views
@@ -94,7 +95,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if spec.views:
         image_views(cfg, spec.views)  # every view can be built at data.image_size with the data.* overrides
     check_method(cfg, method_params(cfg.method.name), DERIVED, spec.objective_keys)
-    build(cfg, **expected_derived(cfg))
+    method = build(cfg, **expected_derived(cfg))
+    if cfg.scaling.sync_batchnorm and not has_batchnorm(method):
+        raise ConfigError(f"scaling.sync_batchnorm=true: {spec.display_name} has no BatchNorm layer with this "
+                          f"model.* setting, so there are no statistics to share; remove the key")
     return cfg
 
 

@@ -42,7 +42,8 @@ class BarlowTwins(nn.Module):
         display_name="Barlow Twins", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"lambda_", "gather_distributed"}), derived=("in_channels",),
-        views=BYOL_VIEWS, views_recipe="BYOL's, as Zbontar et al. 2021 use them")
+        views=BYOL_VIEWS, accumulation="gradcache",
+        views_recipe="BYOL's, as Zbontar et al. 2021 use them")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,
@@ -58,8 +59,18 @@ class BarlowTwins(nn.Module):
         self.criterion = BarlowTwinsLoss(lambda_, gather_distributed)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.objective(self.features(batch))
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The projections of both views, what the loss needs: {"z1", "z2"}, (B, projector_dim) each."""
         views = stack_two_views(batch, self.in_channels)  # (2B, C, H, W)
         z1, z2 = self.projector(self.encoder(views)).chunk(2)  # (B, projector_dim) each
+        return {"z1": z1, "z2": z2}
+
+    def objective(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The Barlow Twins loss over the rows of ``features`` (one micro-batch's or many's): its batch
+        statistics are those of all of them."""
+        z1, z2 = features["z1"], features["z2"]
         terms = self.criterion.terms(z1, z2)  # float32 inside, even under autocast
         return {
             "loss": self.criterion.combine(terms),

@@ -85,7 +85,9 @@ class BERT(nn.Module):
         batch_keys=("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels"), embeds=("text",),
         online_metric="val_mlm_accuracy", online_mode="max",
         objective_keys=frozenset({"ignore_index"}), derived=("vocab_size", "max_len"),
-        token_batches="masked_pairs", tokenizer="wordpiece", pooling="cls")
+        token_batches="masked_pairs", tokenizer="wordpiece", pooling="cls",
+        # Not "mean": the masked-LM loss averages over each micro-batch's masked tokens, whose number varies.
+        accumulation_note="the masked-LM loss is a mean over each micro-batch's masked tokens, whose number varies")
 
     def __init__(self, vocab_size: int = 4096, max_len: int = 128, dim: int = 128, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.1, type_vocab_size: int = 2,

@@ -82,7 +82,8 @@ class BYOL(nn.Module):
         display_name="BYOL", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"momentum_base"}), derived=("in_channels",),
-        views=BYOL_VIEWS, views_recipe="BYOL (Grill et al. 2020, table 6): asymmetric views")
+        views=BYOL_VIEWS, views_recipe="BYOL (Grill et al. 2020, table 6): asymmetric views",
+        accumulation="mean")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,

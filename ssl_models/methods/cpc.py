@@ -59,7 +59,8 @@ class CPC(nn.Module):
         # The kNN accuracy of the spoken word (the downstream target), not the validation loss.
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"num_steps", "num_negatives", "temperature", "gather_distributed"}),
-        derived=("sample_rate",))
+        derived=("sample_rate",), accumulation="gradcache",
+        accumulation_note="sampled negatives (num_negatives=N) are random draws, not those of one big batch")
 
     def __init__(self, sample_rate: int = 16_000, channels: int = 128, kernels: Sequence[int] = (10, 8, 4, 4, 4),
                  strides: Sequence[int] = (5, 4, 2, 2, 2), context: str = "gru", context_dim: int = 128,
@@ -76,6 +77,11 @@ class CPC(nn.Module):
         self.min_samples = self.encoder.receptive_field + num_steps * self.encoder.total_stride
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.objective(self.features(batch))
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the loss needs: "predictions" (B, T', K, C) of the future frames, the frames "z"
+        (B, T', C) and, with ``batch["lengths"]``, the (B, T') "mask" of real frames."""
         audio, mask = self._audio_and_mask(batch)  # (B, T), (B, T') or None
         if audio.shape[1] < self.min_samples:
             raise ValueError(f"audio of {audio.shape[1]} samples gives {self.encoder.output_length(audio.shape[1])} "
@@ -85,7 +91,12 @@ class CPC(nn.Module):
         c = self.context(z)  # (B, T', H)
         b, t, channels = z.shape
         predictions = self.predictor(c).view(b, t, self.num_steps, channels)  # (B, T', K, C)
-        loss, accuracy = self.criterion(predictions, z, mask)  # float32 inside, even under autocast
+        return {"predictions": predictions, "z": z, **({} if mask is None else {"mask": mask})}
+
+    def objective(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """InfoNCE over the frames of ``features`` (one micro-batch's or many's): every frame of
+        every clip is a candidate."""
+        loss, accuracy = self.criterion(features["predictions"], features["z"], features.get("mask"))
         return {"loss": loss, "cpc_acc": accuracy.mean(), "cpc_acc_per_step": accuracy}
 
     def encode_audio(self, batch: dict[str, Tensor]) -> Tensor:

@@ -72,7 +72,8 @@ class DINO(nn.Module):
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"teacher_temp", "student_temp", "center_momentum", "momentum_base"}),
         derived=("in_channels",), views=DINO_VIEWS,
-        views_recipe="DINO (Caron et al. 2021): 2 global + 4 local crops, BYOL's colour")
+        views_recipe="DINO (Caron et al. 2021): 2 global + 4 local crops, BYOL's colour",
+        accumulation="mean")  # the centre sums the teacher rows of every micro-batch (DINOLoss)
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,

@@ -47,7 +47,9 @@ class GPT(nn.Module):
         display_name="GPT", data_kind="text", batch_keys=("input_ids", "attention_mask", "labels"), embeds=("text",),
         online_metric="val_perplexity", online_mode="min",
         objective_keys=frozenset({"ignore_index"}), derived=("vocab_size", "max_len"),
-        token_batches="blocks", tokenizer="bpe", pooling="mean")
+        token_batches="blocks", tokenizer="bpe", pooling="mean", accumulation="mean",
+        accumulation_note="the loss is a mean over each micro-batch's tokens: exact when every micro-batch holds "
+                          "equally many (packed blocks do)")
 
     def __init__(self, vocab_size: int = 4096, max_len: int = 128, dim: int = 128, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0, ignore_index: int = IGNORE_INDEX):

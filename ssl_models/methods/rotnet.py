@@ -71,7 +71,8 @@ class RotNet(nn.Module):
         display_name="RotNet", data_kind="image", batch_keys=("view1",), embeds=("image",),
         online_metric="val_knn_top1", online_mode="max", derived=("in_channels",),
         views=(ROTNET_VIEW,),
-        views_recipe="RotNet (Gidaris et al. 2018): one mild view (crop, flip, light jitter), rotated in forward")
+        views_recipe="RotNet (Gidaris et al. 2018): one mild view (crop, flip, light jitter), rotated in forward",
+        accumulation="mean")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,

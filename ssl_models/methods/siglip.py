@@ -66,7 +66,7 @@ class SigLIP(nn.Module):
         display_name="SigLIP", data_kind="image-caption", batch_keys=("image", "text"), embeds=("image", "text"),
         online_metric="val_zero_shot_top1", online_mode="max",
         objective_keys=frozenset({"init_scale", "init_bias", "max_logit_scale", "gather_distributed"}),
-        derived=("in_channels", "image_size"))
+        derived=("in_channels", "image_size"), accumulation="gradcache")
 
     def __init__(self, in_channels: int = 3, image_size: int = 32, embed_dim: int = 64,
                  image_tower: str = "vit", vision_width: int = 64, vision_layers: int = 2,
@@ -107,11 +107,21 @@ class SigLIP(nn.Module):
         return encode_text(self.towers, text, self.context_length)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.objective(self.features(batch))
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the loss needs: {"image", "text"} (B, embed_dim) embeddings, "logit_scale" (the
+        exponentiated scale) and "logit_bias", both () parameters travelling with the features."""
         image, text = image_text_pairs(batch, "SigLIP")  # (B, C, H, W), (B, L)
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.max_log_scale)
-        image_features, text_features = self.encode_image(image), self.encode_text(text)  # (B, embed_dim)
-        logit_scale, logit_bias = at_least_fp32(self.logit_scale).exp(), at_least_fp32(self.logit_bias)  # (), ()
+        return {"image": self.encode_image(image), "text": self.encode_text(text),  # (B, embed_dim)
+                "logit_scale": at_least_fp32(self.logit_scale).exp(), "logit_bias": at_least_fp32(self.logit_bias)}
+
+    def objective(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The pairwise sigmoid loss over the pairs of ``features`` (one micro-batch's or many's)."""
+        image_features, text_features = features["image"], features["text"]
+        logit_scale, logit_bias = features["logit_scale"], features["logit_bias"]  # (), ()
         # Autocast off: it would run the logit matmul in bf16; the features already are fp32.
         with torch.autocast(image_features.device.type, enabled=False):
             loss = self.criterion(image_features, text_features, logit_scale, logit_bias)

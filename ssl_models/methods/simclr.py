@@ -46,7 +46,8 @@ class SimCLR(nn.Module):
         display_name="SimCLR", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"temperature", "gather_distributed"}), derived=("in_channels",),
-        views=(SIMCLR_VIEW, SIMCLR_VIEW), views_recipe="SimCLR (Chen et al. 2020, appendix A)")
+        views=(SIMCLR_VIEW, SIMCLR_VIEW), views_recipe="SimCLR (Chen et al. 2020, appendix A)",
+        accumulation="gradcache")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,
@@ -61,10 +62,19 @@ class SimCLR(nn.Module):
         self.criterion = NTXentLoss(temperature, gather_distributed)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.objective(self.features(batch))
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The projections of both views, what the loss needs: {"z1", "z2"}, (B, projector_dim) each."""
         views = stack_two_views(batch, self.in_channels)  # (2B, C, H, W)
         z1, z2 = self.projector(self.encoder(views)).chunk(2)  # (B, projector_dim) each
+        return {"z1": z1, "z2": z2}
+
+    def objective(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """NT-Xent over the rows of ``features`` (one micro-batch's or many's) -> {"loss", "pos_cosine"}."""
+        z1, z2 = features["z1"], features["z2"]
         # float32 with autocast off: under bf16 autocast the similarity matmul would run in bf16.
-        with torch.autocast(views.device.type, enabled=False):
+        with torch.autocast(z1.device.type, enabled=False):
             loss = self.criterion(at_least_fp32(z1), at_least_fp32(z2))
         return {
             "loss": loss,

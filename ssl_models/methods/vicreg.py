@@ -43,7 +43,8 @@ class VICReg(nn.Module):
         display_name="VICReg", data_kind="image", batch_keys=("view1", "view2"), embeds=("image",),
         online_metric="val_knn_top1", online_mode="max",
         objective_keys=frozenset({"sim_coeff", "std_coeff", "cov_coeff", "gather_distributed"}),
-        derived=("in_channels",), views=BYOL_VIEWS, views_recipe="BYOL's, as Bardes et al. 2022 use them")
+        derived=("in_channels",), views=BYOL_VIEWS, accumulation="gradcache",
+        views_recipe="BYOL's, as Bardes et al. 2022 use them")
 
     def __init__(self, in_channels: int = 1, encoder: str = "resnet_small",
                  encoder_widths: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1,
@@ -60,8 +61,18 @@ class VICReg(nn.Module):
         self.criterion = VICRegLoss(sim_coeff, std_coeff, cov_coeff, gather_distributed)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.objective(self.features(batch))
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The expansions of both views, what the loss needs: {"z1", "z2"}, (B, expander_dim) each."""
         views = stack_two_views(batch, self.in_channels)  # (2B, C, H, W)
         z1, z2 = self.expander(self.encoder(views)).chunk(2)  # (B, expander_dim) each
+        return {"z1": z1, "z2": z2}
+
+    def objective(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The VICReg loss over the rows of ``features`` (one micro-batch's or many's): its batch
+        statistics are those of all of them."""
+        z1, z2 = features["z1"], features["z2"]
         terms = self.criterion.terms(z1, z2)  # float32 inside, even under autocast
         return {
             "loss": self.criterion.combine(terms),

@@ -12,19 +12,20 @@ Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
   Checkpoints hold the full, unsharded state either way (see ``train.checkpoint``).
 - ``train.grad_accum_steps=k``: the global batch stays ``train.batch_size``; each worker reads
   micro-batches of ``batch_size / (workers * k)`` and takes one optimizer step per ``k`` of
-  them, each loss scaled by ``1/k``, gradients synced across workers only in the last
-  backward. Steps count optimizer steps. For a loss that is a mean over independent examples
-  (GPT, BERT, CPC's frame predictions) with equally sized micro-batches this is exactly one
-  big batch. Contrastive methods (SimCLR, CLIP, and CPC's negatives) see only their own
-  micro-batch's negatives, and batch statistics (BatchNorm, Barlow Twins' cross-correlation,
-  VICReg's variance and covariance) are taken per micro-batch, as in every framework that
-  accumulates gradients: it saves memory but changes the objective.
+  them, gradients synced across workers only in the last backward. Steps count optimizer
+  steps. ``train.grad_accum_mode=exact`` (default) keeps the objective of one big batch: for a
+  method whose loss couples the samples (``spec.accumulation == "gradcache"``: negatives, batch
+  statistics) by GradCache (``train.grad_cache``); for a loss that is a mean of per-sample terms
+  (``"mean"``) plain accumulation of the ``1/k``-scaled losses already is. ``independent``, and
+  exact for a method that declares neither, accumulates the ``1/k``-scaled micro-batch losses:
+  each micro-batch sees only its own negatives and batch statistics. BatchNorm normalises each
+  micro-batch with its own statistics either way; the run's first line says what applies.
 - Images arrive as uint8 (a quarter of float32's bytes through the object store) and are
   normalised on the device just before the forward (``data.augment.finish_views``), where
   ``data.augment_on=device`` also runs the views' colour, grayscale, blur and solarize ops.
-- ``scaling.sync_batchnorm`` (default on): every BatchNorm layer normalises with the statistics
-  of the global batch (``ssl_models.distributed.GlobalBatchNorm``), as the papers' multi-GPU
-  runs do, so a step's update is the same on 1, 2 or N workers.
+- ``scaling.sync_batchnorm`` (default: on wherever there is BatchNorm): every BatchNorm layer
+  normalises with the statistics of the global batch (``ssl_models.distributed.GlobalBatchNorm``),
+  as the papers' multi-GPU runs do, so a step's update is the same on 1, 2 or N workers.
 - ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
   float32 regardless.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
@@ -56,6 +57,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
+from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
@@ -68,6 +70,7 @@ from ssl_platform.train.checkpoint import (
     restore_state,
     save_state,
 )
+from ssl_platform.train.grad_cache import accumulate_exact
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
@@ -91,7 +94,7 @@ def train_func(loop_config: dict) -> None:
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
-    global_bn = cfg.scaling.sync_batchnorm and world > 1 and has_batchnorm(method)
+    global_bn = cfg.scaling.sync_batchnorm is not False and world > 1 and has_batchnorm(method)
     if global_bn:  # BatchNorm over every worker's samples: the step no longer depends on the worker count
         method = convert_global_batchnorm(method)
     # DDP wrapper, or `method` sharded in place; in local mode `method` itself, on the device.
@@ -103,9 +106,12 @@ def train_func(loop_config: dict) -> None:
         model = torch.compile(model)
     autocast = autocast_context(t.precision, device)
     step_end = getattr(method, "on_train_step_end", None)
+    spec = methods.method_spec(cfg.method.name)
+    # GradCache needs the method's features/objective split (a finetune classifier has none).
+    grad_cache = (t.grad_accum_mode == "exact" and t.grad_accum_steps > 1 and spec.accumulation == "gradcache"
+                  and hasattr(method, "features"))
     # data.augment_on=device: the views' configs, for the ops finish_views runs here on the device
-    spec_views = methods.method_spec(cfg.method.name).views
-    views = image_views(cfg, spec_views) if spec_views and cfg.augment_placement() == "device" else ()
+    views = image_views(cfg, spec.views) if spec.views and cfg.augment_placement() == "device" else ()
     seed_everything(t.seed + 1 + rank)  # each rank its own stream from here on (dropout)
 
     # 2. Resume: Ray hands back the newest checkpoint it registered for this run name, if any; the
@@ -146,7 +152,10 @@ def train_func(loop_config: dict) -> None:
         for batches in stream:
             batches = [finish_views(b, views) for b in batches]  # normalise uint8 images on the device
             optimizer.zero_grad(set_to_none=True)
-            out = accumulate_gradients(model, batches, autocast)  # forward + backward, synced on the last
+            if grad_cache:  # the loss over all micro-batches' features, then each re-run with its feature gradient
+                out = accumulate_exact(model, method, batches, autocast, gradient_sync)
+            else:  # forward + backward of each micro-batch, synced on the last
+                out = accumulate_gradients(model, batches, autocast)
             sync_scalar_gradients(method, world)  # FSDP: CLIP's logit_scale is not sharded
             out["grad_norm"] = clip_gradients(method, t.grad_clip)  # the worker-averaged gradient
             optimizer.step()
@@ -184,6 +193,23 @@ def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:
                          f"train.grad_accum_steps={accum_steps} equal micro-batches; "
                          f"use a multiple of {world * accum_steps}")
     return batch_size // (world * accum_steps)
+
+
+def accumulation_words(mode: str, steps: int, spec: MethodSpec, batchnorm: bool) -> str:
+    """How ``steps`` micro-batches make one step, for the run's first line (the driver's,
+    ``train.trainer.describe_accumulation``); "" for one."""
+    if steps == 1:
+        return ""
+    if mode == "exact" and spec.accumulation:
+        how = "GradCache" if spec.accumulation == "gradcache" else "a per-sample loss"
+        words = f" (exact accumulation: {how}"
+    elif mode == "exact":
+        words = f" (independent micro-batches: {spec.display_name} has no exact accumulation"
+    else:
+        words = " (independent micro-batches: train.grad_accum_mode=independent"
+    if spec.accumulation_note:
+        words += f"; {spec.accumulation_note}"
+    return words + ("; BatchNorm statistics per micro-batch)" if batchnorm else ")")
 
 
 def seed_everything(seed: int) -> None:

@@ -41,7 +41,7 @@ from ssl_platform.data.skips import (
     skip_summary,
 )
 from ssl_platform.train import local_mode
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, accumulation_words
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration
 from ssl_platform.train.resources import (
     PLACEMENT_TIMEOUT_S,
@@ -146,7 +146,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
             raise DataError(str(e)) from None
     print(f"training {cfg.method.name} on {data.description}: {plan.describe()}, "
           f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}"
-          f"{f', beta2 {cfg.train.adam_beta2:g}' if cfg.train.optimizer == 'adamw' else ''}", flush=True)
+          f"{f', beta2 {cfg.train.adam_beta2:g}' if cfg.train.optimizer == 'adamw' else ''}"
+          f"{describe_accumulation(cfg)}", flush=True)
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
@@ -239,6 +240,21 @@ def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(execution_options=options)
+
+
+def describe_accumulation(cfg: ExperimentConfig) -> str:
+    """", k micro-batches a step (how they combine)" for the run header; "" without accumulation."""
+    k = cfg.train.grad_accum_steps
+    if k == 1:
+        return ""
+    import torch
+
+    from ssl_models.distributed import has_batchnorm
+
+    with torch.device("meta"):  # the architecture alone: no memory, no initialisation cost
+        batchnorm = has_batchnorm(methods.build(cfg, **methods.expected_derived(cfg)))
+    return f", {k} micro-batches a step" + accumulation_words(cfg.train.grad_accum_mode, k,
+                                                               methods.method_spec(cfg.method.name), batchnorm)
 
 
 @contextmanager
