@@ -155,10 +155,10 @@ def ray_session(ray_head: RayHead) -> Iterator[RayHead]:
     ``pytestmark = pytest.mark.usefixtures("ray_session")`` or a test argument."""
     import ray
 
-    from ssl_platform.data.pipeline import quiet_progress
+    from ssl_platform.data.pipeline import configure_data_context
 
     ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
-    quiet_progress()
+    configure_data_context()
     yield ray_head
     # A local-mode run leaves Ray Data's iterator threads finishing the batch they were fetching
     # when the loop stopped; ray.shutdown() under one of them makes Ray exit this process.
@@ -282,18 +282,6 @@ def big_image_corpus(tmp_path_factory) -> Path:
     root = made_once(tmp_path_factory, "big", make)
     assert sum(p.stat().st_size for p in root.iterdir()) > 2 * STORE
     return root
-
-
-def spilled_mib() -> float:
-    """MiB of objects the connected cluster has spilled to disk so far (a figure to print)."""
-    import re
-
-    import ray
-    from ray._private.internal_api import memory_summary
-
-    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-    match = re.search(r"Spilled (\d+) MiB", summary)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture

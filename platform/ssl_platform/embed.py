@@ -243,12 +243,12 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     import ray
     import ray.data
 
-    from ssl_platform.data.pipeline import quiet_progress
+    from ssl_platform.data.pipeline import configure_data_context
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
     from ssl_platform.evaluate.inference import actor_resources
 
     modality = pick_modality(pretrained, modality)
-    quiet_progress()
+    configure_data_context()
     name = ledger_name(f"embed-{pretrained.cfg.name}-{uuid.uuid4().hex[:8]}")  # concurrent embeds count apart
     ledger = get_or_create_ledger(name)
     try:

@@ -40,12 +40,23 @@ class PretrainData:
     artifacts: dict[str, Path] = field(default_factory=dict)  # files a checkpoint must carry (tokenizer)
 
 
-def quiet_progress() -> None:
-    """Ray Data's per-operator progress bars would drown the training progress line."""
+def configure_data_context() -> None:
+    """The platform's settings of Ray Data's execution, for every Dataset this process builds
+    afterwards (a Dataset keeps a copy of the context it was built under).
+
+    - No progress bars: Ray Data's per-operator bars would drown the training progress line.
+    - No per-operator resource reservation (``op_resource_reservation_enabled``): in Ray 2.60 it
+      held a decode + augment ``map_batches`` on a 2-core machine to one task at a time for 80%
+      of a pass (the operator's CPU budget kept falling to zero while a task ran), 43% of what
+      the two cores do. Without it the operator runs one task per free CPU (`sslp bench data`
+      prints both side by side); memory stays bounded by the downstream-capacity backpressure,
+      which stays on.
+    """
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.op_resource_reservation_enabled = False
 
 
 def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter,
@@ -55,7 +66,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     ``model`` is the method's architecture with its defaults filled in (the caption transform
     tokenises to the text tower's ``context_length``).
     """
-    quiet_progress()
+    configure_data_context()
     kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
     if data.num_records is None and not data.train.take(1):

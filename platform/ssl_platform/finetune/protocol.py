@@ -18,7 +18,7 @@ from ssl_platform import methods
 from ssl_platform.config import with_overrides
 from ssl_platform.data.builtin import IMAGE_CORPORA, ImageSplit, load_image_corpus
 from ssl_platform.data.images import read_image_corpus
-from ssl_platform.data.pipeline import PretrainData, quiet_progress
+from ssl_platform.data.pipeline import PretrainData, configure_data_context
 from ssl_platform.data.skips import SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
 from ssl_platform.data.transforms import OneViewAugment
 from ssl_platform.evaluate.image import encoder_rows, image_derived
@@ -152,7 +152,7 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
                           jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)  # crop and flip only
 
     def data_builder(ft_cfg, run_dir, reporter, model):  # fit's pretraining_data, for the labelled train split
-        quiet_progress()
+        configure_data_context()
         rows = [{"image": img, "label": int(y), "path": f"{source}/{i:06d}"}
                 for i, (img, y) in enumerate(zip(train.images, train.labels, strict=True))]
         ds = ray.data.from_items(rows, override_num_blocks=4).randomize_block_order(seed=cfg.data.seed)

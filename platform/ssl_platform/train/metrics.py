@@ -153,6 +153,14 @@ def data_advice(cfg: ExperimentConfig) -> str:
     return "give Ray Data more CPUs: scaling.data_cpus (or CPU nodes), or fewer per train worker"
 
 
+def format_spill(spilled: int) -> str:
+    """The summary's spill line: none, or how much and what to change."""
+    if spilled <= 0:
+        return "nothing spilled from the object store to disk"
+    return (f"{spilled / 2**20:,.0f} MiB spilled from the object store to disk (the blocks in flight did not fit: "
+            f"give Ray more object store memory, or lower data.transform_batch_size)")
+
+
 class MetricsLogger:
     """Turns reduced :class:`StepMeter` intervals into metrics.jsonl rows, gauges and the
     progress line (rank 0 only, ``enabled``), and keeps the run's summary on every rank.

@@ -61,3 +61,17 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
                        runtime_env=runtime_env)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def spilled_bytes() -> int | None:
+    """Bytes the cluster's object stores have spilled to disk since they started (every job's), or
+    None when the raylet does not say (the figure comes from Ray's memory-info call, the one Ray
+    Data's own stats use)."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address),
+                                      timeout_seconds=10.0)
+        return int(reply.store_stats.spilled_bytes_total)
+    except Exception:  # a private API: a missing figure must never fail a run
+        return None

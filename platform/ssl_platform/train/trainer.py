@@ -42,7 +42,7 @@ from ssl_platform.data.skips import (
 )
 from ssl_platform.train import local_mode
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, accumulation_words
-from ssl_platform.train.metrics import data_advice, data_bound, format_duration
+from ssl_platform.train.metrics import data_advice, data_bound, format_duration, format_spill
 from ssl_platform.train.resources import (
     PLACEMENT_TIMEOUT_S,
     WorkerPlan,
@@ -50,7 +50,7 @@ from ssl_platform.train.resources import (
     plan_workers,
     wait_for_free_resources,
 )
-from ssl_platform.train.session import DataError, ResourceError, TrainingFailed
+from ssl_platform.train.session import DataError, ResourceError, TrainingFailed, spilled_bytes
 from ssl_platform.train.storage import (
     CONFIG_FILE,
     ERROR_FILE,
@@ -77,6 +77,7 @@ class RunSummary:
     checkpoint: str
     data_wait_fraction: float | None = None  # steady-state share of the training time spent waiting for data
     data_advice: str = ""  # what to give a data-bound run
+    spilled_bytes: int | None = None  # object store -> disk during this fit(), cluster-wide; None: unknown
 
     def text(self) -> str:
         rate = "n/a" if self.samples_per_s is None else f"{self.samples_per_s:,.0f} samples/s"
@@ -93,6 +94,7 @@ class RunSummary:
               if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
             f"  data        {format_summary(self.skipped_records)}",
+            *([f"  spill       {format_spill(self.spilled_bytes)}"] if self.spilled_bytes is not None else []),
             f"  checkpoint  {self.checkpoint}",
         ])
 
@@ -106,7 +108,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     that each report of rank 0 (step, loss, online metrics) reaches Tune. ``data_builder`` (the
     signature of ``pretraining_data``) and ``build`` (``(cfg, **derived) -> module``, run on every
     worker; default ``methods.build``) let `sslp finetune` train a classifier with the same loop."""
-    t0 = time.time()
+    t0, spilled_before = time.time(), spilled_bytes()
     paths.local.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, paths.local / CONFIG_FILE)
     remove_run_file(paths, SUMMARY_FILE)  # not complete again until this fit says so
@@ -181,6 +183,9 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint in {paths.uri}")
 
     summary = _summarize(cfg, paths, result, skipped, t0)
+    spilled_after = spilled_bytes()
+    if spilled_before is not None and spilled_after is not None:
+        summary.spilled_bytes = spilled_after - spilled_before
     (paths.local / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     copy_to_storage(paths, SUMMARY_FILE)
     return summary
