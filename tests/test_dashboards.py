@@ -1,9 +1,11 @@
 """The Grafana dashboard (dashboards/ssl-platform.json) and `sslp dashboards install`.
 
 Every metric a panel or variable queries must be one the platform emits (train.metrics.METRICS,
-as Ray's Prometheus export names it) or one Ray 2.60's Ray Data defines (read from Ray's code
-here, not copied). That a real run exports every metric the dashboard plots on Ray's Prometheus
-endpoint, the platform's with non-zero values, is tested in test_observed_run.py.
+as Ray's Prometheus export names it), one Ray 2.60's Ray Data defines, or one Ray's own generated
+dashboards query (both read from Ray's code here, not copied). That a real run exports every
+platform and Ray Data metric on Ray's Prometheus endpoint, the platform's with non-zero values, is
+tested in test_observed_run.py; that a real Prometheus answers every query of the dashboard with
+data, in test_prometheus.py.
 """
 
 import json
@@ -58,6 +60,21 @@ def ray_data_metric_names() -> set[str]:
     return set().union(*(exported_names(name, kind) for name, kind in defined))
 
 
+def ray_dashboard_metric_names() -> set[str]:
+    """Every metric Ray's own generated Grafana dashboards query (default, Train, Data: node, GPU,
+    object store, autoscaler, Ray Train controller and worker metrics), read from Ray's panel definitions."""
+    from ray.dashboard.modules.metrics.dashboards import (
+        data_dashboard_panels,
+        default_dashboard_panels,
+        train_dashboard_panels,
+    )
+
+    configs = [default_dashboard_panels.default_dashboard_config, train_dashboard_panels.train_dashboard_config,
+               data_dashboard_panels.data_dashboard_config]
+    panels = [p for c in configs for p in [*c.panels, *(p for row in c.rows for p in row.panels)]]
+    return set().union(*(metric_names(t.expr.replace("{{", "{").replace("}}", "}")) for p in panels for t in p.targets))
+
+
 # PromQL words that are not metric names: aggregations, functions and keywords are followed by
 # "(" or are in this set; label names only occur inside {...} and by/without (...).
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"}
@@ -102,9 +119,10 @@ def test_the_extractor_finds_metric_names_and_only_them():
     assert metric_names("max by (run) (ray_made_up_metric)") == {"ray_made_up_metric"}
 
 
-def test_every_queried_metric_is_one_the_platform_or_ray_data_emits(dashboard):
-    known = platform_metric_names() | ray_data_metric_names()
-    assert "ray_sslp_data_skipped_records_total" in known and "ray_data_output_rows" in known
+def test_every_queried_metric_is_one_the_platform_or_ray_emits(dashboard):
+    known = platform_metric_names() | ray_data_metric_names() | ray_dashboard_metric_names()
+    assert {"ray_sslp_data_skipped_records_total", "ray_data_output_rows", "ray_node_gpus_utilization",
+            "ray_object_store_memory", "autoscaler_pending_nodes", "ray_train_controller_state"} <= known
     found = {where: metric_names(query) for where, query in queries(dashboard)}
     assert all(found.values()), [where for where, names in found.items() if not names]
     unknown = {where: names - known for where, names in found.items() if names - known}
@@ -123,15 +141,23 @@ def test_every_platform_metric_has_a_panel_and_ray_data_has_a_row(dashboard):
         assert title in titles
     rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"]
     data_row = next(i for i in rows if "Ray Data" in dashboard["panels"][i]["title"])
-    data_panels = dashboard["panels"][data_row + 1:]
+    data_panels = dashboard["panels"][data_row + 1:next((i for i in rows if i > data_row), None)]
     assert len(data_panels) >= 4
     assert all(name.startswith("ray_data_")
                for p in data_panels for t in p["targets"] for name in metric_names(t["expr"]))
-    # Each training panel is per run (the run variable filters it), each Ray Data panel per session.
+    # Every panel is filtered by the run variable: the platform's metrics by their run tag, Ray Data's by
+    # the dataset the trainer names after the run, Ray Train's by its run name, and Ray's node metrics
+    # by the nodes (GPUs) or the clusters (object store, autoscaler) the selected runs ran on.
+    run_filters = ('run=~"$run"', 'dataset=~"${run}_.+"', 'ray_train_run_name=~"$run"')
     for p in dashboard["panels"]:
         for t in p.get("targets", []):
             assert 'SessionName=~"$SessionName"' in t["expr"] and 'ray_io_cluster=~"$Cluster"' in t["expr"]
-            assert ('run=~"$run"' in t["expr"]) == (dashboard["panels"].index(p) < data_row), p["title"]
+            assert any(f in t["expr"] for f in run_filters), p["title"]
+            assert ('dataset=~"${run}_.+"' in t["expr"]) == ("ray_data_" in t["expr"]), p["title"]
+    titles = [p["title"] for p in dashboard["panels"]]
+    for title in ("GPU utilisation", "GPU memory", "Object store memory", "Spilled to disk", "Autoscaler: nodes",
+                  "Train worker restarts"):
+        assert title in titles
 
 
 def test_variables_and_datasource_match_rays_dashboards(dashboard):
