@@ -9,13 +9,24 @@ data, in test_prometheus.py.
 """
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from ssl_platform.cli import main as sslp
-from ssl_platform.dashboards import DASHBOARD_FILES, PROVISIONING_FILE, ray_dashboards_dir, shipped_dir
+from ssl_platform.dashboards import (
+    DASHBOARD_FILES,
+    GRAFANA_INI,
+    PROMETHEUS_CONFIG,
+    PROVISIONING_FILE,
+    ray_dashboards_dir,
+    shipped_dir,
+    stop,
+)
 from ssl_platform.train.metrics import METRICS
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "ssl-platform.json"
@@ -200,3 +211,63 @@ def test_default_dir_is_the_one_rays_provisioning_names(tmp_path, capsys):
     assert ray_dashboards_dir(str(tmp_path)) == target
     assert sslp(["dashboards", "install", "--ray-temp-dir", str(tmp_path)]) == 0
     assert (target / DASHBOARD.name).read_bytes() == DASHBOARD.read_bytes()
+
+
+def _ray_session_files(root: Path) -> Path:
+    """The Grafana and Prometheus files Ray's dashboard writes for a session (Ray's own templates)."""
+    from ray.dashboard.modules.metrics.templates import (
+        DASHBOARD_PROVISIONING_TEMPLATE,
+        GRAFANA_INI_TEMPLATE,
+        PROMETHEUS_YML_TEMPLATE,
+    )
+
+    session = root / "session_1"
+    grafana = session / "metrics" / "grafana"
+    (session / PROVISIONING_FILE.parent.relative_to("session_latest")).mkdir(parents=True)
+    (session / "metrics" / "prometheus").mkdir(parents=True)
+    (root / "session_latest").symlink_to(session)
+    (root / PROVISIONING_FILE).write_text(DASHBOARD_PROVISIONING_TEMPLATE.format(
+        dashboard_output_folder=grafana / "dashboards"))
+    (root / GRAFANA_INI).write_text(GRAFANA_INI_TEMPLATE.format(grafana_provisioning_folder=grafana / "provisioning"))
+    (root / PROMETHEUS_CONFIG).write_text(PROMETHEUS_YML_TEMPLATE.format(
+        prom_metrics_service_discovery_file_path=session / "prom_metrics_service_discovery.json"))
+    return session
+
+
+def test_start_refuses_without_a_ray_session_or_a_binary(tmp_path, capsys, monkeypatch):
+    assert sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path)]) == 2
+    assert "start Ray with its dashboard on this node first" in capsys.readouterr().err
+
+    _ray_session_files(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path)]) == 2
+    assert "prometheus is not installed on this node" in capsys.readouterr().err
+    assert (tmp_path / "session_1/metrics/grafana/dashboards" / DASHBOARD.name).is_file()  # installed first
+
+
+def test_start_runs_grafana_with_rays_configuration_and_reports_its_failure(tmp_path, capsys, monkeypatch):
+    """Prometheus (real, Debian's) starts on Ray's generated configuration; Grafana is a stand-in that
+    records its command line and exits 1 (Debian has no Grafana): the command names it and its log."""
+    if shutil.which("prometheus") is None:
+        pytest.fail("this test needs Prometheus: `apt-get install prometheus` (Debian's package; .ci/run installs it)")
+    session = _ray_session_files(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grafana").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/grafana.args\necho no web server\nexit 1\n')
+    (bin_dir / "grafana").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    prom_port, grafana_port = free_ports(2)
+    try:
+        code = sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path), "--prometheus-port", str(prom_port),
+                     "--grafana-port", str(grafana_port)])
+        out, err = capsys.readouterr()
+        assert code == 2 and f"started prometheus (pid {(tmp_path / 'prometheus.pid').read_text()})" in out
+        assert "grafana did not start (exited 1" in err and "no web server" in err
+        assert (tmp_path / "grafana.args").read_text().split() == [
+            "server", "--homepath", "/usr/share/grafana", "--config", str(session / "metrics/grafana/grafana.ini"),
+            f"cfg:default.paths.data={tmp_path / 'grafana'}", f"cfg:default.paths.logs={tmp_path / 'grafana'}",
+            "cfg:default.server.http_addr=127.0.0.1", f"cfg:default.server.http_port={grafana_port}"]
+        config = (tmp_path / "prometheus.yml").read_text()
+        assert str(session / "prom_metrics_service_discovery.json") in config  # Ray's scrape targets
+    finally:
+        stop(str(tmp_path))

@@ -125,8 +125,9 @@ def monitored(tmp_path_factory):
         wait_for_head(head, f"{dashboard_url}/api/version")
         # What the cluster files run on the head after `ray start --head` (the Grafana half needs Grafana,
         # which Debian does not package: not run here).
-        lines = start(temp_dir, prometheus_port=prom_port, grafana_port=None, scrape_interval=SCRAPE_S,
-                      cluster_label=CLUSTER)
+        lines = []
+        start(temp_dir, prometheus_port=prom_port, grafana_port=None, scrape_interval=SCRAPE_S,
+              cluster_label=CLUSTER, say=lines.append)
         assert lines[-1].startswith("started prometheus") and (Path(temp_dir) / "prometheus.yml").is_file()
         _wait("Prometheus to find the head's endpoints (node, autoscaler, dashboard)",
               lambda: len(_get(f"{prom_url}/api/v1/targets")["data"]["activeTargets"]) >= 3)

@@ -35,6 +35,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from ssl_platform.command import EXIT_USAGE
@@ -96,10 +97,10 @@ def main(args: argparse.Namespace) -> int:
             print(source)
             return 0
         if args.dashboards_command == "start":
-            for line in start(args.ray_temp_dir, host=args.host, prometheus_port=args.prometheus_port,
-                              grafana_port=None if args.no_grafana else args.grafana_port,
-                              scrape_interval=args.scrape_interval, cluster_label=args.cluster_label):
-                print(line)
+            start(args.ray_temp_dir, host=args.host, prometheus_port=args.prometheus_port,
+                  grafana_port=None if args.no_grafana else args.grafana_port,
+                  scrape_interval=args.scrape_interval, cluster_label=args.cluster_label,
+                  say=lambda line: print(line, flush=True))
             return 0
         dest = Path(args.dir) if args.dir else ray_dashboards_dir(args.ray_temp_dir)
         for path in install(dest, source):
@@ -160,19 +161,20 @@ def install(dest: str | Path, source: Path | None = None) -> list[Path]:
 
 def start(temp_dir: str | None = None, host: str = "127.0.0.1", prometheus_port: int = 9090,
           grafana_port: int | None = 3000, scrape_interval: int | None = None, cluster_label: str | None = None,
-          wait_s: float = 60) -> list[str]:
+          wait_s: float = 60, say: Callable[[str], None] = print) -> None:
     """Install the dashboard, then (re)start Prometheus and, unless ``grafana_port`` is None, Grafana
-    for the running Ray session under ``temp_dir``; returns one line per thing done."""
+    for the running Ray session under ``temp_dir``; ``say`` gets one line per thing done."""
     root = Path(temp_dir or os.environ.get("RAY_TMPDIR") or RAY_TEMP_DIR)
     # Ray's dashboard writes the session's Prometheus and Grafana files just after `ray start` returns.
     deadline = time.monotonic() + wait_s
     while not all((root / f).is_file() for f in (PROMETHEUS_CONFIG, GRAFANA_INI, PROVISIONING_FILE)):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not (root / "session_latest").exists():
             raise DashboardError(f"no Ray session with metrics configuration under {root} ({root / PROMETHEUS_CONFIG} "
                                  f"is missing); start Ray with its dashboard on this node first (`ray start --head`; "
                                  f"not --include-dashboard=false), or pass --ray-temp-dir")
         time.sleep(1)
-    lines = [f"wrote {p}" for p in install(ray_dashboards_dir(str(root)))]
+    for path in install(ray_dashboards_dir(str(root))):
+        say(f"wrote {path}")
     session = (root / "session_latest").resolve()  # this session's files, not whatever session_latest names later
 
     config = (root / PROMETHEUS_CONFIG).read_text()
@@ -182,18 +184,17 @@ def start(temp_dir: str | None = None, host: str = "127.0.0.1", prometheus_port:
         config += f"  relabel_configs:\n  - target_label: ray_io_cluster\n    replacement: {cluster_label}\n"
     (root / "prometheus.yml").write_text(config)
     prometheus = _binary("prometheus")
-    lines.append(_daemon("prometheus", root, f"http://{host}:{prometheus_port}/-/ready", wait_s, [
+    say(_daemon("prometheus", root, f"http://{host}:{prometheus_port}/-/ready", wait_s, [
         prometheus, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'prometheus'}",
         f"--web.listen-address={host}:{prometheus_port}"]))
     if grafana_port is not None:
         grafana = _binary("grafana", "grafana-server")
         home = os.environ.get("GRAFANA_HOME", GRAFANA_HOME)
         server = [grafana, "server"] if Path(grafana).name == "grafana" else [grafana]
-        lines.append(_daemon("grafana", root, f"http://{host}:{grafana_port}/api/health", wait_s, [
+        say(_daemon("grafana", root, f"http://{host}:{grafana_port}/api/health", wait_s, [
             *server, "--homepath", home, "--config", str(session / "metrics" / "grafana" / "grafana.ini"),
             f"cfg:default.paths.data={root / 'grafana'}", f"cfg:default.paths.logs={root / 'grafana'}",
             f"cfg:default.server.http_addr={host}", f"cfg:default.server.http_port={grafana_port}"]))
-    return lines
 
 
 def _binary(*names: str) -> str:
