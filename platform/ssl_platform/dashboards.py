@@ -53,10 +53,12 @@ GRAFANA_HOME = "/usr/share/grafana"
 
 def add_parser(sub) -> None:
     dashboards = sub.add_parser(
-        "dashboards", help="install the platform's Grafana dashboard beside Ray's",
+        "dashboards", help="install the platform's Grafana dashboard beside Ray's; start Prometheus and Grafana",
         description="The platform's Grafana dashboard (loss, throughput, data wait, learning rate, online "
-                    "evaluation, skipped records per run; Ray Data pipeline panels). `install` copies it into "
-                    "the folder Ray's generated Grafana provisioning reads; `path` prints where it is shipped.")
+                    "evaluation, skipped records per run; the run's Ray Data pipeline, GPUs, object store, "
+                    "autoscaler and Ray Train restarts). `install` copies it into the folder Ray's generated "
+                    "Grafana provisioning reads; `start` also starts Prometheus and Grafana on the head node; "
+                    "`path` prints where it is shipped.")
     commands = dashboards.add_subparsers(dest="dashboards_command", required=True)
     install = commands.add_parser(
         "install", help="copy the dashboard JSON into Grafana's dashboards folder",
@@ -77,8 +79,8 @@ def add_parser(sub) -> None:
                        help=f"Ray's temp root (default: $RAY_TMPDIR, else {RAY_TEMP_DIR})")
     start.add_argument("--host", default="127.0.0.1",
                        help="address both listen on (default 127.0.0.1: reach them through an SSH tunnel)")
-    start.add_argument("--prometheus-port", type=int, default=9090)
-    start.add_argument("--grafana-port", type=int, default=3000)
+    start.add_argument("--prometheus-port", type=int, default=9090, help="(default 9090; RAY_PROMETHEUS_HOST must name it)")
+    start.add_argument("--grafana-port", type=int, default=3000, help="(default 3000; RAY_GRAFANA_HOST must name it)")
     start.add_argument("--scrape-interval", type=int, default=None, metavar="SECONDS",
                        help="Prometheus's scrape interval (default: Ray's, 10 s)")
     start.add_argument("--cluster-label", default=None, metavar="NAME",
