@@ -79,7 +79,8 @@ def add_parser(sub) -> None:
                        help=f"Ray's temp root (default: $RAY_TMPDIR, else {RAY_TEMP_DIR})")
     start.add_argument("--host", default="127.0.0.1",
                        help="address both listen on (default 127.0.0.1: reach them through an SSH tunnel)")
-    start.add_argument("--prometheus-port", type=int, default=9090, help="(default 9090; RAY_PROMETHEUS_HOST must name it)")
+    start.add_argument("--prometheus-port", type=int, default=9090,
+                       help="(default 9090; RAY_PROMETHEUS_HOST must name it)")
     start.add_argument("--grafana-port", type=int, default=3000, help="(default 3000; RAY_GRAFANA_HOST must name it)")
     start.add_argument("--scrape-interval", type=int, default=None, metavar="SECONDS",
                        help="Prometheus's scrape interval (default: Ray's, 10 s)")
