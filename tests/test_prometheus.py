@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import textwrap
 import time
 import urllib.parse
@@ -216,3 +217,27 @@ def test_rays_dashboard_reaches_prometheus(monitored):
                                      headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
     answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
     assert answer["result"] is True, answer
+
+
+def test_the_restarts_panel_counts_each_restart_and_zero_for_a_run_without(tmp_path):
+    """The Train restarts query on series shaped as Ray Train's controller sets them (1 for the state it
+    is in, 0 for the one it left; a state's series appears when first entered), evaluated by
+    Prometheus's own rule tester: two restarts count 2, a run that never restarted counts 0."""
+    if shutil.which("promtool") is None:
+        pytest.fail("this test needs promtool: `apt-get install prometheus` (Debian's package; .ci/run installs it)")
+    [query] = [q for where, q in queries(json.loads(DASHBOARD.read_text())) if where == "panel 'Train worker restarts'"]
+    values = {"SessionName": ".+", "Cluster": ".*", "run": ".+", "__range": "10m"}
+    promql = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], query)
+    state = 'ray_train_controller_state{{SessionName="s", ray_train_run_name="{}", ray_train_controller_state="{}"}}'
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": state.format("crashy", "RUNNING"), "values": "1 1 0 0 1 1 0 0 1 1"},
+            {"series": state.format("crashy", "RESTARTING"), "values": "_ _ 1 0 0 0 1 0 0 0"},
+            {"series": state.format("calm", "RUNNING"), "values": "1 1 1 1 1 1 1 1 1 1"}],
+        "promql_expr_test": [{"expr": promql, "eval_time": "9m", "exp_samples": [
+            {"labels": '{ray_train_run_name="crashy"}', "value": 2},
+            {"labels": '{ray_train_run_name="calm"}', "value": 0}]}]}]}
+    (tmp_path / "restarts.yml").write_text(json.dumps(tests))  # JSON is YAML
+    done = subprocess.run(["promtool", "test", "rules", str(tmp_path / "restarts.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
