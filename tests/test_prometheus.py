@@ -1,8 +1,9 @@
-"""Monitoring as it runs on a cluster's head node: a real Prometheus (Debian's `prometheus`) started
-with the scrape configuration Ray generates, finding every metrics endpoint through the
-service-discovery file Ray's dashboard keeps, scrapes a real Ray head while a tiny run trains on it
-(Ray Data pipeline + Ray Train fit); then **every** query of the Grafana dashboard, with its
-variables set to this session and this run, returns data through Prometheus's HTTP API.
+"""Monitoring as it runs on a cluster's head node: a real Prometheus (Debian's `prometheus`),
+started by `sslp dashboards start`'s code with the scrape configuration Ray generates, finds every
+metrics endpoint through the service-discovery file Ray's dashboard keeps and scrapes a real Ray
+head while a tiny run trains on it (Ray Data pipeline + Ray Train fit); then **every** query of the
+Grafana dashboard, with its variables set to this session and this run, returns data through
+Prometheus's HTTP API.
 
 The head is this module's own: the service-discovery file and the node metrics (GPUs, object
 store) come from Ray's dashboard and its agent, which the suite's shared head leaves out. Its
