@@ -241,7 +241,11 @@ def test_images_and_ray_versions_agree():
     dockerfile = (CLUSTERS / "Dockerfile").read_text()
     # One CUDA stack: Ray's CPU image, CUDA from torch's wheel; Ray pinned to the installed version.
     assert re.findall(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M) == [ray.__version__]
-    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["rayproject/ray:${RAY_VERSION}-py311-cpu"]
+    *monitoring, base = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert base == "rayproject/ray:${RAY_VERSION}-py311-cpu"
+    # Prometheus and Grafana come from their release images, for `sslp dashboards start` on the head.
+    assert [m.split(":")[0] for m in monitoring] == ["prom/prometheus", "grafana/grafana-oss"]
+    assert "COPY --from=prometheus" in dockerfile and "COPY --from=grafana" in dockerfile
     assert '"ray[default,data,train,tune]==${RAY_VERSION}"' in dockerfile
     assert "NVIDIA_VISIBLE_DEVICES=all" in dockerfile  # the NVIDIA runtime exposes GPUs only when asked
     project_images = {c["image"] for name in KUBERAY for c in _containers(cluster_spec(ray_resource(name)))}
@@ -333,3 +337,36 @@ def test_sslp_command_is_real(name, argv):
 def test_a_wrong_command_is_caught(command, error):
     with pytest.raises(error):
         check_sslp_command(shlex.split(command))
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+@pytest.mark.parametrize("name", RAY_UP)
+def test_the_head_starts_prometheus_and_grafana_and_points_rays_dashboard_at_them(name):
+    raw = load(name)
+    *start_ray, monitoring = raw["head_start_ray_commands"]
+    argv = shlex.split(monitoring)
+    args = build_parser().parse_args(argv[1:])  # the real command line takes it
+    assert (args.command, args.dashboards_command, args.cluster_label) == ("dashboards", "start", raw["cluster_name"])
+    start = next(c for c in start_ray if "ray start --head" in c)
+    assert f"RAY_PROMETHEUS_HOST=http://127.0.0.1:{args.prometheus_port}" in start
+    assert f"RAY_GRAFANA_HOST=http://127.0.0.1:{args.grafana_port}" in start
+    assert "RAY_GRAFANA_IFRAME_HOST=http://localhost:3000" in start and args.host == "127.0.0.1"
+    assert "--include-dashboard=false" not in start  # Ray's dashboard writes the scrape targets and configurations
+
+
+def test_podmonitors_scrape_ports_every_ray_pod_names():
+    monitors = [d for d in yaml.safe_load_all((CLUSTERS / "kuberay/podmonitor.yaml").read_text()) if d]
+    ports = {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"]:
+             [e["port"] for e in m["spec"]["podMetricsEndpoints"]] for m in monitors}
+    assert ports == {"worker": ["metrics"], "head": ["metrics", "as-metrics", "dash-metrics"]}
+    for m in monitors:  # the dashboards' Cluster filter
+        assert all(e["relabelings"][0]["targetLabel"] == "ray_io_cluster" for e in m["spec"]["podMetricsEndpoints"])
+    for name in KUBERAY:
+        spec = cluster_spec(ray_resource(name))
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert {p["name"] for p in head["ports"]} >= set(ports["head"]), name
+        env = {e["name"]: e["value"] for e in head.get("env", [])}
+        assert {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= set(env), name
+        for group in spec.get("workerGroupSpecs", []):
+            assert "metrics" in {p["name"] for p in group["template"]["spec"]["containers"][0]["ports"]}, name

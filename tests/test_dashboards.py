@@ -1,19 +1,32 @@
 """The Grafana dashboard (dashboards/ssl-platform.json) and `sslp dashboards install`.
 
 Every metric a panel or variable queries must be one the platform emits (train.metrics.METRICS,
-as Ray's Prometheus export names it) or one Ray 2.60's Ray Data defines (read from Ray's code
-here, not copied). That a real run exports every metric the dashboard plots on Ray's Prometheus
-endpoint, the platform's with non-zero values, is tested in test_observed_run.py.
+as Ray's Prometheus export names it), one Ray 2.60's Ray Data defines, or one Ray's own generated
+dashboards query (both read from Ray's code here, not copied). That a real run exports every
+platform and Ray Data metric on Ray's Prometheus endpoint, the platform's with non-zero values, is
+tested in test_observed_run.py; that a real Prometheus answers every query of the dashboard with
+data, in test_prometheus.py.
 """
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from ssl_platform.cli import main as sslp
-from ssl_platform.dashboards import DASHBOARD_FILES, PROVISIONING_FILE, ray_dashboards_dir, shipped_dir
+from ssl_platform.dashboards import (
+    DASHBOARD_FILES,
+    GRAFANA_INI,
+    PROMETHEUS_CONFIG,
+    PROVISIONING_FILE,
+    ray_dashboards_dir,
+    shipped_dir,
+    stop,
+)
 from ssl_platform.train.metrics import METRICS
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "ssl-platform.json"
@@ -56,6 +69,21 @@ def ray_data_metric_names() -> set[str]:
         for ns, n, cls in saved:
             ns[n] = cls
     return set().union(*(exported_names(name, kind) for name, kind in defined))
+
+
+def ray_dashboard_metric_names() -> set[str]:
+    """Every metric Ray's own generated Grafana dashboards query (default, Train, Data: node, GPU,
+    object store, autoscaler, Ray Train controller and worker metrics), read from Ray's panel definitions."""
+    from ray.dashboard.modules.metrics.dashboards import (
+        data_dashboard_panels,
+        default_dashboard_panels,
+        train_dashboard_panels,
+    )
+
+    configs = [default_dashboard_panels.default_dashboard_config, train_dashboard_panels.train_dashboard_config,
+               data_dashboard_panels.data_dashboard_config]
+    panels = [p for c in configs for p in [*c.panels, *(p for row in c.rows for p in row.panels)]]
+    return set().union(*(metric_names(t.expr.replace("{{", "{").replace("}}", "}")) for p in panels for t in p.targets))
 
 
 # PromQL words that are not metric names: aggregations, functions and keywords are followed by
@@ -102,9 +130,10 @@ def test_the_extractor_finds_metric_names_and_only_them():
     assert metric_names("max by (run) (ray_made_up_metric)") == {"ray_made_up_metric"}
 
 
-def test_every_queried_metric_is_one_the_platform_or_ray_data_emits(dashboard):
-    known = platform_metric_names() | ray_data_metric_names()
-    assert "ray_sslp_data_skipped_records_total" in known and "ray_data_output_rows" in known
+def test_every_queried_metric_is_one_the_platform_or_ray_emits(dashboard):
+    known = platform_metric_names() | ray_data_metric_names() | ray_dashboard_metric_names()
+    assert {"ray_sslp_data_skipped_records_total", "ray_data_output_rows", "ray_node_gpus_utilization",
+            "ray_object_store_memory", "autoscaler_pending_nodes", "ray_train_controller_state"} <= known
     found = {where: metric_names(query) for where, query in queries(dashboard)}
     assert all(found.values()), [where for where, names in found.items() if not names]
     unknown = {where: names - known for where, names in found.items() if names - known}
@@ -123,15 +152,23 @@ def test_every_platform_metric_has_a_panel_and_ray_data_has_a_row(dashboard):
         assert title in titles
     rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"]
     data_row = next(i for i in rows if "Ray Data" in dashboard["panels"][i]["title"])
-    data_panels = dashboard["panels"][data_row + 1:]
+    data_panels = dashboard["panels"][data_row + 1:next((i for i in rows if i > data_row), None)]
     assert len(data_panels) >= 4
     assert all(name.startswith("ray_data_")
                for p in data_panels for t in p["targets"] for name in metric_names(t["expr"]))
-    # Each training panel is per run (the run variable filters it), each Ray Data panel per session.
+    # Every panel is filtered by the run variable: the platform's metrics by their run tag, Ray Data's by
+    # the dataset the trainer names after the run, Ray Train's by its run name, and Ray's node metrics
+    # by the nodes (GPUs) or the clusters (object store, autoscaler) the selected runs ran on.
+    run_filters = ('run=~"$run"', 'dataset=~"${run}_.+"', 'ray_train_run_name=~"$run"')
     for p in dashboard["panels"]:
         for t in p.get("targets", []):
             assert 'SessionName=~"$SessionName"' in t["expr"] and 'ray_io_cluster=~"$Cluster"' in t["expr"]
-            assert ('run=~"$run"' in t["expr"]) == (dashboard["panels"].index(p) < data_row), p["title"]
+            assert any(f in t["expr"] for f in run_filters), p["title"]
+            assert ('dataset=~"${run}_.+"' in t["expr"]) == ("ray_data_" in t["expr"]), p["title"]
+    titles = [p["title"] for p in dashboard["panels"]]
+    for title in ("GPU utilisation", "GPU memory", "Object store memory", "Spilled to disk", "Autoscaler: nodes",
+                  "Train worker restarts"):
+        assert title in titles
 
 
 def test_variables_and_datasource_match_rays_dashboards(dashboard):
@@ -174,3 +211,63 @@ def test_default_dir_is_the_one_rays_provisioning_names(tmp_path, capsys):
     assert ray_dashboards_dir(str(tmp_path)) == target
     assert sslp(["dashboards", "install", "--ray-temp-dir", str(tmp_path)]) == 0
     assert (target / DASHBOARD.name).read_bytes() == DASHBOARD.read_bytes()
+
+
+def _ray_session_files(root: Path) -> Path:
+    """The Grafana and Prometheus files Ray's dashboard writes for a session (Ray's own templates)."""
+    from ray.dashboard.modules.metrics.templates import (
+        DASHBOARD_PROVISIONING_TEMPLATE,
+        GRAFANA_INI_TEMPLATE,
+        PROMETHEUS_YML_TEMPLATE,
+    )
+
+    session = root / "session_1"
+    grafana = session / "metrics" / "grafana"
+    (session / PROVISIONING_FILE.parent.relative_to("session_latest")).mkdir(parents=True)
+    (session / "metrics" / "prometheus").mkdir(parents=True)
+    (root / "session_latest").symlink_to(session)
+    (root / PROVISIONING_FILE).write_text(DASHBOARD_PROVISIONING_TEMPLATE.format(
+        dashboard_output_folder=grafana / "dashboards"))
+    (root / GRAFANA_INI).write_text(GRAFANA_INI_TEMPLATE.format(grafana_provisioning_folder=grafana / "provisioning"))
+    (root / PROMETHEUS_CONFIG).write_text(PROMETHEUS_YML_TEMPLATE.format(
+        prom_metrics_service_discovery_file_path=session / "prom_metrics_service_discovery.json"))
+    return session
+
+
+def test_start_refuses_without_a_ray_session_or_a_binary(tmp_path, capsys, monkeypatch):
+    assert sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path)]) == 2
+    assert "start Ray with its dashboard on this node first" in capsys.readouterr().err
+
+    _ray_session_files(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path)]) == 2
+    assert "prometheus is not installed on this node" in capsys.readouterr().err
+    assert (tmp_path / "session_1/metrics/grafana/dashboards" / DASHBOARD.name).is_file()  # installed first
+
+
+def test_start_runs_grafana_with_rays_configuration_and_reports_its_failure(tmp_path, capsys, monkeypatch):
+    """Prometheus (real, Debian's) starts on Ray's generated configuration; Grafana is a stand-in that
+    records its command line and exits 1 (Debian has no Grafana): the command names it and its log."""
+    if shutil.which("prometheus") is None:
+        pytest.fail("this test needs Prometheus: `apt-get install prometheus` (Debian's package; .ci/run installs it)")
+    session = _ray_session_files(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grafana").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/grafana.args\necho no web server\nexit 1\n')
+    (bin_dir / "grafana").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    prom_port, grafana_port = free_ports(2)
+    try:
+        code = sslp(["dashboards", "start", "--ray-temp-dir", str(tmp_path), "--prometheus-port", str(prom_port),
+                     "--grafana-port", str(grafana_port)])
+        out, err = capsys.readouterr()
+        assert code == 2 and f"started prometheus (pid {(tmp_path / 'prometheus.pid').read_text()})" in out
+        assert "grafana did not start (exited 1" in err and "no web server" in err
+        assert (tmp_path / "grafana.args").read_text().split() == [
+            "server", "--homepath", "/usr/share/grafana", "--config", str(session / "metrics/grafana/grafana.ini"),
+            f"cfg:default.paths.data={tmp_path / 'grafana'}", f"cfg:default.paths.logs={tmp_path / 'grafana'}",
+            "cfg:default.server.http_addr=127.0.0.1", f"cfg:default.server.http_port={grafana_port}"]
+        config = (tmp_path / "prometheus.yml").read_text()
+        assert str(session / "prom_metrics_service_discovery.json") in config  # Ray's scrape targets
+    finally:
+        stop(str(tmp_path))
