@@ -88,6 +88,8 @@ class Console:
         self._handler = _RecordHandler(self)
         self._ray_handlers: dict[str, list[logging.Handler]] = {}
         self._ray_printer = None  # Ray's printer of worker output, while this console replaces it
+        self._native_stderr: int | None = None  # a copy of file descriptor 2 while it points to the log
+        self._python_stderr: TextIO | None = None
 
     # -- the platform's lines ------------------------------------------------------------
     def show(self, text: str) -> None:
@@ -175,7 +177,9 @@ class Console:
 
     # -- installing and removing -------------------------------------------------------------
     def install(self) -> None:
-        """Take over the driver's ``ray.*`` loggers; before ``ray.init``, whose own lines they print."""
+        """Take over the driver's ``ray.*`` loggers and, with a log file, the native stderr; before
+        ``ray.init``, whose own lines they print."""
+        self._redirect_native_stderr()
         for name in RAY_LOGGERS:
             logger = logging.getLogger(name)
             streams = [h for h in logger.handlers if _is_console_handler(h)]
@@ -211,6 +215,7 @@ class Console:
                 if h not in logger.handlers:
                     logger.addHandler(h)
         self._ray_handlers.clear()
+        self._restore_native_stderr()
         with self._lock:
             self._close_bar()
             if self._file is not None:
@@ -218,6 +223,35 @@ class Console:
                 self._file = None
         if self in _installed:
             _installed.remove(self)
+
+
+    def _redirect_native_stderr(self) -> None:
+        """Ray's C++ core worker in this process logs to file descriptor 2 (``core_worker.cc: Actor
+        ... has constructor arguments in the object store``, on healthy runs): point it at the log
+        file. Python's own ``sys.stderr`` (tracebacks, warnings, the platform's errors) keeps the
+        console; when it is not descriptor 2 (a test's capture) it is left as it is."""
+        if self._file is None or self.verbose:
+            return
+        try:
+            python_on_fd2 = sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):
+            python_on_fd2 = False
+        sys.stderr.flush()
+        self._native_stderr = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        if python_on_fd2:
+            self._python_stderr = sys.stderr
+            sys.stderr = open(os.dup(self._native_stderr), "w", buffering=1)  # noqa: SIM115 (closed on restore)
+
+    def _restore_native_stderr(self) -> None:
+        if self._native_stderr is None:
+            return
+        if self._python_stderr is not None:
+            sys.stderr.close()
+            sys.stderr, self._python_stderr = self._python_stderr, None
+        os.dup2(self._native_stderr, 2)
+        os.close(self._native_stderr)
+        self._native_stderr = None
 
 
 def active() -> Console | None:
