@@ -58,9 +58,12 @@ def test_the_summary_names_each_restart_its_cause_and_the_steps_repeated():
         "0": "worker rank 0 died (its process exited or was killed)",
         "1": "worker rank 1: RuntimeError: Connection closed by peer"}})  # a consequence, not the cause
     shown.event({"kind": "start", "step": 20})
+    shown.event({"kind": "failure", "workers": {"1": "worker rank 1 died (its process exited or was killed)"}})
+    shown.event({"kind": "start", "step": 20})  # killed again before it logged a step
     assert restart_lines(shown.events) == [
-        ("worker rank 0 died (its process exited or was killed) after step 24; resumed from step 20, "
-        "4 logged step(s) repeated")]
+        ("worker rank 0 died (its process exited or was killed) after step 24; restarted from the "
+         "checkpoint of step 20, 4 logged step(s) repeated"),
+        "worker rank 1 died (its process exited or was killed) after step 20; restarted from the checkpoint of step 20"]
     assert restart_lines([{"kind": "start", "step": 0, "reached": None}]) == []  # one attempt: no restart
 
 

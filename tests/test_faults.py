@@ -161,8 +161,8 @@ def test_the_driver_prints_and_writes_a_summary(killed_runs):
     for line in (f"steps       {STEPS}/{STEPS}", "samples/s", f"final loss  {summary['final_loss']:.4f}",
                  "skipped 0 records", f"checkpoint  {summary['checkpoint']}", "restarts    2",
                  # rank 0 dies at step 25, before logging it; the group resumes from the checkpoint of step 20
-                 ("worker rank 0 died (its process exited or was killed) after step 24; resumed from step 20, "
-                 "4 logged step(s) repeated")):
+                 ("worker rank 0 died (its process exited or was killed) after step 24; restarted from the "
+                 "checkpoint of step 20, 4 logged step(s) repeated")):
         assert line in text, show(restarted)
     assert len(summary["restarts"]) == 2 and " died " in summary["restarts"][1]  # the outside kill
 

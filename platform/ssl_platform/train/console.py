@@ -117,6 +117,7 @@ class Console:
         with self._lock:
             if fields["kind"] == "start":  # an attempt: how far the one before it got
                 fields = {**fields, "reached": self._last_step}
+                self._last_step = fields["step"]
             self.events.append(fields)
 
     def end_progress(self) -> None:
@@ -131,14 +132,18 @@ class Console:
 
     # -- Ray's lines -------------------------------------------------------------------------
     def ray_line(self, text: str) -> None:
+        self.keep(text)
+        if self.verbose:
+            self.show(text)
+
+    def keep(self, text: str) -> None:
+        """Write ``text`` to the log file (kept in memory until there is one)."""
         with self._lock:
             if self._file is not None:
                 self._file.write(text + "\n")
                 self._file.flush()
             else:
                 self._pending.append(text)
-        if self.verbose:
-            self.show(text)
 
     def log_to(self, path: Path) -> None:
         """Ray's lines from now on (and those kept until now) go to ``path`` (appended: a resumed run)."""
@@ -274,12 +279,6 @@ class _RecordHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record)
+            self.console.keep(self.format(record))
         except Exception:  # a malformed record must not break the run
-            return
-        with self.console._lock:
-            if self.console._file is not None:
-                self.console._file.write(text + "\n")
-                self.console._file.flush()
-            else:
-                self.console._pending.append(text)
+            self.handleError(record)

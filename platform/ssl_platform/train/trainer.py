@@ -284,7 +284,7 @@ def restart_lines(events: list[dict]) -> list[str]:
                 reached, step = e.get("reached"), e["step"]
                 after = f" after step {reached}" if reached is not None else ""
                 repeated = f", {reached - step} logged step(s) repeated" if (reached or 0) > step else ""
-                lines.append(f"{cause}{after}; resumed from step {step}{repeated}")
+                lines.append(f"{cause}{after}; restarted from the checkpoint of step {step}{repeated}")
             cause = "the worker group restarted"
     return lines
 
