@@ -109,7 +109,8 @@ class Console:
                 from tqdm import tqdm
 
                 self._close_bar()
-                self._bar = tqdm(total=max_steps, file=self.stream, bar_format="{desc}", dynamic_ncols=True)
+                self._bar = tqdm(total=max_steps, file=self.stream, bar_format="{desc}",
+                                 ncols=_size(self.stream)[0], nrows=_size(self.stream)[1])
             self._bar.n = step
             self._bar.set_description_str(text)
 
@@ -262,6 +263,16 @@ class Console:
 def active() -> Console | None:
     """The driver's console in this process, if a command installed one."""
     return _installed[-1] if _installed else None
+
+
+def _size(stream: TextIO) -> tuple[int, int]:
+    """The terminal's columns and rows (tqdm cuts the line at the width and hides it at 0 rows);
+    120 x 24 where it reports none (a pseudo-terminal of size 0, as under `script`)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 120, 24
+    return size.columns or 120, size.lines or 24
 
 
 def _is_console_handler(h: logging.Handler) -> bool:
