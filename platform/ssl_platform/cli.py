@@ -324,6 +324,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     console.log_to(paths.local / LOG_FILE)  # Ray's lines (appended when the run is resumed)
     status = on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
                                                          f"Run the same command again to resume.", console=console)
+    copy_to_storage(paths, LOG_FILE)  # a URI run keeps Ray's log beside its other files
     if status == 0:
         print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
     return status
