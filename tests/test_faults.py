@@ -127,6 +127,7 @@ def test_a_killed_worker_without_retries_fails_with_one_line(killed_runs):
     last = failed.stderr.strip().splitlines()[-1]
     assert last.startswith("sslp: training failed: worker rank 0 died"), show(failed)
     assert "--max-failures" in last and "run the same command again" in last
+    assert str(run_dir / "ray.log") in last  # where Ray's own lines of the failure are
     assert "Training failed due to worker errors" in (run_dir / "error.log").read_text()  # the full error
 
 
@@ -158,8 +159,12 @@ def test_the_driver_prints_and_writes_a_summary(killed_runs):
         [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["loss"])
     text = restarted.stdout[restarted.stdout.index("summary of run killed:"):]
     for line in (f"steps       {STEPS}/{STEPS}", "samples/s", f"final loss  {summary['final_loss']:.4f}",
-                 "skipped 0 records", f"checkpoint  {summary['checkpoint']}"):
-        assert line in text
+                 "skipped 0 records", f"checkpoint  {summary['checkpoint']}", "restarts    2",
+                 # rank 0 dies at step 25, before logging it; the group resumes from the checkpoint of step 20
+                 ("worker rank 0 died (its process exited or was killed) after step 24; restarted from the "
+                 "checkpoint of step 20, 4 logged step(s) repeated")):
+        assert line in text, show(restarted)
+    assert len(summary["restarts"]) == 2 and " died " in summary["restarts"][1]  # the outside kill
 
 
 def test_a_finished_run_is_not_trained_again(killed_runs, capsys, monkeypatch):

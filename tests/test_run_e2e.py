@@ -45,6 +45,18 @@ def test_run_writes_config_metrics_checkpoint_and_report(first_run):
         assert row in table
 
 
+def test_the_console_shows_the_platform_and_ray_log_keeps_what_ray_prints(first_run):
+    run_dir, done = first_run
+    console = done.stdout + done.stderr
+    for ray_line in ("Reporting training result", "TrainingReport", "Checkpoint successfully created",
+                     "Setting up process group", "core_worker", "exclude_resources", "Progress bars disabled",
+                     "[sslp", "ERROR"):
+        assert ray_line not in console, show(done)
+    assert "training simclr on" in done.stdout and "summary of run tiny:" in done.stdout  # the platform's own
+    log = (run_dir / "ray.log").read_text()
+    assert "Reporting training result" in log and "Setting up process group" in log
+
+
 def test_loss_decreases_on_average(first_run):
     run_dir, _ = first_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

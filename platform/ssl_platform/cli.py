@@ -25,6 +25,7 @@ from ssl_platform.command import (
     EXIT_USAGE,
     Interrupted,
     add_ray_args,
+    add_verbose_arg,
     on_ray,
     resolve_checkpoint,
 )
@@ -64,6 +65,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_steps=200 method.temperature=0.2 (see --help-config)")
     add_ray_args(p)
+    add_verbose_arg(p)
     p.add_argument("--max-failures", type=int, default=0,
                    help="restart the worker group from the newest checkpoint this many times if a worker dies "
                         "(-1: without limit). Tests kill rank 0 at step N once with SSLP_CRASH_AT_STEP=N "
@@ -277,6 +279,7 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
+    from ssl_platform.train.console import LOG_FILE, Console
     from ssl_platform.train.session import StorageError
     from ssl_platform.train.storage import completed_run, copy_to_storage, local_checkpoint, run_paths
     from ssl_platform.train.trainer import fit
@@ -317,8 +320,11 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
                                   f"finished checkpoint {checkpoint}") from None
             copy_to_storage(paths, "results.json", "results.md", "report.png")
 
+    console = Console(verbose=args.verbose)
+    console.log_to(paths.local / LOG_FILE)  # Ray's lines (appended when the run is resumed)
     status = on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
-                                                         f"Run the same command again to resume.")
+                                                         f"Run the same command again to resume.", console=console)
+    copy_to_storage(paths, LOG_FILE)  # a URI run keeps Ray's log beside its other files
     if status == 0:
         print(f"run directory: {paths.uri} (done in {time.perf_counter() - t0:.0f} s)", flush=True)
     return status

@@ -25,14 +25,20 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
 
 
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what Ray prints (always kept in RUN_DIR/ray.log)")
+
+
 class Interrupted(Exception):
     """Ctrl-C at a point with its own advice (the message)."""
 
 
-def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str) -> int:
+def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str, console=None) -> int:
     """Start or join Ray, do ``work()``, leave Ray. Returns the exit status, after printing one
     line for what a user can cause or do (printed once Ray is down, so that no late worker log
-    line follows it)."""
+    line follows it). ``console`` (``train.console.Console``) shows the platform's lines and keeps
+    Ray's in its log file while Ray is up."""
     import ray
 
     from ssl_platform.train.session import DataError, ResourceError, StorageError, TrainingFailed, init_ray
@@ -41,7 +47,7 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str)
                 StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
     joined = ray.is_initialized()  # a caller's connection (an embedding program, a test) stays as it is
     try:
-        url = init_ray(args.address, dashboard=not args.no_dashboard)
+        url = init_ray(args.address, dashboard=not args.no_dashboard, console=console)
         if url:
             print(f"Ray dashboard: {url}", flush=True)
         work()
@@ -57,6 +63,8 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str)
         # A local cluster started here goes down with its workers; a joined one is only left.
         if ray.is_initialized() and not joined:
             ray.shutdown()
+        if console is not None:
+            console.uninstall()
     print(message[0], file=sys.stderr)
     return message[1]
 

@@ -61,7 +61,7 @@ from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
-from ssl_platform.train import local_mode
+from ssl_platform.train import console, local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
     all_rng_states,
@@ -125,14 +125,14 @@ def train_func(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
         if rank == 0:
-            print(f"resumed from step {state.step} (epoch {state.epoch})", flush=True)
+            console.say(f"resumed from step {state.step} (epoch {state.epoch})")
     start_step = state.step
     if rank == 0:
-        print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
-              f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
-              f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
-              f"{', global BatchNorm' if global_bn else ''}"
-              f"{', torch.compile' if t.compile else ''}", flush=True)
+        console.say(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
+                    f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
+                    f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
+                    f"{', global BatchNorm' if global_bn else ''}"
+                    f"{', torch.compile' if t.compile else ''}")
 
     # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
     #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.

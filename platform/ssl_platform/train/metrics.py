@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.skips import SKIPPED_METRIC
+from ssl_platform.train import console
 
 # Every ray.util.metrics name the platform emits: name -> (kind, description). Prometheus sees
 # them prefixed "ray_" (counters also suffixed "_total"); the README and the Grafana dashboards
@@ -188,6 +189,7 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             drop_rows_after(self.path, start_step)
             self._gauges = _make_gauges(run_name)
+            console.event("start", step=start_step)  # an attempt of the run (a restart if not the first)
 
     def untimed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, its time left out of the interval's throughput and step time and of the
@@ -240,16 +242,16 @@ class MetricsLogger:
                 else f"{row['samples_per_s']:,.0f} samples/s")
         steady = self.steady_data_wait()
         bound = data_bound(steady, self.data_advice) if self._rows > 1 else ""
-        print(
+        console.progress(
+            step, self.max_steps,
             f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {row.get('loss', float('nan')):.4f} | "
             f"lr {row.get('lr', 0):.4g} | {rate} | {row['step_time_s']:.3g} s/step | "
             f"data wait {row['data_wait_fraction']:.0%}{' (data-bound)' if bound else ''} | "
             f"ETA {format_duration(eta)}"
             + "".join(f" | {name} {value:.4g}" for name, value in online.items()),
-            flush=True,
         )
         if bound and not self._advised:  # the advice once; "(data-bound)" on the lines after
-            print(bound, flush=True)
+            console.say(bound)
             self._advised = True
         return row
 

@@ -9,6 +9,8 @@ import os
 
 import ray
 
+from ssl_platform.train.console import CONSOLE_ENV, Console
+
 
 class ResourceError(RuntimeError):
     """The cluster can never (or not in time) satisfy the request; the message says what to change."""
@@ -32,8 +34,11 @@ ENV_PREFIX = "SSLP_"
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
-def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster. Returns the dashboard URL."""
+def init_ray(address: str | None = None, dashboard: bool = True, console: Console | None = None) -> str | None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster. Returns the dashboard URL.
+
+    With ``console``, what Ray's processes print and the driver's Ray loggers go through it: the
+    platform's lines are shown, the rest is kept in its log file (``train.console``)."""
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
@@ -51,6 +56,9 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
         os.environ[FOOTER_ACTORS_ENV] = env[FOOTER_ACTORS_ENV]
     # Workers on a joined cluster do not inherit the driver's environment; the job's runtime_env does reach them.
     env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
+    if console is not None:  # the workers mark the lines the console shows
+        env[CONSOLE_ENV] = "1"
+        console.install()  # before ray.init: its own lines go to the log file too
     runtime_env = {"env_vars": env}
     if address:
         ctx = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -59,6 +67,8 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> str | None:
         # (plain ray.init() would silently join it); joining is what --address is for.
         ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
                        runtime_env=runtime_env)
+    if console is not None:
+        console.take_worker_output()
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 

@@ -20,10 +20,11 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -40,7 +41,7 @@ from ssl_platform.data.skips import (
     ledger_name,
     skip_summary,
 )
-from ssl_platform.train import local_mode
+from ssl_platform.train import console, local_mode
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, accumulation_words
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration, format_spill
 from ssl_platform.train.resources import (
@@ -78,6 +79,7 @@ class RunSummary:
     data_wait_fraction: float | None = None  # steady-state share of the training time spent waiting for data
     data_advice: str = ""  # what to give a data-bound run
     spilled_bytes: int | None = None  # object store -> disk during this fit(), cluster-wide; None: unknown
+    restarts: list[str] = field(default_factory=list)  # one line per worker-group restart: cause, steps repeated
 
     def text(self) -> str:
         rate = "n/a" if self.samples_per_s is None else f"{self.samples_per_s:,.0f} samples/s"
@@ -93,6 +95,8 @@ class RunSummary:
                + (f" ({bound})" if (bound := data_bound(self.data_wait_fraction, self.data_advice)) else "")]
               if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
+            f"  restarts    {len(self.restarts) or 'none'}",
+            *(f"    {line}" for line in self.restarts),
             f"  data        {format_summary(self.skipped_records)}",
             *([f"  spill       {format_spill(self.spilled_bytes)}"] if self.spilled_bytes is not None else []),
             f"  checkpoint  {self.checkpoint}",
@@ -147,10 +151,12 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         except (ValueError, FileNotFoundError) as e:
             ray.kill(ledger)
             raise DataError(str(e)) from None
-    print(f"training {cfg.method.name} on {data.description}: {plan.describe()}, "
-          f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}"
-          f"{f', beta2 {cfg.train.adam_beta2:g}' if cfg.train.optimizer == 'adamw' else ''}"
-          f"{describe_accumulation(cfg)}", flush=True)
+    console.say(f"training {cfg.method.name} on {data.description}: {plan.describe()}, "
+                f"global batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.effective_lr()[1]}"
+                f"{f', beta2 {cfg.train.adam_beta2:g}' if cfg.train.optimizer == 'adamw' else ''}"
+                f"{describe_accumulation(cfg)}")
+    shown = console.active()
+    first_event = len(shown.events) if shown else 0  # this fit's events: attempts and failures
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
@@ -176,6 +182,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
                              f"error in {paths.local / ERROR_FILE}; run the same command again to resume run "
                              f"{cfg.name} from its newest checkpoint") from None
     finally:
+        if shown:
+            shown.end_progress()
         skipped = skip_summary(ledger)
         ray.kill(ledger)  # detached so every data task finds it; it must not outlive the run
         if crash_token is not None:
@@ -187,6 +195,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     spilled_after = spilled_bytes()
     if spilled_before is not None and spilled_after is not None:
         summary.spilled_bytes = spilled_after - spilled_before
+    summary.restarts = restart_lines(shown.events[first_event:] if shown else [])
     (paths.local / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     copy_to_storage(paths, SUMMARY_FILE)
     return summary
@@ -216,7 +225,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=paths.storage,
-            callbacks=callbacks,
+            callbacks=[*callbacks, _FailureEvents()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures,
@@ -240,11 +249,14 @@ def _crash_token(run: str) -> ray.actor.ActorHandle | None:
 
 def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
     """With ``data.seed`` set, which rows each worker gets must be reproducible too: Ray Data then
-    keeps the blocks' order (Ray Train splits them in that order, ignoring locality)."""
-    if cfg.data.seed is None:
-        return ray.train.DataConfig()
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    keeps the blocks' order (Ray Train splits them in that order, ignoring locality).
+
+    The options are those of ``DataConfig.default_ingest_options()`` (Ray's default, also when
+    none are given), built here because that copies the deprecated ``exclude_resources``."""
+    current = ray.data.DataContext.get_current().execution_options
+    options = ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits, verbose_progress=current.verbose_progress,
+        preserve_order=current.preserve_order or cfg.data.seed is not None)
     return ray.train.DataConfig(execution_options=options)
 
 
@@ -261,6 +273,42 @@ def describe_accumulation(cfg: ExperimentConfig) -> str:
         batchnorm = has_batchnorm(methods.build(cfg, **methods.expected_derived(cfg)))
     return f", {k} micro-batches a step" + accumulation_words(cfg.train.grad_accum_mode, k,
                                                                methods.method_spec(cfg.method.name), batchnorm)
+
+
+class _FailureEvents(ray.train.UserCallback):
+    """On the Ray Train controller: each worker failure, as an event for the driver's summary."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        console.event("failure", workers={int(rank): describe_failure(rank, exc)
+                                          for rank, exc in sorted(worker_exceptions.items())})
+
+
+def describe_failure(rank: int, exc: BaseException) -> str:
+    """"worker rank 1 died (its process exited or was killed)", or the error's last line."""
+    died = (exc, getattr(exc, "health_check_failure", None))  # a dead process fails the health check
+    if any(isinstance(e, ray.exceptions.RayActorError) for e in died):
+        return f"worker rank {rank} died (its process exited or was killed)"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"worker rank {rank}: {lines[-1] if lines else type(exc).__name__}"
+
+
+def restart_lines(events: list[dict]) -> list[str]:
+    """One line per restart of the worker group, from the events of one fit (``train.console``):
+    an attempt's ``start`` (its step, and the last step logged before it) after a ``failure``."""
+    lines, cause, attempts = [], "the worker group restarted", 0
+    for e in events:
+        if e["kind"] == "failure":  # a worker that died takes the others' collectives down with it
+            died = [what for what in e["workers"].values() if " died " in what]
+            cause = "; ".join(died or list(e["workers"].values())[:1]) or cause
+        elif e["kind"] == "start":
+            attempts += 1
+            if attempts > 1:
+                reached, step = e.get("reached"), e["step"]
+                after = f" after step {reached}" if reached is not None else ""
+                repeated = f", {reached - step} logged step(s) repeated" if (reached or 0) > step else ""
+                lines.append(f"{cause}{after}; restarted from the checkpoint of step {step}{repeated}")
+            cause = "the worker group restarted"
+    return lines
 
 
 @contextmanager
@@ -285,13 +333,7 @@ def _failure_reason(error: ray.train.TrainingFailedError, cfg: ExperimentConfig,
     """One line: which worker failed and how, where the full error is, how to go on."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
-        rank, exc = min(failures.items())
-        died = (exc, getattr(exc, "health_check_failure", None))  # a dead process fails the health check
-        if any(isinstance(e, ray.exceptions.RayActorError) for e in died):
-            what = f"worker rank {rank} died (its process exited or was killed)"
-        else:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            what = f"worker rank {rank}: {lines[-1] if lines else type(exc).__name__}"
+        what = describe_failure(*min(failures.items()))
     else:
         cause = getattr(error, "controller_failure", error)
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
@@ -302,8 +344,10 @@ def _failure_reason(error: ray.train.TrainingFailedError, cfg: ExperimentConfig,
         what = f"the Ray Train controller failed: {type(cause).__name__}: {first}"
     retries = (f"after {max_failures} restart(s)" if max_failures else
                "pass --max-failures N to restart from the newest checkpoint automatically")
-    return (f"{what}; full error in {paths.local / ERROR_FILE}; {retries}; run the same command again to resume "
-            f"run {cfg.name} from its newest checkpoint")
+    shown = console.active()
+    logs = f" (Ray's log: {shown.log_path})" if shown and shown.log_path else ""
+    return (f"{what}; full error in {paths.local / ERROR_FILE}{logs}; {retries}; run the same command again to "
+            f"resume run {cfg.name} from its newest checkpoint")
 
 
 def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result, skipped: dict,

@@ -16,6 +16,7 @@ import ray.train
 import torch.distributed as dist
 
 from ssl_platform.data.skips import NAMESPACE
+from ssl_platform.train import console
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, train_func
 from ssl_platform.train.storage import METRICS_FILE, run_filesystem
 
@@ -48,7 +49,7 @@ def _announce_placement(rank: int, world: int) -> None:
             ranks_by_node.setdefault(tuple(node), []).append(r)
         where = "; ".join(f"node {node_id[:12]} ({ip}): ranks {','.join(map(str, ranks))}"
                           for (node_id, ip), ranks in ranks_by_node.items())
-        print(f"{world} workers on {len(ranks_by_node)} node(s): {where}", flush=True)
+        console.say(f"{world} workers on {len(ranks_by_node)} node(s): {where}")
 
 
 def pack_dir(path: Path) -> dict[str, bytes]:
