@@ -38,6 +38,11 @@ STATE_FILE = "state.pt"
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # completed passes over the data shard
+    # Where the data stream is (an ordered corpus, issue 18): steps taken in the current epoch,
+    # so every worker has read the first epoch_step * batch_size / workers ids of its list, and
+    # what that position depends on (data.ordered.OrderedCorpus.fingerprint); None: a split stream.
+    epoch_step: int = 0
+    data: dict | None = None
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -106,6 +111,8 @@ def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dic
         "scheduler": scheduler.state_dict(),
         "step": state.step,
         "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "data": state.data,
         "rng": rng,
         "config": config,
     }
@@ -147,4 +154,5 @@ def restore_state(directory: str | Path, *, model: torch.nn.Module, optimizer: t
     scheduler.load_state_dict(payload["scheduler"])
     if rank < len(payload["rng"]):
         set_rng_state(payload["rng"][rank])
-    return TrainState(step=int(payload["step"]), epoch=int(payload["epoch"]))
+    return TrainState(step=int(payload["step"]), epoch=int(payload["epoch"]),
+                      epoch_step=int(payload.get("epoch_step", 0)), data=payload.get("data"))

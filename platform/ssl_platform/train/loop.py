@@ -59,6 +59,7 @@ from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
+from ssl_platform.data.ordered import epoch_stream, fingerprint_change
 from ssl_platform.train import local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -68,7 +69,7 @@ from ssl_platform.train.checkpoint import (
     restore_state,
     save_state,
 )
-from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice
+from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice, read_metrics
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
 from ssl_platform.views import image_views
@@ -118,8 +119,11 @@ def train_func(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
-        if rank == 0:
-            print(f"resumed from step {state.step} (epoch {state.epoch})", flush=True)
+    ordered = loop_config.get("ordered")  # None: the stream Ray Train splits (a fresh epoch after a resume)
+    if ordered is not None:
+        place_in_epoch(state, ordered.fingerprint(t.batch_size), resuming=checkpoint is not None, cfg=cfg)
+    if checkpoint is not None and rank == 0:
+        print(resume_line(state, ordered is not None, t.batch_size, loop_config["run_dir"]), flush=True)
     start_step = state.step
     if rank == 0:
         print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
@@ -130,17 +134,24 @@ def train_func(loop_config: dict) -> None:
 
     # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
     #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if ordered is None else None
+    steps_in_epoch = ordered.steps_per_epoch(t.batch_size) if ordered is not None else None
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
                            data_advice=data_advice(cfg))
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
-    while state.step < t.max_steps:  # one pass over the shard = one epoch of fresh augmentations
-        micro_batches = shard.iter_torch_batches(
-            batch_size=micro_batch, drop_last=True, device=device,
-            prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
-        )
+    while state.step < t.max_steps:  # one pass over the data = one epoch
+        if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
+            ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
+                              skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size)
+            micro_batches = [] if ds is None else ds.iter_torch_batches(
+                batch_size=micro_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches)
+        else:  # the split stream: fresh block order and a local shuffle each pass
+            micro_batches = shard.iter_torch_batches(
+                batch_size=micro_batch, drop_last=True, device=device,
+                prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
+            )
         epoch_start = state.step
         stream = groups_of(meter.timed(micro_batches), t.grad_accum_steps)
         for batches in stream:
@@ -155,6 +166,9 @@ def train_func(loop_config: dict) -> None:
             if step_end is not None:  # an optional hook (ssl_models.protocol.Method): BYOL's EMA target
                 step_end(state.step, t.max_steps)  # 0-based index of the step just taken
             state.step += 1
+            state.epoch_step += 1
+            if ordered is not None and state.epoch_step == steps_in_epoch:  # the checkpoint says: next epoch
+                state.epoch, state.epoch_step = state.epoch + 1, 0
             meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 
             if state.step == crash_at and start_step < crash_at and rank == 0:
@@ -174,7 +188,33 @@ def train_func(loop_config: dict) -> None:
         if state.step == epoch_start:
             raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
                              f"lower train.batch_size")
-        state.epoch += 1
+        if ordered is None:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+
+
+def place_in_epoch(state: TrainState, fingerprint: dict, resuming: bool, cfg) -> None:
+    """Where an ordered corpus's stream starts: at ``state``'s position in its epoch when the
+    checkpoint's data fingerprint is this run's; else (data, seed or batch size changed) refuse
+    with one line, or with ``train.resume=steps_only`` start a fresh epoch at the checkpoint's step."""
+    change = fingerprint_change(state.data, fingerprint) if resuming else None
+    if change and cfg.train.resume == "exact":
+        raise ValueError(f"cannot resume run {cfg.name} exactly from step {state.step}: {change}; restore those "
+                         f"settings, or pass train.resume=steps_only to go on from step {state.step} with a "
+                         f"fresh epoch")
+    if change:
+        state.epoch, state.epoch_step = state.epoch + 1, 0
+    state.data = fingerprint
+
+
+def resume_line(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> str:
+    """What a resume costs, for the run's output: the position it continues from and the steps
+    the interrupted attempt had logged past the checkpoint (trained again now)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    logged = max((r.get("step", 0) for r in read_metrics(path)), default=0) if path.exists() else 0
+    repeated = max(0, logged - state.step)
+    where = (f"epoch {state.epoch} record {state.epoch_step * batch_size:,}" if exact
+             else f"epoch {state.epoch}, a fresh pass over the data")
+    return f"resumed from step {state.step}, {where}: {repeated} step{'s' * (repeated != 1)} repeated"
 
 
 def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:

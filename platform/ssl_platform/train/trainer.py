@@ -150,7 +150,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
-    if plan.num_workers == 0 and cfg.data.seed is not None:  # what _dataset_config asks of the workers' shards
+    if data.train is not None and plan.num_workers == 0 and cfg.data.seed is not None:  # as _dataset_config
         data.train.context.execution_options.preserve_order = True
     trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build)
     try:
@@ -196,6 +196,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: pack_dir(Path(path)) for name, path in data.artifacts.items()},
             "online_split": online_split_ref, "build": build, "local": plan.num_workers == 0,
+            "ordered": data.ordered,  # each worker reads its ids of the epoch's order (None: the split stream)
             "resume_from": local_mode.resume_point(paths.uri if paths.remote else str(paths.local),
                                                    local=plan.num_workers == 0),
         },
@@ -216,7 +217,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
                 controller_failure_limit=max(1, math.ceil(cfg.scaling.wait_for_resources_s / PLACEMENT_TIMEOUT_S))),
         ),
         dataset_config=_dataset_config(cfg),
-        datasets={"train": data.train},
+        datasets={"train": data.train} if data.train is not None else None,
     )
 
 
