@@ -1,0 +1,116 @@
+"""Exact mid-epoch resume (issue 18): a run whose worker dies mid-epoch and restarts from the
+newest checkpoint (``--max-failures``, the SSLP_CRASH_AT_STEP fault injection) logs, step for
+step, the losses of the run that was never interrupted: the same records, in the same order,
+with the same views, masks and crops, on every built-in corpus the ordered stream serves
+(images, image-caption pairs, audio). With 2 workers the restarted run matches the 1-worker
+uninterrupted 2-worker run to 1e-5, and both the 1-worker run to 1e-4 (float summation order:
+the order splits global batches, not records, across workers).
+
+The checkpoint lands in the second epoch, so the resumed stream starts at a position inside an
+epoch other than the first; the crash comes a step later, so the restart repeats a step.
+
+Runs are `sslp run` jobs on the session's Ray head (conftest.sslp), 1 worker, tiny models.
+The refusal of a changed fingerprint is tested in-process.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import show
+
+from ssl_platform.config import load_config
+from ssl_platform.data.ordered import fingerprint_change
+from ssl_platform.train.checkpoint import TrainState
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, place_in_epoch
+
+COMMON = ("train.log_every=1", "train.warmup_steps=2", "eval.enabled=false",
+          "eval.online_every=0", "scaling.num_workers=1")
+# preset, global batch, tiny overrides
+KINDS = {
+    "image": ("simclr-digits", 128, ("data.image_size=16", "model.encoder_widths=[8,16]", "model.projector_width=32",
+                                "model.projector_dim=16", "train.optimizer=adamw", "train.lr=0.001")),
+    "image-caption": ("clip-digit-captions", 128, ("data.image_size=8", "model.patch_size=4", "model.embed_dim=8",
+                                              "model.vision_width=16", "model.vision_layers=1", "model.vision_heads=2",
+                                              "model.context_length=8", "model.text_width=16", "model.text_layers=1",
+                                              "model.text_heads=2")),
+    "audio": ("cpc-spoken-digits", 32, ("data.crop_seconds=0.1", "model.channels=8", "model.context_dim=8",
+                                    "method.num_steps=2")),
+}
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+# the train splits' records: 80% of the 1,797 digits, 380 spoken digits
+STEPS_PER_EPOCH = {"image": 1437 // 128, "image-caption": 1437 // 128, "audio": 380 // 32}
+
+
+@pytest.fixture(scope="module")
+def runs(sslp, tmp_path_factory):
+    """Per kind, lazily: (reference losses, restarted losses, the restarted run's output)."""
+    root, done = tmp_path_factory.mktemp("resume"), {}
+
+    def get(kind: str, workers: int = 1):
+        if (kind, workers) in done:
+            return done[kind, workers]
+        preset, batch, tiny = KINDS[kind]
+        every = STEPS_PER_EPOCH[kind] + 2  # the checkpoint: record 2 x batch of the second epoch
+        steps, args = every + 3, (*COMMON, f"train.batch_size={batch}", *tiny, f"train.checkpoint_every={every}")
+        ref = sslp("run", preset, f"name={kind}-ref-{workers}", f"runs_dir={root}", f"train.max_steps={steps}",
+                   *args, f"scaling.num_workers={workers}", cwd=root)
+        assert ref.returncode == 0, show(ref)
+        name = f"{kind}-crash-{workers}"
+        crashed = sslp("run", preset, f"name={name}", f"runs_dir={root}", f"train.max_steps={steps}", *args,
+                       f"scaling.num_workers={workers}", "--max-failures", "1", cwd=root,
+                       env={CRASH_AT_STEP_ENV: str(every + 2), "PYTHONUNBUFFERED": "1"})
+        assert crashed.returncode == 0, show(crashed)
+        done[kind, workers] = (losses(root / f"{kind}-ref-{workers}"), losses(root / name),
+                               crashed.stdout + crashed.stderr, every)
+        return done[kind, workers]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_restart_mid_epoch_logs_the_losses_of_the_uninterrupted_run(runs, kind):
+    reference, restarted, output, every = runs(kind)
+    assert [s for s, _ in restarted] == [s for s, _ in reference] == list(range(1, every + 4))
+    assert restarted == reference  # identical floats, every step, before and after the restart
+    line = re.search(r"resumed from step (\d+), epoch (\d+) record ([\d,]+): (\d+) steps? repeated", output)
+    assert line, output[-3000:]
+    assert (int(line[1]), int(line[2]), int(line[3].replace(",", ""))) == (every, 1, 2 * KINDS[kind][1])
+
+
+def test_two_workers_restarted_mid_epoch_follow_the_uninterrupted_two_worker_run(runs):
+    reference, restarted, output, every = runs("image", workers=2)
+    assert [s for s, _ in restarted] == [s for s, _ in reference] == list(range(1, every + 4))
+    for (step, want), (_, got) in zip(reference, restarted, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), f"step {step}"
+    assert re.search(rf"resumed from step {every}, epoch 1 record 256: \d+ steps? repeated", output)
+    # and the 2-worker run is the 1-worker run, up to float summation order (measured: 1.1e-5 at step 11)
+    one_worker, *_ = runs("image")
+    for (step, want), (_, got) in zip(one_worker, reference, strict=True):
+        assert got == pytest.approx(want, rel=1e-4), f"step {step}"
+
+
+# ----------------------------------------------------------------------------- in-process: the fingerprint
+
+
+def test_a_changed_fingerprint_refuses_the_exact_resume_in_one_line_or_starts_a_fresh_epoch():
+    stored = {"corpus": "digits", "records": 1437, "seed": 0, "batch_size": 64}
+    assert fingerprint_change(stored, dict(stored)) is None
+    assert fingerprint_change(stored, {**stored, "batch_size": 32}) == "batch_size 64 -> 32"
+    cfg = load_config("simclr-digits", ["name=r"])
+    state = TrainState(step=30, epoch=1, epoch_step=8, data=stored)
+    with pytest.raises(ValueError, match=r"^cannot resume run r exactly from step 30: seed 0 -> 1; .*"
+                                         r"train\.resume=steps_only") as e:
+        place_in_epoch(state, {**stored, "seed": 1}, resuming=True, cfg=cfg)
+    assert "\n" not in str(e.value)
+    place_in_epoch(state, dict(stored), resuming=True, cfg=cfg)  # unchanged: the position stays
+    assert (state.epoch, state.epoch_step) == (1, 8)
+    lenient = load_config("simclr-digits", ["name=r", "train.resume=steps_only"])
+    place_in_epoch(state, {**stored, "seed": 1}, resuming=True, cfg=lenient)
+    assert (state.step, state.epoch, state.epoch_step, state.data["seed"]) == (30, 2, 0, 1)
