@@ -114,3 +114,43 @@ def test_a_changed_fingerprint_refuses_the_exact_resume_in_one_line_or_starts_a_
     lenient = load_config("simclr-digits", ["name=r", "train.resume=steps_only"])
     place_in_epoch(state, {**stored, "seed": 1}, resuming=True, cfg=lenient)
     assert (state.step, state.epoch, state.epoch_step, state.data["seed"]) == (30, 2, 0, 1)
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(sslp, tmp_path):
+    """SIGTERM to `sslp run` (what `ray job stop`, a spot notice or a Kubernetes eviction sends):
+    exit 143 with a checkpoint of the last step taken; the same command resumes there."""
+    import signal
+
+    from test_faults import checkpoint_step, wait_for
+
+    from ssl_platform.train.metrics import read_metrics
+
+    def logged_steps(run_dir: Path) -> list[int]:
+        return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]  # a torn last line is left out
+
+    preset, batch, tiny = KINDS["image"]
+    args = ("run", preset, "name=term", f"runs_dir={tmp_path}", "train.max_steps=400", *COMMON,
+            f"train.batch_size={batch}", *tiny, "train.checkpoint_every=1000")
+    run_dir, log = tmp_path / "term", tmp_path / "term.log"
+    proc = sslp.popen(*args, cwd=tmp_path, log=log, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: len(logged_steps(run_dir)) >= 3 or proc.poll() is not None, "the first steps")
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert returncode == 143, output[-3000:]
+    assert "sslp: preempted: stopped on SIGTERM at step" in output.strip().splitlines()[-1]
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    stopped_at = checkpoint_step(checkpoints[-1])
+    assert 3 <= stopped_at < 400 and logged_steps(run_dir)[-1] == stopped_at  # nothing past the checkpoint
+
+    again = sslp(*args, cwd=tmp_path)
+    assert again.returncode == 0, show(again)
+    assert re.search(rf"resumed from step {stopped_at}, epoch \d+ record [\d,]+: 0 steps repeated", again.stdout)
+    assert logged_steps(run_dir) == list(range(1, 401))

@@ -72,6 +72,7 @@ from ssl_platform.train.checkpoint import (
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice, read_metrics
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
+from ssl_platform.train.preemption import StopPoller
 from ssl_platform.views import image_views
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
@@ -141,6 +142,7 @@ def train_func(loop_config: dict) -> None:
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
+    stop, stopped = StopPoller(loop_config.get("stop_flag")), False  # SIGTERM to the driver (train.preemption)
     while state.step < t.max_steps:  # one pass over the data = one epoch
         if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
             ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
@@ -173,7 +175,8 @@ def train_func(loop_config: dict) -> None:
 
             if state.step == crash_at and start_step < crash_at and rank == 0:
                 os._exit(1)  # a real process death, not an exception Ray could catch in Python
-            checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+            stopped = stop.flag is not None and any_rank(stop.raised(), world, device)  # all ranks stop at this step
+            checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps or stopped
             evaluate_now = online.due(state.step, checkpoint_now)
             val = logger.untimed(online, method) if evaluate_now else {}  # {"val_...": ...} where evaluated
             if evaluate_now or state.step % t.log_every == 0 or state.step == t.max_steps:
@@ -182,9 +185,13 @@ def train_func(loop_config: dict) -> None:
                 report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, {**logger.summary(), **val})
             elif evaluate_now:  # no checkpoint: Ray Train keeps nothing, but Tune sees the metrics
                 ray.train.report({"step": state.step, "epoch": state.epoch, **logger.summary(), **val}, checkpoint=None)
-            if state.step >= t.max_steps:
+            if state.step >= t.max_steps or stopped:
                 break
         stream.close()  # max_steps mid-epoch: stop this pass's Ray Data executor now, not when collected
+        if stopped:
+            if rank == 0:
+                print(f"stopped on SIGTERM at step {state.step} (checkpointed)", flush=True)
+            return
         if state.step == epoch_start:
             raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
                              f"lower train.batch_size")
@@ -215,6 +222,15 @@ def resume_line(state: TrainState, exact: bool, batch_size: int, run_dir: str) -
     where = (f"epoch {state.epoch} record {state.epoch_step * batch_size:,}" if exact
              else f"epoch {state.epoch}, a fresh pass over the data")
     return f"resumed from step {state.step}, {where}: {repeated} step{'s' * (repeated != 1)} repeated"
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank: every rank gets the same answer (an all-reduce of one number)."""
+    if world == 1:
+        return flag
+    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(votes)  # SUM
+    return bool(votes.item() > 0)
 
 
 def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:

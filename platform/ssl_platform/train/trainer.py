@@ -43,6 +43,7 @@ from ssl_platform.data.skips import (
 from ssl_platform.train import local_mode
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration
+from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
 from ssl_platform.train.resources import (
     PLACEMENT_TIMEOUT_S,
     WorkerPlan,
@@ -150,11 +151,13 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
+    stop = stop_flag(cfg.name)  # SIGTERM raises it; the workers checkpoint their step and stop
     if data.train is not None and plan.num_workers == 0 and cfg.data.seed is not None:  # as _dataset_config
         data.train.context.execution_options.preserve_order = True
-    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build)
+    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build,
+                       stop_flag_name(cfg.name))
     try:
-        with _ray_sigint_as_keyboard_interrupt():
+        with _ray_sigint_as_keyboard_interrupt(), sigterm_checkpoints(stop) as sigterm:
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         (paths.local / ERROR_FILE).write_text(str(e) + "\n")
@@ -176,8 +179,14 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         ray.kill(ledger)  # detached so every data task finds it; it must not outlive the run
         if crash_token is not None:
             ray.kill(crash_token)
+        ray.kill(stop)
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint in {paths.uri}")
+    step = int((result.metrics or {}).get("step", cfg.train.max_steps))
+    if sigterm and step < cfg.train.max_steps:
+        raise Preempted(f"stopped on SIGTERM at step {step} of {cfg.train.max_steps} with a checkpoint of that step "
+                        f"({result.checkpoint.path}); run the same command again to resume run {cfg.name}, "
+                        f"repeating no step")
 
     summary = _summarize(cfg, paths, result, skipped, t0)
     (paths.local / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
@@ -187,7 +196,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
              max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None,
-             build=None) -> TorchTrainer:
+             build=None, stop: str | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -196,6 +205,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: pack_dir(Path(path)) for name, path in data.artifacts.items()},
             "online_split": online_split_ref, "build": build, "local": plan.num_workers == 0,
+            "stop_flag": stop,  # the named actor SIGTERM raises (train.preemption)
             "ordered": data.ordered,  # each worker reads its ids of the epoch's order (None: the split stream)
             "resume_from": local_mode.resume_point(paths.uri if paths.remote else str(paths.local),
                                                    local=plan.num_workers == 0),
