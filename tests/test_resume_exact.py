@@ -82,6 +82,7 @@ def test_a_restart_mid_epoch_logs_the_losses_of_the_uninterrupted_run(runs, kind
     line = re.search(r"resumed from step (\d+), epoch (\d+) record ([\d,]+): (\d+) steps? repeated", output)
     assert line, output[-3000:]
     assert (int(line[1]), int(line[2]), int(line[3].replace(",", ""))) == (every, 1, 2 * KINDS[kind][1])
+    assert f"  resume      resumed from step {every}, epoch 1" in output  # the run summary says it too
 
 
 def test_two_workers_restarted_mid_epoch_follow_the_uninterrupted_two_worker_run(runs):
@@ -152,5 +153,6 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(sslp, t
 
     again = sslp(*args, cwd=tmp_path)
     assert again.returncode == 0, show(again)
-    assert re.search(rf"resumed from step {stopped_at}, epoch \d+ record [\d,]+: 0 steps repeated", again.stdout)
+    assert re.search(rf"resume +resumed from step {stopped_at}, epoch \d+ record [\d,]+: 0 steps repeated",
+                     again.stdout), show(again)
     assert logged_steps(run_dir) == list(range(1, 401))

@@ -123,8 +123,9 @@ def train_func(loop_config: dict) -> None:
     ordered = loop_config.get("ordered")  # None: the stream Ray Train splits (a fresh epoch after a resume)
     if ordered is not None:
         place_in_epoch(state, ordered.fingerprint(t.batch_size), resuming=checkpoint is not None, cfg=cfg)
-    if checkpoint is not None and rank == 0:
-        print(resume_line(state, ordered is not None, t.batch_size, loop_config["run_dir"]), flush=True)
+    resumed = resume_cost(state, ordered is not None, t.batch_size, loop_config["run_dir"]) if checkpoint else {}
+    if resumed and rank == 0:
+        print(resume_line(resumed), flush=True)
     start_step = state.step
     if rank == 0:
         print(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
@@ -182,7 +183,8 @@ def train_func(loop_config: dict) -> None:
             if evaluate_now or state.step % t.log_every == 0 or state.step == t.max_steps:
                 logger.log(state.step, meter.pop(world, device), lr=lr, epoch=state.epoch, **val)
             if checkpoint_now:
-                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, {**logger.summary(), **val})
+                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config,
+                                  {**logger.summary(), **resumed, **val})
             elif evaluate_now:  # no checkpoint: Ray Train keeps nothing, but Tune sees the metrics
                 ray.train.report({"step": state.step, "epoch": state.epoch, **logger.summary(), **val}, checkpoint=None)
             if state.step >= t.max_steps or stopped:
@@ -213,15 +215,23 @@ def place_in_epoch(state: TrainState, fingerprint: dict, resuming: bool, cfg) ->
     state.data = fingerprint
 
 
-def resume_line(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> str:
-    """What a resume costs, for the run's output: the position it continues from and the steps
-    the interrupted attempt had logged past the checkpoint (trained again now)."""
+def resume_cost(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> dict[str, int]:
+    """Where a resume continues (step, epoch, record of the epoch: -1 for a fresh pass) and the
+    steps the interrupted attempt had logged past the checkpoint, which are trained again."""
     path = Path(run_dir) / "metrics.jsonl"
     logged = max((r.get("step", 0) for r in read_metrics(path)), default=0) if path.exists() else 0
-    repeated = max(0, logged - state.step)
-    where = (f"epoch {state.epoch} record {state.epoch_step * batch_size:,}" if exact
-             else f"epoch {state.epoch}, a fresh pass over the data")
-    return f"resumed from step {state.step}, {where}: {repeated} step{'s' * (repeated != 1)} repeated"
+    return {"resumed_step": state.step, "resumed_epoch": state.epoch,
+            "resumed_record": state.epoch_step * batch_size if exact else -1,
+            "repeated_steps": max(0, logged - state.step)}
+
+
+def resume_line(resumed: dict[str, int]) -> str:
+    """"resumed from step 137, epoch 3 record 5,120: 0 steps repeated" (the run's output and summary)."""
+    record = resumed["resumed_record"]
+    where = f"record {record:,}" if record >= 0 else "a fresh pass over the data"
+    n = resumed["repeated_steps"]
+    return (f"resumed from step {resumed['resumed_step']}, epoch {resumed['resumed_epoch']} {where}: "
+            f"{n} step{'s' * (n != 1)} repeated")
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:

@@ -41,7 +41,7 @@ from ssl_platform.data.skips import (
     skip_summary,
 )
 from ssl_platform.train import local_mode
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, resume_line
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration
 from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
 from ssl_platform.train.resources import (
@@ -78,6 +78,7 @@ class RunSummary:
     checkpoint: str
     data_wait_fraction: float | None = None  # steady-state share of the training time spent waiting for data
     data_advice: str = ""  # what to give a data-bound run
+    resumed: str = ""  # what the last resume of this fit() cost (train.loop.resume_line), "" if it started fresh
 
     def text(self) -> str:
         rate = "n/a" if self.samples_per_s is None else f"{self.samples_per_s:,.0f} samples/s"
@@ -93,6 +94,7 @@ class RunSummary:
                + (f" ({bound})" if (bound := data_bound(self.data_wait_fraction, self.data_advice)) else "")]
               if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
+            *([f"  resume      {self.resumed}"] if self.resumed else []),
             f"  data        {format_summary(self.skipped_records)}",
             f"  checkpoint  {self.checkpoint}",
         ])
@@ -306,4 +308,5 @@ def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result,
         wall_time_s=time.time() - t0, samples_per_s=m.get("samples_per_s"), tokens_per_s=m.get("tokens_per_s"),
         final_loss=m.get("loss"), skipped_records=skipped, checkpoint=checkpoint,
         data_wait_fraction=m.get("data_wait_fraction"), data_advice=data_advice(cfg),
+        resumed=resume_line(m) if "resumed_step" in m else "",
     )
