@@ -156,3 +156,28 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(sslp, t
     assert re.search(rf"resume +resumed from step {stopped_at}, epoch \d+ record [\d,]+: 0 steps repeated",
                      again.stdout), show(again)
     assert logged_steps(run_dir) == list(range(1, 401))
+
+
+def test_the_driver_refuses_a_changed_fingerprint_before_any_worker_starts(tmp_path):
+    from ssl_platform.train.checkpoint import POSITION_FILE, STATE_FILE
+    from ssl_platform.train.storage import run_paths
+    from ssl_platform.train.trainer import check_exact_resume
+
+    cfg = load_config("simclr-digits", ["name=r", f"runs_dir={tmp_path}"])
+    paths = run_paths(cfg)
+    fingerprint = {"corpus": "digits", "records": 1437, "seed": 0, "batch_size": 256}
+    check_exact_resume(cfg, paths, fingerprint)  # nothing to resume from
+    checkpoint = paths.local / "checkpoint_2026-12-04_10-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^cannot resume run r exactly from its newest checkpoint: the checkpoint "
+                                         r"records no data position"):
+        check_exact_resume(cfg, paths, fingerprint)
+    position = {"step": 40, "epoch": 7, "epoch_step": 3, "data": {**fingerprint, "batch_size": 128}}
+    (checkpoint / POSITION_FILE).write_text(json.dumps(position))
+    with pytest.raises(ValueError, match=r"^cannot resume run r exactly from step 40: batch_size 128 -> 256; "):
+        check_exact_resume(cfg, paths, fingerprint)
+    check_exact_resume(load_config("simclr-digits", ["name=r", f"runs_dir={tmp_path}", "train.resume=steps_only"]),
+                       paths, fingerprint)  # accepted
+    (checkpoint / POSITION_FILE).write_text(json.dumps({**position, "data": fingerprint}))
+    check_exact_resume(cfg, paths, fingerprint)  # the same data: exact

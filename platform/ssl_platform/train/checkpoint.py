@@ -17,6 +17,7 @@ parameter name, so a run checkpointed with one strategy resumes with the other.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch.distributed as dist
 # and none of them needs them.
 
 STATE_FILE = "state.pt"
+POSITION_FILE = "position.json"  # where the data stream was: read by the driver before it resumes
 
 
 @dataclass
@@ -117,7 +119,23 @@ def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dic
         "config": config,
     }
     torch.save(payload, path)
+    if state.data is not None:  # the resume check reads this, not the whole state
+        position = {"step": state.step, "epoch": state.epoch, "epoch_step": state.epoch_step, "data": state.data}
+        (Path(directory) / POSITION_FILE).write_text(json.dumps(position) + "\n")
     return path
+
+
+def saved_position(checkpoint: str) -> dict | None:
+    """The data position a checkpoint (a path or URI) was written at: ``{"step", "epoch",
+    "epoch_step", "data"}``, or None when it records none (a split stream, or an older checkpoint)."""
+    from ssl_platform.data.sources import filesystem
+
+    fs, path, _ = filesystem(checkpoint, what="checkpoint")
+    try:
+        with fs.open_input_stream(f"{path}/{POSITION_FILE}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def saved_derived(payload: dict) -> dict[str, Any] | None:

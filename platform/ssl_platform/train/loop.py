@@ -207,12 +207,17 @@ def place_in_epoch(state: TrainState, fingerprint: dict, resuming: bool, cfg) ->
     with one line, or with ``train.resume=steps_only`` start a fresh epoch at the checkpoint's step."""
     change = fingerprint_change(state.data, fingerprint) if resuming else None
     if change and cfg.train.resume == "exact":
-        raise ValueError(f"cannot resume run {cfg.name} exactly from step {state.step}: {change}; restore those "
-                         f"settings, or pass train.resume=steps_only to go on from step {state.step} with a "
-                         f"fresh epoch")
+        raise ValueError(inexact_resume(cfg.name, state.step, change))
     if change:
         state.epoch, state.epoch_step = state.epoch + 1, 0
     state.data = fingerprint
+
+
+def inexact_resume(run: str, step: int | None, change: str) -> str:
+    """The one line that refuses a resume whose data position no longer holds (``step`` None: unknown)."""
+    at = f"step {step}" if step is not None else "its newest checkpoint"
+    return (f"cannot resume run {run} exactly from {at}: {change}; restore those settings, or pass "
+            f"train.resume=steps_only to go on from {'that step' if step is None else at} with a fresh epoch")
 
 
 def resume_cost(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> dict[str, int]:

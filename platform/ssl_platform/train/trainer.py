@@ -31,6 +31,7 @@ from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
 from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
+from ssl_platform.data.ordered import fingerprint_change
 from ssl_platform.data.pipeline import pretraining_data
 from ssl_platform.data.skips import (
     NAMESPACE,
@@ -41,7 +42,8 @@ from ssl_platform.data.skips import (
     skip_summary,
 )
 from ssl_platform.train import local_mode
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV, resume_line
+from ssl_platform.train.checkpoint import saved_position
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, inexact_resume, resume_line
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration
 from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
 from ssl_platform.train.resources import (
@@ -132,6 +134,12 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     # Training reads again the records that the probe for an empty corpus (pretraining_data) read:
     # their skips are counted then, not twice.
     ray.get(ledger.reset.remote())
+    if data.ordered is not None:  # refuse an inexact resume now, before any worker starts
+        try:
+            check_exact_resume(cfg, paths, data.ordered.fingerprint(cfg.train.batch_size))
+        except ValueError as e:
+            ray.kill(ledger)
+            raise DataError(str(e)) from None
     ranks = cfg.scaling.ranks
     local_batch = cfg.train.batch_size // ranks
     if data.num_records is not None and data.num_records // ranks < local_batch:
@@ -231,6 +239,19 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
         dataset_config=_dataset_config(cfg),
         datasets={"train": data.train} if data.train is not None else None,
     )
+
+
+def check_exact_resume(cfg: ExperimentConfig, paths: RunPaths, fingerprint: dict) -> None:
+    """With ``train.resume=exact``, a ValueError (one line, what changed) when the checkpoint this
+    run would resume from was written for other data, seed or batch size (what the loop checks
+    again on every worker, here before the workers start)."""
+    newest = local_mode.resume_point(paths.uri if paths.remote else str(paths.local), local=True)
+    if newest is None or cfg.train.resume != "exact":
+        return
+    position = saved_position(newest)
+    change = fingerprint_change(position["data"] if position else None, fingerprint)
+    if change:
+        raise ValueError(inexact_resume(cfg.name, position["step"] if position else None, change))
 
 
 def _crash_token_name(run: str) -> str:
