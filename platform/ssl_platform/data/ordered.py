@@ -71,6 +71,16 @@ def fingerprint_change(stored: dict | None, current: dict) -> str | None:
     return ", ".join(changed) or None
 
 
+class AsIs:
+    """The transform of records that are training rows already (GPT's blocks): ``AsIs(epoch=e)(batch) is batch``."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
+
+
 class ReadRecords:
     """``map_batches`` callable: a block of record ids (column ``data``) -> the transform's rows
     of those records, in the same order."""

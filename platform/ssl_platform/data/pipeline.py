@@ -20,7 +20,8 @@ Two ways to the workers:
   (:mod:`ssl_platform.data.order`), in order, with every record's views a function of
   (seed, epoch, key), the seed ``data.seed`` or else ``train.seed``. A resume continues mid-epoch
   exactly where the checkpoint was (issue 18).
-- file corpora (``data.path``) and text are one Ray Dataset (``PretrainData.train``) that Ray
+  GPT on ``python-docs`` too: its training split is cut into blocks once, and the blocks are the records.
+- file corpora (``data.path``) and BERT's masked pairs are one Ray Dataset (``PretrainData.train``) that Ray
   Train splits across the workers: each pass shuffles the block order, workers shuffle rows in a
   local buffer, and transforms draw fresh randomness (seed ``data.seed``, None = fresh). A
   resume starts a fresh epoch.
@@ -167,14 +168,27 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     # Trained once per run on the training split and saved with it; a resumed run loads it.
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
+    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
+    if not d.path and spec.token_batches != "masked_pairs":  # GPT on a built-in corpus: blocks as records
+        from ssl_platform.data.masking import pack_blocks
+        from ssl_platform.data.ordered import AsIs
+        from ssl_platform.data.python_docs import load_python_docs
+
+        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
+        # The training split as one token stream cut into blocks once; an epoch reads them in its order.
+        blocks = pack_blocks(tokenizer.encode_batch([doc.text for doc in docs]), block_size=d.max_len,
+                             eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+        ordered = ordered_corpus(d.corpus, blocks, order_seed(cfg), AsIs, tokenizer=kind,
+                                 vocab_size=tokenizer.vocab_size, max_len=d.max_len)
+        return PretrainData(None, derived, f"{what[:-1]}, {len(blocks['input_ids'])} blocks)", ordered.num_records,
+                            artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
     if spec.token_batches == "masked_pairs":
         batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
                               random_token_frac=d.random_token_frac, next_prob=d.next_prob)
     else:
         batcher = GptBlocks(tokenizer, d.max_len)
     ds = _transform(ds.randomize_block_order(), batcher, cfg)
-    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
-    what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
     return PretrainData(ds, derived, what, artifacts={"tokenizer": tokenizer_dir})
 
 
