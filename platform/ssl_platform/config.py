@@ -147,8 +147,9 @@ class TrainConfig:
     resume: str = _f("exact", "exact: a resumed run continues mid-epoch on exactly the records, order and views the "
                               "uninterrupted run would have seen, and refuses a checkpoint whose data, seed or "
                               "batch size differ; steps_only: accept such a checkpoint and go on from its step with "
-                              "a fresh epoch (built-in image, caption and audio corpora; others always start a "
-                              "fresh epoch)", choices=("exact", "steps_only"))
+                              "a fresh epoch (built-in image, caption and audio corpora and GPT on python-docs; "
+                              "data.path corpora and BERT always resume with a fresh epoch)",
+                   choices=("exact", "steps_only"))
     # --- per-worker loop (issue 5, train/loop.py) ---
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "
                                   "(contrastive methods then see only their micro-batch's negatives)", min=1)
