@@ -191,3 +191,22 @@ def test_the_driver_refuses_a_changed_fingerprint_before_any_worker_starts(tmp_p
                        paths, fingerprint)  # accepted
     (checkpoint / POSITION_FILE).write_text(json.dumps({**position, "data": fingerprint}))
     check_exact_resume(cfg, paths, fingerprint)  # the same data: exact
+
+
+# ----------------------------------------------------------------------------- the per-worker stream
+
+
+def test_the_stream_reads_only_the_ids_after_the_skip_in_order(ray_session):
+    import numpy as np
+
+    from ssl_platform.data.order import epoch_order, worker_ids
+    from ssl_platform.data.ordered import AsIs, epoch_stream, ordered_corpus
+
+    corpus = ordered_corpus("ids", {"id": np.arange(1000)}, seed=4, transform=AsIs)  # rows: the ids read
+    order = epoch_order(1000, 4, 2)
+    for rank in (0, 1):
+        rows = epoch_stream(corpus, epoch=2, rank=rank, world=2, batch_size=64, skip=96, chunk=50).take_all()
+        # Every row the transform saw is one of this worker's ids after the first 96, in order:
+        # the skipped records were never read.
+        assert [r["id"] for r in rows] == worker_ids(order, 64, rank, 2)[96:].tolist()
+    assert epoch_stream(corpus, epoch=2, rank=0, world=2, batch_size=64, skip=15 * 32) is None  # all consumed
