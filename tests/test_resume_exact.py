@@ -24,7 +24,8 @@ from conftest import show
 from ssl_platform.config import load_config
 from ssl_platform.data.ordered import fingerprint_change
 from ssl_platform.train.checkpoint import TrainState
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV, place_in_epoch
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV
+from ssl_platform.train.resume import place_in_epoch
 
 COMMON = ("train.log_every=1", "train.warmup_steps=2", "eval.enabled=false",
           "eval.online_every=0", "scaling.num_workers=1")

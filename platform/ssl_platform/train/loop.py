@@ -1,8 +1,13 @@
 """The per-worker training function that Ray Train runs on every rank.
 
 Read it top to bottom: build the method, wrap it for data parallelism, restore the newest
-checkpoint if the run is being resumed, then stream batches from this worker's shard of the
-Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
+checkpoint if the run is being resumed, then stream batches until ``max_steps``, checkpointing
+every ``checkpoint_every`` steps, and at once when the driver got SIGTERM (``train.preemption``).
+
+- The data: for an ordered corpus (``data.ordered``: the built-in ones) this worker's ids of each
+  epoch's order, read from where the checkpoint's position says (``train.resume``), so a resumed
+  run sees exactly the records and views the uninterrupted one would have; otherwise this
+  worker's shard of the Ray Dataset that Ray Train splits, a fresh pass after a resume.
 
 - ``scaling.strategy=ddp``: Ray's ``prepare_model`` (DistributedDataParallel, gloo on CPU, NCCL
   on GPU). ``fsdp``: torch's FSDP2 ``fully_shard`` on every block of the method's
@@ -59,7 +64,7 @@ from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
-from ssl_platform.data.ordered import epoch_stream, fingerprint_change
+from ssl_platform.data.ordered import epoch_stream
 from ssl_platform.train import local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -69,10 +74,11 @@ from ssl_platform.train.checkpoint import (
     restore_state,
     save_state,
 )
-from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice, read_metrics
+from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
 from ssl_platform.train.preemption import StopPoller
+from ssl_platform.train.resume import place_in_epoch, resume_cost, resume_line
 from ssl_platform.views import image_views
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
@@ -199,44 +205,6 @@ def train_func(loop_config: dict) -> None:
                              f"lower train.batch_size")
         if ordered is None:
             state.epoch, state.epoch_step = state.epoch + 1, 0
-
-
-def place_in_epoch(state: TrainState, fingerprint: dict, resuming: bool, cfg) -> None:
-    """Where an ordered corpus's stream starts: at ``state``'s position in its epoch when the
-    checkpoint's data fingerprint is this run's; else (data, seed or batch size changed) refuse
-    with one line, or with ``train.resume=steps_only`` start a fresh epoch at the checkpoint's step."""
-    change = fingerprint_change(state.data, fingerprint) if resuming else None
-    if change and cfg.train.resume == "exact":
-        raise ValueError(inexact_resume(cfg.name, state.step, change))
-    if change:
-        state.epoch, state.epoch_step = state.epoch + 1, 0
-    state.data = fingerprint
-
-
-def inexact_resume(run: str, step: int | None, change: str) -> str:
-    """The one line that refuses a resume whose data position no longer holds (``step`` None: unknown)."""
-    at = f"step {step}" if step is not None else "its newest checkpoint"
-    return (f"cannot resume run {run} exactly from {at}: {change}; restore those settings, or pass "
-            f"train.resume=steps_only to go on from {'that step' if step is None else at} with a fresh epoch")
-
-
-def resume_cost(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> dict[str, int]:
-    """Where a resume continues (step, epoch, record of the epoch: -1 for a fresh pass) and the
-    steps the interrupted attempt had logged past the checkpoint, which are trained again."""
-    path = Path(run_dir) / "metrics.jsonl"
-    logged = max((r.get("step", 0) for r in read_metrics(path)), default=0) if path.exists() else 0
-    return {"resumed_step": state.step, "resumed_epoch": state.epoch,
-            "resumed_record": state.epoch_step * batch_size if exact else -1,
-            "repeated_steps": max(0, logged - state.step)}
-
-
-def resume_line(resumed: dict[str, int]) -> str:
-    """"resumed from step 137, epoch 3 record 5,120: 0 steps repeated" (the run's output and summary)."""
-    record = resumed["resumed_record"]
-    where = f"record {record:,}" if record >= 0 else "a fresh pass over the data"
-    n = resumed["repeated_steps"]
-    return (f"resumed from step {resumed['resumed_step']}, epoch {resumed['resumed_epoch']} {where}: "
-            f"{n} step{'s' * (n != 1)} repeated")
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:

@@ -43,7 +43,7 @@ from ssl_platform.data.skips import (
 )
 from ssl_platform.train import local_mode
 from ssl_platform.train.checkpoint import saved_position
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV, inexact_resume, resume_line
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration
 from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
 from ssl_platform.train.resources import (
@@ -53,6 +53,7 @@ from ssl_platform.train.resources import (
     plan_workers,
     wait_for_free_resources,
 )
+from ssl_platform.train.resume import inexact_resume, resume_line
 from ssl_platform.train.session import DataError, ResourceError, TrainingFailed
 from ssl_platform.train.storage import (
     CONFIG_FILE,
