@@ -149,7 +149,7 @@ def _train(temp_dir: str, gcs_port: int, root: Path) -> None:
     import ray
 
     from ssl_platform.config import load_config
-    from ssl_platform.data.pipeline import quiet_progress
+    from ssl_platform.data.context import configure_data_context
     from ssl_platform.train.storage import run_paths
     from ssl_platform.train.trainer import fit
 
@@ -161,7 +161,7 @@ def _train(temp_dir: str, gcs_port: int, root: Path) -> None:
         "eval.enabled=false", "eval.online_every=10", "eval.online_examples=64"])
     ray.init(address=f"127.0.0.1:{gcs_port}", runtime_env={"env_vars": QUIET}, log_to_driver=False)
     try:
-        quiet_progress()
+        configure_data_context()
         skip_a_record(RUN, "corrupt record")  # the skipped-records panel has data too
         assert fit(cfg, run_paths(cfg)).steps == STEPS
     finally:

@@ -133,7 +133,7 @@ def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = 
     defaults with ``ray_defaults`` (the reference that shows what the settings are worth)."""
     import ray.data
 
-    from ssl_platform.data.pipeline import configure_data_context
+    from ssl_platform.data.context import configure_data_context
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no line per pass
     configure_data_context()

@@ -9,7 +9,8 @@
 Configs are validated before Ray starts: a bad key or value exits with status 2 and one line
 saying what to change. `sslp run` exits 0 when the run finished (or had already finished), 1 when
 training failed (one line on stderr, the full error in RUN_DIR/error.log), 2 for config, data and
-resource errors, 130 when interrupted with Ctrl-C (the newest checkpoint stays; re-run to resume).
+resource errors, 130 when interrupted with Ctrl-C (the newest checkpoint stays; re-run to resume),
+143 when stopped by SIGTERM (the step it was at is checkpointed; re-run to resume, repeating no step).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM: the run checkpointed its current step and stopped
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -41,10 +42,12 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str,
     Ray's in its log file while Ray is up."""
     import ray
 
+    from ssl_platform.train.preemption import Preempted
     from ssl_platform.train.session import DataError, ResourceError, StorageError, TrainingFailed, init_ray
 
     failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
-                StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED)}
+                StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED),
+                Preempted: ("preempted", EXIT_TERMINATED)}
     joined = ray.is_initialized()  # a caller's connection (an embedding program, a test) stays as it is
     try:
         url = init_ray(args.address, dashboard=not args.no_dashboard, console=console)

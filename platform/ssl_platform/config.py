@@ -144,6 +144,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "newest checkpoints kept on storage", min=1)
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl rows", min=1)
     seed: int = _f(0, "seed for model init, splits and the supervised baseline", min=0)
+    resume: str = _f("exact", "exact: a resumed run continues mid-epoch on exactly the records, order and views the "
+                              "uninterrupted run would have seen, and refuses a checkpoint whose data, seed or "
+                              "batch size differ; steps_only: accept such a checkpoint and go on from its step with "
+                              "a fresh epoch (built-in image, caption and audio corpora and GPT on python-docs; "
+                              "data.path corpora and BERT always resume with a fresh epoch)",
+                   choices=("exact", "steps_only"))
     # --- per-worker loop (issue 5, train/loop.py) ---
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "
                                   "(see train.grad_accum_mode)", min=1)

@@ -243,7 +243,7 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     import ray
     import ray.data
 
-    from ssl_platform.data.pipeline import configure_data_context
+    from ssl_platform.data.context import configure_data_context
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
     from ssl_platform.evaluate.inference import actor_resources
 

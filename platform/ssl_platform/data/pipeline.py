@@ -11,20 +11,36 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 
 Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
 workers see finished batches via ``iter_torch_batches``, images as uint8 that the loop
-normalises on its device (``data.augment.finish_views``). Transforms draw fresh randomness
-on every pass (seed None), so each epoch sees new views and masks.
+normalises on its device (``data.augment.finish_views``).
+
+Two ways to the workers:
+
+- the built-in image, image-caption and audio corpora are an :class:`~ssl_platform.data.ordered.OrderedCorpus`
+  (``PretrainData.ordered``): each worker reads its ids of the epoch's order
+  (:mod:`ssl_platform.data.order`), in order, with every record's views a function of
+  (seed, epoch, key), the seed ``data.seed`` or else ``train.seed``. A resume continues mid-epoch
+  exactly where the checkpoint was (issue 18).
+  GPT on ``python-docs`` too: its training split is cut into blocks once, and the blocks are the records.
+- file corpora (``data.path``) and BERT's masked pairs are one Ray Dataset (``PretrainData.train``) that Ray
+  Train splits across the workers: each pass shuffles the block order, workers shuffle rows in a
+  local buffer, and transforms draw fresh randomness (seed ``data.seed``, None = fresh). A
+  resume starts a fresh epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.data
 
 from ssl_platform.config import ExperimentConfig
+from ssl_platform.data.context import configure_data_context
+from ssl_platform.data.ordered import OrderedCorpus, ordered_corpus
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.methods import method_spec
 
@@ -33,30 +49,12 @@ from ssl_platform.methods import method_spec
 class PretrainData:
     """The pretraining stream of a run and what the method's constructor needs from the data."""
 
-    train: ray.data.Dataset
+    train: ray.data.Dataset | None  # one stream Ray Train splits across the workers; None when ``ordered``
     derived: dict[str, Any]  # data-derived constructor arguments: in_channels, vocab_size, ...
     description: str  # one line for the run header
     num_records: int | None = None  # known for in-memory built-in corpora
     artifacts: dict[str, Path] = field(default_factory=dict)  # files a checkpoint must carry (tokenizer)
-
-
-def configure_data_context() -> None:
-    """The platform's settings of Ray Data's execution, for every Dataset this process builds
-    afterwards (a Dataset keeps a copy of the context it was built under).
-
-    - No progress bars: Ray Data's per-operator bars would drown the training progress line.
-    - No per-operator resource reservation (``op_resource_reservation_enabled``): in Ray 2.60 it
-      held a decode + augment ``map_batches`` on a 2-core machine to one task at a time for 80%
-      of a pass (the operator's CPU budget kept falling to zero while a task ran), 43% of what
-      the two cores do. Without it the operator runs one task per free CPU (`sslp bench data`
-      prints both side by side); memory stays bounded by the downstream-capacity backpressure,
-      which stays on.
-    """
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.op_resource_reservation_enabled = False
+    ordered: OrderedCorpus | None = None  # records each worker reads in the epoch's order (exact resume)
 
 
 def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter,
@@ -69,7 +67,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     configure_data_context()
     kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
-    if data.num_records is None and not data.train.take(1):
+    if data.num_records is None and data.train is not None and not data.train.take(1):
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
                          f"corpus is empty); check the path and data.format, or run "
                          f"`sslp data inspect {cfg.data.path}`")
@@ -81,6 +79,11 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def order_seed(cfg: ExperimentConfig) -> int:
+    """The seed of an ordered corpus's order and views: ``data.seed``, else ``train.seed``."""
+    return cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
+
+
 def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray.data.Dataset:
     # One CPU per transform task; the train workers hold only fractions (see train.resources).
     return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
@@ -90,46 +93,56 @@ def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray
 
 def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.builtin import load_image_corpus
-    from ssl_platform.data.images import read_image_corpus, split_dataset
+    from ssl_platform.data.images import read_image_corpus
     from ssl_platform.data.transforms import MultiViewAugment
     from ssl_platform.views import image_views
 
     d = cfg.data
-    if d.path:
-        corpus = read_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                                   image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
-        ds, channels, count, what = corpus.dataset, d.channels, None, f"{d.path} ({corpus.fmt})"
-    else:
-        split = load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"]
-        ds = split_dataset(split.images, d.corpus, label=split.labels)
-        channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} train records)"
     views = image_views(cfg, method_spec(cfg.method.name).views)
+    if not d.path:  # in memory: every worker reads its ids of the epoch's order
+        split = load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"]
+        seed = order_seed(cfg)
+        make_views = partial(MultiViewAugment, views, seed=seed, placement=cfg.augment_placement())
+        ordered = ordered_corpus(d.corpus, {"image": split.images, "path": _keys(d.corpus, len(split))}, seed,
+                                 make_views, image_size=d.image_size, views=repr(views))
+        return PretrainData(None, {"in_channels": int(split.images.shape[1])},
+                            f"{d.corpus} ({len(split)} train records)", len(split), ordered=ordered)
+    corpus = read_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                               image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
     # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
     # data.seed: a fixed block order and fixed views per record (reproducibility checks).
     augment = MultiViewAugment(views, seed=d.seed, placement=cfg.augment_placement())
-    ds = _transform(ds.randomize_block_order(seed=d.seed), augment, cfg)
-    return PretrainData(ds, {"in_channels": int(channels)}, what, count)
+    ds = _transform(corpus.dataset.randomize_block_order(seed=d.seed), augment, cfg)
+    return PretrainData(ds, {"in_channels": int(d.channels)}, f"{d.path} ({corpus.fmt})")
+
+
+def _keys(name: str, n: int) -> np.ndarray:
+    """(n,) the record keys of a built-in split, ``NAME/000042`` (those of ``images.split_dataset``)."""
+    return np.array([f"{name}/{i:06d}" for i in range(n)], dtype=object)
 
 
 # ----------------------------------------------------------------------------- image-caption (CLIP)
 
 def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.captions import CaptionTransform, read_caption_corpus
-    from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA, caption_split_dataset
+    from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 
     d = cfg.data
-    if d.path:
-        corpus = read_caption_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                                     image_column=d.image_column, caption_column=d.caption_column)
-        ds, channels, count, what = corpus.dataset, d.channels, None, f"{d.path} ({corpus.fmt})"
-    else:
+    options = _optional(crop_scale_min=d.crop_scale_min, flip_prob=d.flip_prob)
+    if not d.path:  # in memory: every worker reads its ids of the epoch's order
         split = BUILTIN_CAPTION_CORPORA[d.corpus](d.image_size, d.val_fraction, cfg.train.seed)["train"]
-        ds = caption_split_dataset(split, d.corpus)
-        channels, count, what = split.images.shape[1], len(split), f"{d.corpus} ({len(split)} pairs)"
-    transform = CaptionTransform(d.image_size, model["context_length"], **_optional(crop_scale_min=d.crop_scale_min,
-                                                                           flip_prob=d.flip_prob))
-    ds = _transform(ds.randomize_block_order(), transform, cfg)
-    return PretrainData(ds, {"in_channels": int(channels), "image_size": d.image_size}, what, count)
+        seed = order_seed(cfg)
+        make = partial(CaptionTransform, d.image_size, model["context_length"], seed=seed, **options)
+        ordered = ordered_corpus(d.corpus, {"image": split.images, "caption": np.asarray(split.captions, dtype=object),
+                                            "path": _keys(d.corpus, len(split))},
+                                 seed, make, image_size=d.image_size, context_length=model["context_length"], **options)
+        return PretrainData(None, {"in_channels": int(split.images.shape[1]), "image_size": d.image_size},
+                            f"{d.corpus} ({len(split)} pairs)", len(split), ordered=ordered)
+    corpus = read_caption_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                 image_column=d.image_column, caption_column=d.caption_column)
+    transform = CaptionTransform(d.image_size, model["context_length"], **options)
+    ds = _transform(corpus.dataset.randomize_block_order(), transform, cfg)
+    return PretrainData(ds, {"in_channels": int(d.channels), "image_size": d.image_size}, f"{d.path} ({corpus.fmt})")
 
 
 # ----------------------------------------------------------------------------- text (masked pairs, blocks)
@@ -148,14 +161,27 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     # Trained once per run on the training split and saved with it; a resumed run loads it.
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
+    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
+    if not d.path and spec.token_batches != "masked_pairs":  # GPT on a built-in corpus: blocks as records
+        from ssl_platform.data.masking import pack_blocks
+        from ssl_platform.data.ordered import AsIs
+        from ssl_platform.data.python_docs import load_python_docs
+
+        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
+        # The training split as one token stream cut into blocks once; an epoch reads them in its order.
+        blocks = pack_blocks(tokenizer.encode_batch([doc.text for doc in docs]), block_size=d.max_len,
+                             eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+        ordered = ordered_corpus(d.corpus, blocks, order_seed(cfg), AsIs, tokenizer=kind,
+                                 vocab_size=tokenizer.vocab_size, max_len=d.max_len)
+        return PretrainData(None, derived, f"{what[:-1]}, {len(blocks['input_ids'])} blocks)", ordered.num_records,
+                            artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
     if spec.token_batches == "masked_pairs":
         batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
                               random_token_frac=d.random_token_frac, next_prob=d.next_prob)
     else:
         batcher = GptBlocks(tokenizer, d.max_len)
     ds = _transform(ds.randomize_block_order(), batcher, cfg)
-    derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
-    what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
     return PretrainData(ds, derived, what, artifacts={"tokenizer": tokenizer_dir})
 
 
@@ -163,20 +189,25 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
 
 def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.audio import AudioCrops, read_audio_corpus
-    from ssl_platform.data.spoken_digits import audio_to_dataset, load_spoken_digits_splits
+    from ssl_platform.data.spoken_digits import load_spoken_digits_splits
 
     d = cfg.data
-    if d.path:
-        ds = read_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, max_seconds=d.max_audio_seconds,
-                               fmt=d.format)
-        count, what = None, d.path
-    else:
+    if not d.path:  # in memory: every worker reads its ids of the epoch's order
         split = load_spoken_digits_splits(d.sample_rate, d.val_fraction, cfg.train.seed)["train"]
-        ds = audio_to_dataset(split)
-        count, what = len(split), f"{d.corpus} ({len(split)} train clips)"
+        seed = order_seed(cfg)
+        make = partial(AudioCrops, d.crop_seconds, d.sample_rate, seed=seed, normalize=d.normalize_audio)
+        clips = np.empty(len(split), dtype=object)
+        clips[:] = list(split.audio)  # variable lengths: one array per clip
+        ordered = ordered_corpus(d.corpus, {"audio": clips, "label": split.labels,
+                                            "path": np.asarray(split.paths, dtype=object)},
+                                 seed, make, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds,
+                                 normalize=d.normalize_audio)
+        return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.corpus} ({len(split)} train clips)",
+                            len(split), ordered=ordered)
+    ds = read_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, max_seconds=d.max_audio_seconds,
+                           fmt=d.format)
     crops = AudioCrops(d.crop_seconds, d.sample_rate, normalize=d.normalize_audio)
-    ds = _transform(ds.randomize_block_order(), crops, cfg)
-    return PretrainData(ds, {"sample_rate": d.sample_rate}, what, count)
+    return PretrainData(_transform(ds.randomize_block_order(), crops, cfg), {"sample_rate": d.sample_rate}, d.path)
 
 
 BUILDERS: dict[str, Callable[[ExperimentConfig, Path, SkipReporter, dict], PretrainData]] = {

@@ -17,8 +17,9 @@ from sklearn.model_selection import train_test_split
 from ssl_platform import methods
 from ssl_platform.config import with_overrides
 from ssl_platform.data.builtin import IMAGE_CORPORA, ImageSplit, load_image_corpus
+from ssl_platform.data.context import configure_data_context
 from ssl_platform.data.images import read_image_corpus
-from ssl_platform.data.pipeline import PretrainData, configure_data_context
+from ssl_platform.data.pipeline import PretrainData
 from ssl_platform.data.skips import SkipReporter, format_summary, get_or_create_ledger, ledger_name, skip_summary
 from ssl_platform.data.transforms import OneViewAugment
 from ssl_platform.evaluate.image import encoder_rows, image_derived

@@ -17,6 +17,7 @@ parameter name, so a run checkpointed with one strategy resumes with the other.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -32,12 +33,18 @@ import torch.distributed as dist
 # and none of them needs them.
 
 STATE_FILE = "state.pt"
+POSITION_FILE = "position.json"  # where the data stream was: read by the driver before it resumes
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # completed passes over the data shard
+    # Where the data stream is (an ordered corpus, issue 18): steps taken in the current epoch,
+    # so every worker has read the first epoch_step * batch_size / workers ids of its list, and
+    # what that position depends on (data.ordered.OrderedCorpus.fingerprint); None: a split stream.
+    epoch_step: int = 0
+    data: dict | None = None
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -106,11 +113,29 @@ def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dic
         "scheduler": scheduler.state_dict(),
         "step": state.step,
         "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "data": state.data,
         "rng": rng,
         "config": config,
     }
     torch.save(payload, path)
+    if state.data is not None:  # the resume check reads this, not the whole state
+        position = {"step": state.step, "epoch": state.epoch, "epoch_step": state.epoch_step, "data": state.data}
+        (Path(directory) / POSITION_FILE).write_text(json.dumps(position) + "\n")
     return path
+
+
+def saved_position(checkpoint: str) -> dict | None:
+    """The data position a checkpoint (a path or URI) was written at: ``{"step", "epoch",
+    "epoch_step", "data"}``, or None when it records none (a split stream, or an older checkpoint)."""
+    from ssl_platform.data.sources import filesystem
+
+    fs, path, _ = filesystem(checkpoint, what="checkpoint")
+    try:
+        with fs.open_input_stream(f"{path}/{POSITION_FILE}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def saved_derived(payload: dict) -> dict[str, Any] | None:
@@ -147,4 +172,5 @@ def restore_state(directory: str | Path, *, model: torch.nn.Module, optimizer: t
     scheduler.load_state_dict(payload["scheduler"])
     if rank < len(payload["rng"]):
         set_rng_state(payload["rng"][rank])
-    return TrainState(step=int(payload["step"]), epoch=int(payload["epoch"]))
+    return TrainState(step=int(payload["step"]), epoch=int(payload["epoch"]),
+                      epoch_step=int(payload.get("epoch_step", 0)), data=payload.get("data"))

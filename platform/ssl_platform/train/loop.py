@@ -1,8 +1,13 @@
 """The per-worker training function that Ray Train runs on every rank.
 
 Read it top to bottom: build the method, wrap it for data parallelism, restore the newest
-checkpoint if the run is being resumed, then stream batches from this worker's shard of the
-Ray Dataset until ``max_steps``, checkpointing every ``checkpoint_every`` steps.
+checkpoint if the run is being resumed, then stream batches until ``max_steps``, checkpointing
+every ``checkpoint_every`` steps, and at once when the driver got SIGTERM (``train.preemption``).
+
+- The data: for an ordered corpus (``data.ordered``: the built-in ones) this worker's ids of each
+  epoch's order, read from where the checkpoint's position says (``train.resume``), so a resumed
+  run sees exactly the records and views the uninterrupted one would have; otherwise this
+  worker's shard of the Ray Dataset that Ray Train splits, a fresh pass after a resume.
 
 - ``scaling.strategy=ddp``: Ray's ``prepare_model`` (DistributedDataParallel, gloo on CPU, NCCL
   on GPU). ``fsdp``: torch's FSDP2 ``fully_shard`` on every block of the method's
@@ -61,6 +66,7 @@ from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
+from ssl_platform.data.ordered import epoch_stream
 from ssl_platform.train import console, local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -74,6 +80,8 @@ from ssl_platform.train.grad_cache import accumulate_exact
 from ssl_platform.train.metrics import MetricsLogger, StepMeter, count_tokens, data_advice
 from ssl_platform.train.online import OnlineEval
 from ssl_platform.train.optim import build_optimizer, warmup_cosine
+from ssl_platform.train.preemption import StopPoller
+from ssl_platform.train.resume import place_in_epoch, resume_cost, resume_line
 from ssl_platform.views import image_views
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
@@ -124,8 +132,12 @@ def train_func(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
-        if rank == 0:
-            console.say(f"resumed from step {state.step} (epoch {state.epoch})")
+    ordered = loop_config.get("ordered")  # None: the stream Ray Train splits (a fresh epoch after a resume)
+    if ordered is not None:
+        place_in_epoch(state, ordered.fingerprint(t.batch_size), resuming=checkpoint is not None, cfg=cfg)
+    resumed = resume_cost(state, ordered is not None, t.batch_size, loop_config["run_dir"]) if checkpoint else {}
+    if resumed and rank == 0:
+        console.say(resume_line(resumed))
     start_step = state.step
     if rank == 0:
         console.say(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
@@ -136,17 +148,25 @@ def train_func(loop_config: dict) -> None:
 
     # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
     #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if ordered is None else None
+    steps_in_epoch = ordered.steps_per_epoch(t.batch_size) if ordered is not None else None
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
                            data_advice=data_advice(cfg))
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
-    while state.step < t.max_steps:  # one pass over the shard = one epoch of fresh augmentations
-        micro_batches = shard.iter_torch_batches(
-            batch_size=micro_batch, drop_last=True, device=device,
-            prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
-        )
+    stop, stopped = StopPoller(loop_config.get("stop_flag")), False  # SIGTERM to the driver (train.preemption)
+    while state.step < t.max_steps:  # one pass over the data = one epoch
+        if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
+            ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
+                              skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size)
+            micro_batches = [] if ds is None else ds.iter_torch_batches(
+                batch_size=micro_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches)
+        else:  # the split stream: fresh block order and a local shuffle each pass
+            micro_batches = shard.iter_torch_batches(
+                batch_size=micro_batch, drop_last=True, device=device,
+                prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
+            )
         epoch_start = state.step
         stream = groups_of(meter.timed(micro_batches), t.grad_accum_steps)
         for batches in stream:
@@ -164,26 +184,45 @@ def train_func(loop_config: dict) -> None:
             if step_end is not None:  # an optional hook (ssl_models.protocol.Method): BYOL's EMA target
                 step_end(state.step, t.max_steps)  # 0-based index of the step just taken
             state.step += 1
+            state.epoch_step += 1
+            if ordered is not None and state.epoch_step == steps_in_epoch:  # the checkpoint says: next epoch
+                state.epoch, state.epoch_step = state.epoch + 1, 0
             meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 
             if state.step == crash_at and start_step < crash_at and rank == 0:
                 os._exit(1)  # a real process death, not an exception Ray could catch in Python
-            checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+            stopped = stop.flag is not None and any_rank(stop.raised(), world, device)  # all ranks stop at this step
+            checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps or stopped
             evaluate_now = online.due(state.step, checkpoint_now)
             val = logger.untimed(online, method) if evaluate_now else {}  # {"val_...": ...} where evaluated
             if evaluate_now or state.step % t.log_every == 0 or state.step == t.max_steps:
                 logger.log(state.step, meter.pop(world, device), lr=lr, epoch=state.epoch, **val)
             if checkpoint_now:
-                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config, {**logger.summary(), **val})
+                report_checkpoint(rank, method, optimizer, scheduler, state, loop_config,
+                                  {**logger.summary(), **resumed, **val})
             elif evaluate_now:  # no checkpoint: Ray Train keeps nothing, but Tune sees the metrics
                 ray.train.report({"step": state.step, "epoch": state.epoch, **logger.summary(), **val}, checkpoint=None)
-            if state.step >= t.max_steps:
+            if state.step >= t.max_steps or stopped:
                 break
         stream.close()  # max_steps mid-epoch: stop this pass's Ray Data executor now, not when collected
+        if stopped:
+            if rank == 0:
+                console.say(f"stopped on SIGTERM at step {state.step} (checkpointed)")
+            return
         if state.step == epoch_start:
             raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
                              f"lower train.batch_size")
-        state.epoch += 1
+        if ordered is None:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank: every rank gets the same answer (an all-reduce of one number)."""
+    if world == 1:
+        return flag
+    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(votes)  # SUM
+    return bool(votes.item() > 0)
 
 
 def micro_batch_size(batch_size: int, world: int, accum_steps: int) -> int:

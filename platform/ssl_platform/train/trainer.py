@@ -32,6 +32,7 @@ from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml
 from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
+from ssl_platform.data.ordered import fingerprint_change
 from ssl_platform.data.pipeline import pretraining_data
 from ssl_platform.data.skips import (
     NAMESPACE,
@@ -42,8 +43,10 @@ from ssl_platform.data.skips import (
     skip_summary,
 )
 from ssl_platform.train import console, local_mode
+from ssl_platform.train.checkpoint import saved_position
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, accumulation_words
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration, format_spill
+from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
 from ssl_platform.train.resources import (
     PLACEMENT_TIMEOUT_S,
     WorkerPlan,
@@ -51,6 +54,7 @@ from ssl_platform.train.resources import (
     plan_workers,
     wait_for_free_resources,
 )
+from ssl_platform.train.resume import inexact_resume, resume_line
 from ssl_platform.train.session import DataError, ResourceError, TrainingFailed, spilled_bytes
 from ssl_platform.train.storage import (
     CONFIG_FILE,
@@ -80,6 +84,7 @@ class RunSummary:
     data_advice: str = ""  # what to give a data-bound run
     spilled_bytes: int | None = None  # object store -> disk during this fit(), cluster-wide; None: unknown
     restarts: list[str] = field(default_factory=list)  # one line per worker-group restart: cause, steps repeated
+    resumed: str = ""  # what the last resume of this fit() cost (train.loop.resume_line), "" if it started fresh
 
     def text(self) -> str:
         rate = "n/a" if self.samples_per_s is None else f"{self.samples_per_s:,.0f} samples/s"
@@ -95,6 +100,7 @@ class RunSummary:
                + (f" ({bound})" if (bound := data_bound(self.data_wait_fraction, self.data_advice)) else "")]
               if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
+            *([f"  resume      {self.resumed}"] if self.resumed else []),
             f"  restarts    {len(self.restarts) or 'none'}",
             *(f"    {line}" for line in self.restarts),
             f"  data        {format_summary(self.skipped_records)}",
@@ -136,6 +142,12 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     # Training reads again the records that the probe for an empty corpus (pretraining_data) read:
     # their skips are counted then, not twice.
     ray.get(ledger.reset.remote())
+    if data.ordered is not None:  # refuse an inexact resume now, before any worker starts
+        try:
+            check_exact_resume(cfg, paths, data.ordered.fingerprint(cfg.train.batch_size))
+        except ValueError as e:
+            ray.kill(ledger)
+            raise DataError(str(e)) from None
     ranks = cfg.scaling.ranks
     local_batch = cfg.train.batch_size // ranks
     if data.num_records is not None and data.num_records // ranks < local_batch:
@@ -160,11 +172,13 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
-    if plan.num_workers == 0 and cfg.data.seed is not None:  # what _dataset_config asks of the workers' shards
+    stop = stop_flag(cfg.name)  # SIGTERM raises it; the workers checkpoint their step and stop
+    if data.train is not None and plan.num_workers == 0 and cfg.data.seed is not None:  # as _dataset_config
         data.train.context.execution_options.preserve_order = True
-    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build)
+    trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build,
+                       stop_flag_name(cfg.name))
     try:
-        with _ray_sigint_as_keyboard_interrupt():
+        with _ray_sigint_as_keyboard_interrupt(), sigterm_checkpoints(stop) as sigterm:
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         (paths.local / ERROR_FILE).write_text(str(e) + "\n")
@@ -188,8 +202,14 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         ray.kill(ledger)  # detached so every data task finds it; it must not outlive the run
         if crash_token is not None:
             ray.kill(crash_token)
+        ray.kill(stop)
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint in {paths.uri}")
+    step = int((result.metrics or {}).get("step", cfg.train.max_steps))
+    if sigterm and step < cfg.train.max_steps:
+        raise Preempted(f"stopped on SIGTERM at step {step} of {cfg.train.max_steps} with a checkpoint of that step "
+                        f"({result.checkpoint.path}); run the same command again to resume run {cfg.name}, "
+                        f"repeating no step")
 
     summary = _summarize(cfg, paths, result, skipped, t0)
     spilled_after = spilled_bytes()
@@ -203,7 +223,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
              max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None,
-             build=None) -> TorchTrainer:
+             build=None, stop: str | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -212,6 +232,8 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "artifacts": {name: str(path) for name, path in data.artifacts.items()},
             "artifact_files": {name: pack_dir(Path(path)) for name, path in data.artifacts.items()},
             "online_split": online_split_ref, "build": build, "local": plan.num_workers == 0,
+            "stop_flag": stop,  # the named actor SIGTERM raises (train.preemption)
+            "ordered": data.ordered,  # each worker reads its ids of the epoch's order (None: the split stream)
             "resume_from": local_mode.resume_point(paths.uri if paths.remote else str(paths.local),
                                                    local=plan.num_workers == 0),
         },
@@ -232,8 +254,21 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
                 controller_failure_limit=max(1, math.ceil(cfg.scaling.wait_for_resources_s / PLACEMENT_TIMEOUT_S))),
         ),
         dataset_config=_dataset_config(cfg),
-        datasets={"train": data.train},
+        datasets={"train": data.train} if data.train is not None else None,
     )
+
+
+def check_exact_resume(cfg: ExperimentConfig, paths: RunPaths, fingerprint: dict) -> None:
+    """With ``train.resume=exact``, a ValueError (one line, what changed) when the checkpoint this
+    run would resume from was written for other data, seed or batch size (what the loop checks
+    again on every worker, here before the workers start)."""
+    newest = local_mode.resume_point(paths.uri if paths.remote else str(paths.local), local=True)
+    if newest is None or cfg.train.resume != "exact":
+        return
+    position = saved_position(newest)
+    change = fingerprint_change(position["data"] if position else None, fingerprint)
+    if change:
+        raise ValueError(inexact_resume(cfg.name, position["step"] if position else None, change))
 
 
 def _crash_token_name(run: str) -> str:
@@ -361,4 +396,5 @@ def _summarize(cfg: ExperimentConfig, paths: RunPaths, result: ray.train.Result,
         wall_time_s=time.time() - t0, samples_per_s=m.get("samples_per_s"), tokens_per_s=m.get("tokens_per_s"),
         final_loss=m.get("loss"), skipped_records=skipped, checkpoint=checkpoint,
         data_wait_fraction=m.get("data_wait_fraction"), data_advice=data_advice(cfg),
+        resumed=resume_line(m) if "resumed_step" in m else "",
     )
