@@ -160,6 +160,8 @@ def train_func(loop_config: dict) -> None:
         if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
             ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
                               skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size)
+            if ds is not None:
+                ds.set_name(cfg.name)  # the dashboard's $run filter, as the driver names the split stream
             micro_batches = [] if ds is None else ds.iter_torch_batches(
                 batch_size=micro_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches)
         else:  # the split stream: fresh block order and a local shuffle each pass

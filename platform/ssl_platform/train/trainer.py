@@ -134,7 +134,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     ledger = get_or_create_ledger(skips)
     try:
         data = data_builder(cfg, paths.local, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
-        data.train.set_name(cfg.name)  # Ray Data's metrics tag it "<run>_<uuid>_<n>": the dashboard filters by run
+        if data.train is not None:  # Ray Data's metrics tag it "<run>_<uuid>_<n>": the dashboard filters by run
+            data.train.set_name(cfg.name)  # (an ordered corpus's per-worker streams are named in the loop)
         check_eval_data(cfg)  # a labelled eval.data that the evaluation cannot use fails now, not after training
     except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
         ray.kill(ledger)
