@@ -45,7 +45,8 @@ RUN = ("run", "simclr-digits", f"train.max_steps={STEPS}", "eval.enabled=false",
 
 
 def resumed_steps(stdout: str) -> list[int]:
-    return [int(s) for s in re.findall(r"resumed from step (\d+)", stdout)]
+    """The step of each resume rank 0 announced (the summary's indented `resume` line repeats the last)."""
+    return [int(s) for s in re.findall(r"^resumed from step (\d+)", stdout, flags=re.MULTILINE)]
 
 
 def checkpoint_step(path: str | Path) -> int:
