@@ -352,18 +352,44 @@ def test_bench_smoke(ray_session):
     assert "platform (Ray Data)" in table and "16" in table
 
 
-def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():
-    """``sslp bench train``'s compute bound and plain DataLoader loop on a tiny SimCLR (the third
-    figure is ``sslp run`` itself, tested end to end elsewhere); non-image presets are refused."""
-    from ssl_platform.bench_train import compute_bound, format_train_bench, plain_loop, run_train_bench
+def test_bench_train_reads_a_presets_builtin_corpus_as_the_run_does(ray_session):
+    """The corpus ``sslp bench train`` times is the run's own: GPT's token blocks from python-docs."""
+    from ssl_platform.bench_train import builtin_corpus
     from ssl_platform.config import load_config
+
+    corpus = builtin_corpus(load_config("gpt-python-docs", ["data.max_len=32", "data.vocab_size=300"]))
+    rows = corpus.rows(slice(0, 4))
+    assert rows["input_ids"].shape == (4, 32) and rows["input_ids"].max() < 300
+
+
+def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():
+    """``sslp bench train``'s compute bound and plain DataLoader loop on a tiny SimCLR (torchvision's
+    per-image transforms) and a tiny CPC (the corpus's own transform per record); the third figure
+    is ``sslp run`` itself, tested end to end elsewhere. A preset on data.path is refused."""
+    from ssl_platform.bench_train import Corpus, compute_bound, format_train_bench, plain_loop, run_train_bench
+    from ssl_platform.config import load_config
+    from ssl_platform.data.audio import AudioCrops
+    from ssl_platform.data.builtin import load_image_corpus
+    from ssl_platform.methods import method_spec
+    from ssl_platform.views import image_views
 
     cfg = load_config("simclr-digits", ["data.image_size=16", "model.encoder_widths=[4,8]", "model.projector_width=16",
                                         "model.projector_dim=8", "train.batch_size=16"])
-    assert compute_bound(cfg, steps=2, cpus=1) > 0
-    assert plain_loop(cfg, steps=2, cpus=1) > 0
-    with pytest.raises(SystemExit, match="measures image presets"):
-        run_train_bench("gpt-python-docs", steps=2, cpus=1, overrides=[])
+    images = load_image_corpus("digits", 16, 0.2, 0)["train"].images[:64]
+    views = MultiViewAugment(image_views(cfg, method_spec("simclr").views), seed=0)
+    corpus = Corpus({"image": images}, views)
+    assert set(corpus.rows(slice(0, 4))) == {"view1", "view2"}
+    assert compute_bound(cfg, corpus, steps=2, cpus=1) > 0
+    assert plain_loop(cfg, corpus, steps=2, cpus=1) > 0
+    cpc = load_config("cpc-spoken-digits", ["train.batch_size=8", "data.crop_seconds=0.25"])
+    clips = np.empty(16, dtype=object)
+    clips[:] = [np.random.default_rng(i).standard_normal(8000 + 100 * i).astype(np.float32) for i in range(16)]
+    audio = Corpus({"audio": clips}, AudioCrops(0.25, cpc.data.sample_rate, seed=0))
+    assert compute_bound(cpc, audio, steps=2, cpus=1) > 0
+    assert plain_loop(cpc, audio, steps=2, cpus=1) > 0
+    with pytest.raises(SystemExit, match=r"leave data\.path unset"):
+        run_train_bench("simclr-digits", steps=2, cpus=1, overrides=["data.path=/nowhere", "data.kind=image",
+                                                                      "eval.enabled=false", "eval.online_every=0"])
     text = format_train_bench({"preset": "p", "steps": 2, "cpus": 1, "batch_size": 16, "load_avg_1m": 1.0,
                                "load_avg_1m_after": 1.0, "compute_bound_samples_per_s": 100.0,
                                "plain_loop_samples_per_s": 50.0, "sslp_run_samples_per_s": 75.0,

@@ -4,17 +4,20 @@ batch and set of cores.
 - **compute bound**: forward, backward and optimizer step of the preset's method on one fixed,
   already augmented batch, in this process with every core: what training would do if data
   were free.
-- **plain loop** (the peers' way, as lightly or solo-learn users train): one PyTorch process, a
-  ``torch.utils.data.DataLoader`` with one worker process per core applying torchvision's
-  transforms per image, the same recipe and model.
+- **plain loop** (the peers' way, as lightly, solo-learn or open_clip users train): one PyTorch
+  process, a ``torch.utils.data.DataLoader`` with one worker process per core that makes each
+  sample on its own, the same recipe and model. Images: torchvision's per-image transforms.
+  Captions, text blocks and audio: the platform's own transform applied to one record at a time
+  (what a ``Dataset.__getitem__`` does), so the comparison is the loading structure, not the code.
 - **sslp run**: the preset itself (its workers, Ray Data pipeline and loop) for ``steps`` steps,
   read from its ``metrics.jsonl`` after the first logged interval (start-up excluded).
 
-Image presets on the built-in corpora only for now; the figures are samples per second and
-each run prints them beside each other with the machine's load, because a shared machine's
-numbers move between runs.
+Presets on the built-in corpora of every kind (image, image-caption, GPT's text blocks, audio);
+the figures are samples per second and each run prints them beside each other with the
+machine's load, because a shared machine's numbers move between runs.
 
     sslp bench train --preset simclr-digits --steps 40
+    sslp bench train --preset cpc-spoken-digits
 
 ``--memory`` measures something else: the peak memory and speed of one step with k = 1 and k
 accumulated micro-batches (``ssl_platform.bench_memory``).
@@ -29,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +51,54 @@ def _method(cfg: ExperimentConfig):
     return methods.build(cfg, **methods.expected_derived(cfg))
 
 
-def _images(cfg: ExperimentConfig) -> np.ndarray:
-    from ssl_platform.data.builtin import load_image_corpus
+@dataclass
+class Corpus:
+    """A preset's built-in corpus as ``sslp run`` reads it: its records (columns of equal length)
+    and the transform that turns a batch of records into training rows."""
 
-    d = cfg.data
-    return load_image_corpus(d.corpus, d.image_size, d.val_fraction, cfg.train.seed)["train"].images
+    records: dict[str, np.ndarray]
+    transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+    def rows(self, ids: np.ndarray | slice) -> dict[str, np.ndarray]:
+        return self.transform({k: v[ids] for k, v in self.records.items()})
+
+
+def builtin_corpus(cfg: ExperimentConfig) -> Corpus:
+    """The records and epoch-0 transform of ``cfg``'s built-in ordered corpus, built by the run's
+    own data builder. Ray is started for it and stopped before anything is timed (a driver that is
+    connected already stays connected)."""
+    import ray
+
+    from ssl_platform import methods
+    from ssl_platform.data.pipeline import pretraining_data
+    from ssl_platform.data.skips import SkipReporter
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory(prefix="sslp-bench-train-") as tmp:
+            data = pretraining_data(cfg, Path(tmp), SkipReporter(), methods.architecture(cfg))
+            if data.ordered is None:
+                raise SystemExit(f"sslp bench train measures presets on built-in corpora that every worker reads "
+                                 f"in the epoch's order; {cfg.method.name} on {cfg.data.path or cfg.data.corpus} "
+                                 f"streams one split Dataset: pick another preset (e.g. simclr-digits, "
+                                 f"clip-digit-captions, gpt-python-docs, cpc-spoken-digits)")
+            # Copies: the object store's zero-copy arrays go away with Ray.
+            records = {k: np.array(v, copy=True) for k, v in ray.get(data.ordered.records).items()}
+            return Corpus(records, data.ordered.transform(epoch=0))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _finish(batch: dict) -> dict:
+    """Training rows (numpy or torch) -> the method's input, as the loop makes it."""
+    import torch
+
+    from ssl_platform.data.augment import finish_views
+
+    return finish_views({k: torch.as_tensor(v) for k, v in batch.items()}, ())
 
 
 def _optimizer(cfg: ExperimentConfig, method):
@@ -66,19 +114,12 @@ def _step(method, optimizer, batch) -> None:
     optimizer.step()
 
 
-def compute_bound(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
+def compute_bound(cfg: ExperimentConfig, corpus: Corpus, steps: int, cpus: int) -> float:
     """Samples/s of forward + backward + step on one fixed batch the pipeline's transform made."""
     import torch
 
-    from ssl_platform.data.augment import finish_views
-    from ssl_platform.data.transforms import MultiViewAugment
-    from ssl_platform.methods import method_spec
-    from ssl_platform.views import image_views
-
     torch.set_num_threads(cpus)
-    images = _images(cfg)[: cfg.train.batch_size]
-    views = MultiViewAugment(image_views(cfg, method_spec(cfg.method.name).views), seed=0)({"image": images})
-    batch = finish_views({k: torch.from_numpy(v) for k, v in views.items()}, ())
+    batch = _finish(corpus.rows(slice(0, cfg.train.batch_size)))
     method = _method(cfg).train()
     optimizer = _optimizer(cfg, method)
     for _ in range(2):  # warm-up: allocator, kernels
@@ -86,7 +127,21 @@ def compute_bound(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
     tic = time.perf_counter()
     for _ in range(steps):
         _step(method, optimizer, batch)
-    return steps * len(images) / (time.perf_counter() - tic)
+    return steps * cfg.train.batch_size / (time.perf_counter() - tic)
+
+
+class RecordRows:
+    """Map-style dataset: index -> the training row of one record, made by ``corpus``'s own
+    transform on a batch of one (how a ``Dataset.__getitem__`` makes samples)."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(next(iter(self.corpus.records.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[0] for k, v in self.corpus.rows(slice(i, i + 1)).items()}
 
 
 class TorchvisionViews:
@@ -134,15 +189,18 @@ def _loader_worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def plain_loop(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
-    """Samples/s of one PyTorch process fed by a torchvision DataLoader with ``cpus`` workers."""
+def plain_loop(cfg: ExperimentConfig, corpus: Corpus, steps: int, cpus: int) -> float:
+    """Samples/s of one PyTorch process fed by a DataLoader with ``cpus`` workers, each sample
+    made on its own: torchvision's transforms for images, the corpus's transform otherwise."""
     import torch
 
     from ssl_platform.methods import method_spec
     from ssl_platform.views import image_views
 
     torch.set_num_threads(cpus)
-    dataset = TorchvisionViews(_images(cfg), image_views(cfg, method_spec(cfg.method.name).views))
+    spec = method_spec(cfg.method.name)
+    dataset = (TorchvisionViews(corpus.records["image"], image_views(cfg, spec.views)) if spec.data_kind == "image"
+               else RecordRows(corpus))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cpus, worker_init_fn=_loader_worker_init,
                                          persistent_workers=True, multiprocessing_context="spawn")
@@ -151,7 +209,7 @@ def plain_loop(cfg: ExperimentConfig, steps: int, cpus: int) -> float:
     done, tic = -2, 0.0  # two warm-up steps start the workers
     while done < steps:
         for batch in loader:
-            _step(method, optimizer, batch)
+            _step(method, optimizer, _finish(batch))
             done += 1
             if done == 0:
                 tic = time.perf_counter()
@@ -181,14 +239,14 @@ def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[s
     from ssl_platform import methods
 
     cfg = methods.validate(load_config(preset, overrides))
-    if methods.method_spec(cfg.method.name).data_kind != "image" or cfg.data.path:
-        raise SystemExit(f"sslp bench train measures image presets on the built-in corpora; {preset} trains "
-                         f"{cfg.method.name} on {cfg.data.path or cfg.data.corpus}: pick an image preset "
-                         f"(e.g. simclr-digits)")
+    if cfg.data.path:
+        raise SystemExit(f"sslp bench train measures presets on the built-in corpora; {preset} reads data.path="
+                         f"{cfg.data.path}: leave data.path unset or pick a built-in preset (sslp presets)")
+    corpus = builtin_corpus(cfg)
     n = _cpus(cpus)
     load = os.getloadavg()[0]
-    bound = compute_bound(cfg, steps, n)
-    plain = plain_loop(cfg, steps, n)
+    bound = compute_bound(cfg, corpus, steps, n)
+    plain = plain_loop(cfg, corpus, steps, n)
     ours, wait = platform_run(preset, steps, overrides)
     return {"preset": preset, "steps": steps, "cpus": n, "batch_size": cfg.train.batch_size,
             "compute_bound_samples_per_s": bound, "plain_loop_samples_per_s": plain,
@@ -205,14 +263,14 @@ def format_train_bench(r: dict) -> str:
            f"(data wait {r['sslp_run_data_wait']:.0%}; {ours / plain:.2f}x the plain loop)")
     return "\n".join([head,
                       f"  compute bound (fixed batch, no data)      {bound:>9,.0f}  100%",
-                      f"  plain loop (torchvision DataLoader)       {plain:>9,.0f}  {plain / bound:.0%}",
+                      f"  plain loop (DataLoader, per sample)      {plain:>9,.0f}  {plain / bound:.0%}",
                       run])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sslp bench train``."""
-    parser.add_argument("--preset", default=None, help="an image preset (default: simclr-digits; with --memory "
-                                                         "clip-digit-captions and simclr-digits)")
+    parser.add_argument("--preset", default=None, help="a preset on a built-in corpus (default: simclr-digits; "
+                                                         "with --memory clip-digit-captions and simclr-digits)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps of each measurement (default: 40; "
                                                                  "5 with --memory)")
     parser.add_argument("--memory", action="store_true", help="peak memory and speed of one step with k = 1 and "
