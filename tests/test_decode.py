@@ -94,3 +94,20 @@ def test_a_large_jpeg_is_decoded_at_reduced_size_with_the_same_pixels():
     full = center_square_resize(decode_one(blob, 3), 64).numpy()  # no size: the whole image is decoded
     assert np.abs(images[0].astype(int) - full.astype(int)).mean() < 3
     assert _decode_jpeg_reduced(encode(photo, "PNG"), 3, 64) is None  # other formats: the full decoders
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"exif": b"Exif\x00\x00" + b"\x00" * 200},
+                                     {"subsampling": 0}], ids=["baseline", "progressive", "exif", "444"])
+def test_the_jpeg_header_scan_reads_the_size_pil_reads(options):
+    """The decoder picks full or reduced-size decoding from the start-of-frame segment it finds
+    itself (PIL's header parse cost more than a small JPEG's decode); it must agree with PIL, and
+    say None rather than guess on a blob whose markers stop before the frame."""
+    from ssl_platform.data.decode import jpeg_size
+
+    rng = np.random.default_rng(0)
+    for width, height in [(32, 32), (301, 97), (1, 1), (640, 480)]:
+        blob = encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "JPEG", **options)
+        with Image.open(io.BytesIO(blob)) as im:
+            assert jpeg_size(blob) == im.size == (width, height)
+        assert jpeg_size(blob[:20]) is None
+    assert jpeg_size(encode(np.zeros((50, 70), np.uint8), "JPEG")) == (70, 50)  # grayscale

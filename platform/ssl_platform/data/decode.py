@@ -59,6 +59,30 @@ def _as_bytes(blob) -> bytes:
     return blob if isinstance(blob, bytes) else bytes(blob)
 
 
+# Start-of-frame markers (baseline, progressive, lossless, ...): C0-CF but DHT (C4), JPG (C8), DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG from its start-of-frame segment, or None when the markers before
+    it cannot be walked. Reads a few bytes per segment: PIL's ``Image.open`` parses every table on
+    the way and cost more than decoding a 32 px JPEG with libjpeg-turbo."""
+    i, end = 2, len(blob)
+    while i + 9 <= end:
+        if blob[i] != 0xFF:
+            return None
+        marker = blob[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker in _SOF_MARKERS:
+            return int.from_bytes(blob[i + 7:i + 9], "big"), int.from_bytes(blob[i + 5:i + 7], "big")
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(blob[i + 2:i + 4], "big")
+    return None
+
+
 def _decode_jpeg_reduced(blob: bytes, channels: int, size: int) -> torch.Tensor | None:
     """A JPEG whose short side is at least ``2 * size``, decoded by libjpeg at the smallest DCT
     scale (1/2, 1/4, 1/8) that keeps the short side >= ``size``; None for any other image (or
@@ -81,7 +105,7 @@ def decode_one(blob: bytes, channels: int, size: int | None = None) -> torch.Ten
     large JPEG may come back reduced (short side still >= ``size``); without, at its own size."""
     if not blob:
         return None
-    if size is not None and blob.startswith(b"\xff\xd8\xff"):
+    if size is not None and blob.startswith(b"\xff\xd8\xff") and min(jpeg_size(blob) or (2 * size,)) >= 2 * size:
         reduced = _decode_jpeg_reduced(blob, channels, size)
         if reduced is not None:
             return reduced
