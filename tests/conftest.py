@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,12 +159,9 @@ def ray_session(ray_head: RayHead) -> Iterator[RayHead]:
     ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
     configure_data_context()
     yield ray_head
-    # A local-mode run leaves Ray Data's iterator threads finishing the batch they were fetching
-    # when the loop stopped; ray.shutdown() under one of them makes Ray exit this process.
-    for thread in threading.enumerate():
-        if thread.name == "iter_threaded":
-            thread.join(timeout=30)
-    ray.shutdown()
+    from ssl_platform.train.session import shutdown_ray
+
+    shutdown_ray()  # after a local-mode run's Ray Data threads, or Ray exits this process
 
 
 

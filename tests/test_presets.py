@@ -1,9 +1,13 @@
 """Every shipped preset validates, and every local preset trains a few steps through the CLI on 2 workers."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import show
 from test_sweep import write_sweep
 
 from ssl_platform import cli, methods
@@ -111,3 +115,18 @@ def test_resume_point_is_the_newest_checkpoint_and_with_workers_only_one_ray_tra
     (tmp_path / "checkpoint_2026-01-03_00-00-00.000000").mkdir()  # incomplete: no state.pt
     for local in (True, False):
         assert local_mode.resume_point(str(tmp_path), local=local).endswith("checkpoint_2026-01-02_00-00-00.000000")
+
+
+@pytest.mark.ray
+def test_a_local_mode_command_exits_0_after_stopping_mid_epoch(tmp_path):
+    """`sslp run` in local mode on a Ray instance of its own (a laptop user's first command) stops
+    its loop in the middle of an epoch; leaving Ray under Ray Data's still-running prefetch thread
+    made Ray's core worker exit the finished run with status 1."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", "run", "simclr-digits", "--no-dashboard",
+                           f"runs_dir={tmp_path}", "scaling.num_workers=0", "train.max_steps=2", "train.log_every=1",
+                           "train.checkpoint_every=2", "model.encoder_widths=[8,16]", "model.projector_width=32",
+                           "model.projector_dim=16", "train.batch_size=32", "eval.enabled=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, show(done)
+    assert "steps       2/2" in done.stdout

@@ -43,7 +43,14 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str,
     import ray
 
     from ssl_platform.train.preemption import Preempted
-    from ssl_platform.train.session import DataError, ResourceError, StorageError, TrainingFailed, init_ray
+    from ssl_platform.train.session import (
+        DataError,
+        ResourceError,
+        StorageError,
+        TrainingFailed,
+        init_ray,
+        shutdown_ray,
+    )
 
     failures = {ResourceError: ("resources", EXIT_USAGE), DataError: ("data", EXIT_USAGE),
                 StorageError: ("storage", EXIT_USAGE), TrainingFailed: ("training failed", EXIT_FAILED),
@@ -65,7 +72,7 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str,
     finally:
         # A local cluster started here goes down with its workers; a joined one is only left.
         if ray.is_initialized() and not joined:
-            ray.shutdown()
+            shutdown_ray()
         if console is not None:
             console.uninstall()
     print(message[0], file=sys.stderr)

@@ -6,6 +6,7 @@ statuses).
 from __future__ import annotations
 
 import os
+import threading
 
 import ray
 
@@ -32,6 +33,19 @@ class TrainingFailed(RuntimeError):
 # worker-kill fault injection of tests/test_faults.py, is one).
 ENV_PREFIX = "SSLP_"
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+def shutdown_ray() -> None:
+    """Leave Ray (stopping the cluster this process started) once Ray Data's prefetch threads are done.
+
+    A local-mode run stops its loop in the middle of an epoch, and Ray Data's iterator thread
+    (``iter_threaded``) is still finishing the batch it was fetching; ``ray.shutdown()`` under it
+    makes Ray's core worker exit this process with status 1 after the run succeeded.
+    """
+    for thread in threading.enumerate():
+        if thread.name == "iter_threaded":
+            thread.join(timeout=30)
+    ray.shutdown()
 
 
 def init_ray(address: str | None = None, dashboard: bool = True, console: Console | None = None) -> str | None:
