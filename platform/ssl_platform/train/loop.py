@@ -151,7 +151,7 @@ def train_func(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train") if ordered is None else None
     steps_in_epoch = ordered.steps_per_epoch(t.batch_size) if ordered is not None else None
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
-                           data_advice=data_advice(cfg))
+                           data_advice=data_advice(cfg), workers=world)
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
