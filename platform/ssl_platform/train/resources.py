@@ -33,7 +33,8 @@ class WorkerPlan:
         if self.sizes:
             counts = ", ".join(map(str, self.sizes[:-1])) + f" or {self.sizes[-1]}" if len(self.sizes) > 1 else (
                 str(self.sizes[0]))
-            return f"elastic, {counts} workers as the cluster holds them x {self.resources()}"
+            return (f"elastic scaling.num_workers=[{self.sizes[0]}, {self.sizes[-1]}]: {counts} workers as the "
+                    f"cluster holds them x {self.resources()}")
         return f"{self.num_workers} workers x {self.resources()}"
 
     def resources(self) -> dict[str, float]:

@@ -40,6 +40,7 @@ from ssl_platform.data.skips import (
     format_summary,
     get_or_create_ledger,
     ledger_name,
+    on_this_node,
     skip_summary,
 )
 from ssl_platform.train import console, local_mode
@@ -294,7 +295,8 @@ def _crash_token(run: str) -> ray.actor.ActorHandle | None:
     """The once-only token of the fault injection, when the driver's environment sets it."""
     if CRASH_AT_STEP_ENV not in os.environ:
         return None
-    return OneShot.options(name=_crash_token_name(run), namespace=NAMESPACE, get_if_exists=True).remote()
+    return OneShot.options(name=_crash_token_name(run), namespace=NAMESPACE, get_if_exists=True,
+                           scheduling_strategy=on_this_node()).remote()
 
 
 def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
