@@ -33,7 +33,9 @@ from ray.cluster_utils import Cluster
 from test_run_e2e import TINY
 
 from ssl_platform import cli
+from ssl_platform.train.elastic import BatchSplittingScaling
 from ssl_platform.train.loop import STEP_DELAY_ENV
+from ssl_platform.train.resources import workers_that_fit
 
 pytestmark = pytest.mark.ray
 
@@ -136,3 +138,21 @@ def test_a_range_the_cluster_can_never_hold_is_refused_at_once_naming_the_key(cl
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "sslp: resources: scaling.num_workers=[3, 4] needs at least 3 workers of 1.2 CPUs, but the nodes hold 2 of "
         "them (with scaling.data_cpus=0.2 left for Ray Data); lower the range's minimum or scaling.cpus_per_worker")
+
+
+# ----------------------------------------------------------------------------- the count, without Ray
+
+def test_the_count_is_the_largest_that_splits_the_batch_and_leaves_ray_data_its_cpus():
+    from ray.train import ScalingConfig
+
+    nodes = [{"CPU": 4.0}, {"CPU": 4.0}]
+    policy = BatchSplittingScaling(ScalingConfig(num_workers=(1, 8), resources_per_worker={"CPU": 1.0}),
+                                   sizes=(1, 2, 4, 8), cpus_per_worker=1.0, use_gpu=False, data_cpus=1.0,
+                                   wait_s=1.0, max_steps=10, nodes=lambda: nodes)
+    reserved = {"a": {"CPU": 4.0}, "b": {"CPU": 4.0}}  # what Ray's coordinator reserves: 8 workers of 1 CPU
+    assert policy.room() == 7  # 8 CPUs, 1 kept for Ray Data
+    assert policy._count_possible_workers(reserved) == 4  # 7 fit, and 4 is the largest count <= 7 that splits the batch
+    nodes.pop()  # a node leaves: seen at once, whatever Ray's coordinator still reserves
+    assert policy._count_possible_workers(reserved) == 2  # 3 fit beside Ray Data; 3 does not divide the batch
+    assert workers_that_fit([{"CPU": 2.0}, {"CPU": 2.0}], 1.5, False, 0.5, 8) == 2  # node by node, not the sum
+    assert workers_that_fit([{"CPU": 8.0, "GPU": 1.0}], 1.0, True, 1.0, 8) == 1  # one GPU each
