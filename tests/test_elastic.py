@@ -27,13 +27,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from ray.cluster_utils import Cluster
 from test_run_e2e import TINY
 
 from ssl_platform import cli
-from ssl_platform.train.elastic import BatchSplittingScaling
+from ssl_platform.train.elastic import BatchSplittingScaling, ElasticRangeError
 from ssl_platform.train.loop import STEP_DELAY_ENV
 from ssl_platform.train.resources import workers_that_fit
 
@@ -156,3 +157,57 @@ def test_the_count_is_the_largest_that_splits_the_batch_and_leaves_ray_data_its_
     assert policy._count_possible_workers(reserved) == 2  # 3 fit beside Ray Data; 3 does not divide the batch
     assert workers_that_fit([{"CPU": 2.0}, {"CPU": 2.0}], 1.5, False, 0.5, 8) == 2  # node by node, not the sum
     assert workers_that_fit([{"CPU": 8.0, "GPU": 1.0}], 1.0, True, 1.0, 8) == 1  # one GPU each
+
+
+def policy_on(nodes: list[dict], sizes=(1, 2), wait_s: float = 60.0, cpus: float = 1.0) -> BatchSplittingScaling:
+    """The policy with Ray's coordinator answered by ``nodes`` themselves (no Ray: the count, the
+    wait and the growth are the policy's own decisions)."""
+    from ray.train import ScalingConfig
+
+    policy = BatchSplittingScaling(ScalingConfig(num_workers=(sizes[0], sizes[-1]), resources_per_worker={"CPU": cpus},
+                                                 elastic_resize_monitor_interval_s=0),
+                                   sizes=sizes, cpus_per_worker=cpus, use_gpu=False, data_cpus=1.0, wait_s=wait_s,
+                                   max_steps=24, nodes=lambda: nodes)
+    policy._maybe_send_resource_request = lambda: None
+    policy._get_reserved_resources = lambda: {str(i): dict(n) for i, n in enumerate(nodes)}
+    return policy
+
+
+def reports(*steps_and_checkpoint):
+    """A poll of the worker group: rank r reported (step, with a checkpoint?) or nothing."""
+    return SimpleNamespace(worker_statuses={
+        rank: SimpleNamespace(training_report=None if r is None else SimpleNamespace(
+            metrics={"step": r[0]}, checkpoint=object() if r[1] else None))
+        for rank, r in enumerate(steps_and_checkpoint)})
+
+
+def test_a_bigger_group_waits_for_a_checkpoint_every_rank_reported():
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+
+    nodes = [{"CPU": 2.0}]
+    policy = policy_on(nodes)
+    running = SimpleNamespace(num_workers=1, start_time=0.0)
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 1  # 2 CPUs: 1 worker + Ray Data
+    nodes.append({"CPU": 2.0})  # room for 2 now
+    assert isinstance(policy.make_decision_for_running_worker_group(running, reports((5, False))), NoopDecision)
+    decision = policy.make_decision_for_running_worker_group(running, reports((8, True)))
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2  # at the checkpoint of step 8
+    # With 2 ranks, not before the second has reported that step too (Ray registers it then).
+    policy = policy_on([{"CPU": 2.0}, {"CPU": 2.0}], sizes=(1, 2, 4), cpus=0.5)  # room for 4 (6 beside Ray Data)
+    two = SimpleNamespace(num_workers=2, start_time=0.0)
+    assert isinstance(policy.make_decision_for_running_worker_group(two, reports((8, True), None)), NoopDecision)
+    assert policy.make_decision_for_running_worker_group(two, reports(None, (8, False))).num_workers == 4
+    # The last checkpoint ends the run: no resize then.
+    last = policy_on([{"CPU": 4.0}])
+    assert isinstance(last.make_decision_for_running_worker_group(running, reports((24, True))), NoopDecision)
+
+
+def test_a_cluster_below_the_minimum_is_waited_for_then_refused_in_one_line():
+    policy = policy_on([{"CPU": 2.0}], sizes=(2,), wait_s=0.0)  # 2 CPUs hold 1 worker beside Ray Data
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)  # waits (0.5 s)
+    with pytest.raises(ElasticRangeError) as e:
+        policy.make_decision_for_non_running_worker_group()
+    assert str(e.value) == ("the cluster holds none of the elastic range's 2-2 workers and did not hold 2 within "
+                            "scaling.wait_for_resources_s=0 s; add nodes, or lower the minimum of scaling.num_workers")
