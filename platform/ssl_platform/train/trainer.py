@@ -346,7 +346,8 @@ def describe_failure(rank: int, exc: BaseException) -> str:
 
 def restart_lines(events: list[dict]) -> list[str]:
     """One line per restart of the worker group, from the events of one fit (``train.console``):
-    an attempt's ``start`` (its step, and the last step logged before it) after a ``failure``."""
+    an attempt's ``start`` (its step, its workers, and the last step logged before it) after a
+    ``failure``, or without one when an elastic run's group grew (``train.elastic``)."""
     lines, cause, attempts, workers, failed = [], "the worker group restarted", 0, None, False
     for e in events:
         if e["kind"] == "failure":  # a worker that died takes the others' collectives down with it
