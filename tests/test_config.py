@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ssl_platform import methods
-from ssl_platform.config import ConfigError, from_dict, list_presets
+from ssl_platform.config import ConfigError, from_dict, list_presets, worker_counts
 from ssl_platform.config import load_config as load_raw
 
 
@@ -56,6 +56,33 @@ def test_bad_overrides_name_the_key_and_what_is_allowed(override, expected):
         load_config("simclr-digits", [override])
     assert expected in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_an_elastic_range_parses_and_keeps_only_the_worker_counts_that_split_the_global_batch():
+    cfg = load_config("simclr-digits", ["scaling.num_workers=[1,6]", "train.batch_size=64"])
+    assert cfg.scaling.num_workers == [1, 6] and cfg.scaling.elastic
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 6)
+    assert worker_counts(cfg) == [1, 2, 4]  # 3, 5 and 6 do not divide 64: never used
+    with_accum = load_config("simclr-digits", ["scaling.num_workers=[2,8]", "train.batch_size=96",
+                                               "train.grad_accum_steps=4"])
+    assert worker_counts(with_accum) == [2, 3, 4, 6, 8]  # 96 / (N x 4) micro-batches of equal size
+    assert from_dict(cfg.to_dict()) == cfg  # the saved config.yaml resumes the same range
+    assert worker_counts(load_config("simclr-digits", ["scaling.num_workers=4"])) == [4]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("scaling.num_workers=[0,4]", ("scaling.num_workers=[0, 4]: expected an int >= 0 (0: local mode), or [MIN, MAX] "
+                                  "with 1 <= MIN <= MAX (an elastic run)")),
+    ("scaling.num_workers=[4,2]", "scaling.num_workers=[4, 2]: expected an int >= 0"),
+    ("scaling.num_workers=[1,2,4]", "scaling.num_workers=[1, 2, 4]: expected an int >= 0"),
+    ("scaling.num_workers=[5,7]", ("scaling.num_workers=[5, 7]: no worker count from 5 to 7 splits "
+                                  "train.batch_size=64 evenly (each worker takes batch/N); widen the range to include "
+                                  "4 or 8 or change train.batch_size")),
+])
+def test_an_elastic_range_no_worker_count_of_which_splits_the_batch_is_refused_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("simclr-digits", [override, "train.batch_size=64"])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_unknown_preset_and_missing_file():

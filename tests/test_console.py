@@ -67,6 +67,20 @@ def test_the_summary_names_each_restart_its_cause_and_the_steps_repeated():
     assert restart_lines([{"kind": "start", "step": 0, "reached": None}]) == []  # one attempt: no restart
 
 
+def test_an_elastic_runs_restarts_say_the_worker_count_and_a_growth_is_no_failure():
+    shown = Console(stream=io.StringIO())
+    shown.event({"kind": "start", "step": 0, "workers": 2})
+    shown.progress(5, 24, "step 5/24")
+    shown.event({"kind": "failure", "workers": {"1": "worker rank 1 died (its process exited or was killed)"}})
+    shown.event({"kind": "start", "step": 4, "workers": 1})
+    shown.progress(8, 24, "step 8/24")
+    shown.event({"kind": "start", "step": 8, "workers": 2})  # no failure before it: Ray Train grew the group
+    assert restart_lines(shown.events) == [
+        ("worker rank 1 died (its process exited or was killed) after step 5; restarted from the checkpoint of step 4 "
+         "on 1 worker, 1 logged step(s) repeated"),
+        "the cluster had room for 2 workers after step 8; restarted from the checkpoint of step 8 on 2 workers"]
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

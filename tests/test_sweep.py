@@ -101,6 +101,7 @@ def test_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
     ({"space": {"method.temperature": {"normal": [0.1, 0.5]}}}, "expected one of"),
     ({"space": {"train.lr": {"uniform": [0.5, 0.1]}}}, "low < high"),
     ({"space": {"scaling.num_workers": {"choice": [1, 2]}}}, "fixed per sweep"),
+    ({"overrides": {"scaling.num_workers": [1, 2]}}, "an elastic range cannot resize"),
     ({"space": {}}, "at least one searched key"),
     ({"metric": "val_knn_top1", "mode": "max"}, "eval.online_every=0"),
     ({"scheduler": {"grace_period": 10}}, "not below train.max_steps"),

@@ -40,6 +40,7 @@ from ssl_platform.config import (
     list_presets,
     load_config,
     with_overrides,
+    worker_counts,
 )
 
 # The exit statuses and resolve_checkpoint live in ssl_platform.command (shared with the commands'
@@ -267,13 +268,15 @@ def _dry_run(cfg: ExperimentConfig) -> int:
     s = cfg.scaling
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     cpus = "auto" if s.cpus_per_worker is None else f"{s.cpus_per_worker:g}"
+    counts = worker_counts(cfg)
     if s.num_workers:
         print(f"# workers: {s.num_workers} x (CPU={cpus}{', GPU=1' if s.use_gpu else ''}), "
-              f"data pipeline keeps {s.data_cpus:g} CPUs")
+              f"data pipeline keeps {s.data_cpus:g} CPUs" + (f"; elastic: one of {counts}, as many as the cluster "
+                                                             f"holds" if s.elastic else ""))
     else:
         print("# local mode (scaling.num_workers=0): the loop runs in this process; Ray Data uses the cluster's CPUs")
-    print(f"# global batch {cfg.train.batch_size} = {s.ranks} x "
-          f"{cfg.train.batch_size // s.ranks} per worker")
+    print(f"# global batch {cfg.train.batch_size} = " + " or ".join(
+        f"{max(1, n)} x {cfg.train.batch_size // max(1, n)}" for n in counts) + " per worker")
     print(f"# run directory: {cfg.run_location()}")
     return 0
 

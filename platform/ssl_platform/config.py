@@ -42,6 +42,8 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
     return field(default=default, metadata={"help": help, **constraints})
 
 
+ELASTIC_ALLOWED = "an int >= 0 (0: local mode), or [MIN, MAX] with 1 <= MIN <= MAX (an elastic run)"
+
 # Built-in corpora (offline on a fresh machine) and the kinds/formats of a user's data.path.
 BUILTIN_KINDS = {"digits": "image", "digits-m": "image", "digit-captions": "image-caption",
                  "digits-m-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
@@ -175,9 +177,11 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = _f(2, "Ray Train workers (data-parallel ranks); 0: local mode, the loop runs in the driver "
-                             "process as the only rank (no worker processes: quick checks, a debugger's "
-                             "breakpoints; Ray Data still streams the batches)", min=0)
+    num_workers: int | list = _f(  # noqa: RUF009 (_f returns a field; the default is an int)
+        2, "Ray Train workers (data-parallel ranks); 0: local mode, the loop runs in the driver process as the only "
+           "rank (no worker processes: quick checks, a debugger's breakpoints; Ray Data still streams the batches); "
+           "[MIN, MAX]: elastic, as many workers as the cluster holds, only counts that split train.batch_size "
+           "(README Elastic runs)", min=0, allowed=ELASTIC_ALLOWED)
     use_gpu: bool = _f(False, "one GPU per worker, NCCL backend")
     cpus_per_worker: float | None = _f(None, "CPUs held by each train worker; empty = sized automatically", min=0.0)
     data_cpus: float = _f(1.0, "CPUs always left free for the Ray Data pipeline", min=0.0)
@@ -197,11 +201,38 @@ class ScalingConfig:
     wait_for_resources_s: float = _f(300.0, "seconds to wait for CPUs/GPUs that other jobs hold (or the autoscaler "
                                             "adds) before giving up",
                                      min=0.0)
+    resize_check_s: float = _f(60.0, "elastic runs: seconds between checks for room for more workers (a bigger "
+                                     "worker group takes over at the next checkpoint)", min=0.0)
+
+    @property
+    def elastic(self) -> bool:
+        """``num_workers=[MIN, MAX]``: Ray Train picks the worker count from what the cluster holds."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
 
     @property
     def ranks(self) -> int:
-        """Data-parallel ranks: the workers, or the driver alone in local mode (``num_workers=0``)."""
-        return max(1, self.num_workers)
+        """Data-parallel ranks: the workers, or the driver alone in local mode (``num_workers=0``);
+        an elastic run's smallest count (see :func:`worker_counts` for the others)."""
+        return max(1, self.min_workers)
+
+
+def worker_counts(cfg: ExperimentConfig) -> list[int]:
+    """The worker counts a run may use: ``scaling.num_workers`` itself, or of an elastic range
+    [MIN, MAX] the counts N that split the global batch into equal worker micro-batches
+    (``train.batch_size`` divisible by ``N * train.grad_accum_steps``), so every N trains on the
+    same global batch. Empty when none does (refused by the config check)."""
+    s, t = cfg.scaling, cfg.train
+    if not s.elastic:
+        return [s.num_workers]
+    return [n for n in range(s.min_workers, s.max_workers + 1) if t.batch_size % (n * t.grad_accum_steps) == 0]
 
 
 @dataclass
@@ -362,6 +393,8 @@ def _type_name(hint: Any) -> str:
 
 
 def _allowed(md: Mapping, hint: Any) -> str:
+    if "allowed" in md:  # a key whose forms the constraints below cannot say (scaling.num_workers)
+        return md["allowed"]
     if "choices" in md:
         return "one of " + ", ".join(map(str, md["choices"]))
     lo, hi, name = md.get("min"), md.get("max"), _type_name(hint)
@@ -419,6 +452,8 @@ def _convert(key: str, value: Any, hint: Any, md: Mapping = types.MappingProxyTy
         close = difflib.get_close_matches(str(value), list(map(str, md["choices"])), n=1)
         hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, md['choices']))}{hint_txt}")
+    if isinstance(value, list):  # min and max bound a scalar
+        return value
     if ("min" in md and value < md["min"]) or ("max" in md and value > md["max"]):
         raise ConfigError(f"{key}={value!r}: expected {_allowed(md, hint)}")
     return value
@@ -480,12 +515,14 @@ def check_method(cfg: ExperimentConfig, params: Mapping[str, tuple[Any, Any]], d
 def _check_consistency(cfg: ExperimentConfig) -> None:
     """Constraints that span fields."""
     t, s = cfg.train, cfg.scaling
-    if t.batch_size % s.ranks:
+    if s.elastic:
+        _check_elastic(cfg)
+    elif t.batch_size % s.ranks:
         raise ConfigError(
             f"train.batch_size={t.batch_size} does not split evenly over scaling.num_workers={s.num_workers}; "
             f"use a multiple of {s.num_workers}"
         )
-    if t.batch_size % (s.ranks * t.grad_accum_steps):
+    if not s.elastic and t.batch_size % (s.ranks * t.grad_accum_steps):
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into scaling.num_workers={s.num_workers} x "
                           f"train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; use a multiple of "
                           f"{s.ranks * t.grad_accum_steps}")
@@ -495,6 +532,25 @@ def _check_consistency(cfg: ExperimentConfig) -> None:
                           f"exceeds 1; lower one of them")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: a run name must be a non-empty file name (no '/')")
+
+
+def _check_elastic(cfg: ExperimentConfig) -> None:
+    """An elastic range: two ints, 1 <= MIN <= MAX, and at least one count in it splits the global batch."""
+    s, t = cfg.scaling, cfg.train
+    n = s.num_workers
+    if len(n) != 2 or not 1 <= n[0] <= n[1]:
+        raise ConfigError(f"scaling.num_workers={n}: expected {ELASTIC_ALLOWED}")
+    if not worker_counts(cfg):
+        k = t.grad_accum_steps
+        split = f"train.batch_size={t.batch_size}" + (f" into train.grad_accum_steps={k} micro-batches"
+                                                      if k > 1 else "")
+        fits = [m for m in range(1, t.batch_size // k + 1) if t.batch_size % (m * k) == 0]
+        below = [m for m in fits if m < n[0]]
+        above = [m for m in fits if m > n[1]]
+        near = " or ".join(f"{m}" for m in (below[-1:] + above[:1]))
+        raise ConfigError(f"scaling.num_workers={n}: no worker count from {n[0]} to {n[1]} splits {split} evenly "
+                          f"(each worker takes batch/N); widen the range to include {near or 'a divisor'} or "
+                          f"change train.batch_size")
 
 
 def check_data_kind(cfg: ExperimentConfig, wanted: str) -> None:

@@ -57,12 +57,22 @@ class _Ledger:
         self.examples.clear()
 
 
+def on_this_node():
+    """The scheduling strategy that keeps a run's own actor (the ledger, the stop flag) on the
+    driver's node: a node that leaves (an elastic run goes on without it) must not take them along."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def get_or_create_ledger(name: str):
     """The named ledger actor of a run (created on first use). Ray must be initialised."""
     import ray
 
     actor = ray.remote(num_cpus=0)(_Ledger)
-    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                         scheduling_strategy=on_this_node()).remote()
 
 
 def skip_summary(ledger) -> dict:

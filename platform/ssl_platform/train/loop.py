@@ -50,6 +50,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -86,6 +87,8 @@ from ssl_platform.views import image_views
 
 # Fault injection for tests: the worker of this rank exits abruptly when it reaches the step.
 CRASH_AT_STEP_ENV = "SSLP_CRASH_AT_STEP"
+# Timing for tests: every step also sleeps this many seconds (a run slow enough to lose a node mid-run).
+STEP_DELAY_ENV = "SSLP_STEP_DELAY_S"
 
 
 def train_func(loop_config: dict) -> None:
@@ -151,10 +154,11 @@ def train_func(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train") if ordered is None else None
     steps_in_epoch = ordered.steps_per_epoch(t.batch_size) if ordered is not None else None
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
-                           data_advice=data_advice(cfg))
+                           data_advice=data_advice(cfg), workers=world)
     meter = StepMeter()
     online = OnlineEval(cfg, loop_config.get("online_split"), rank, device)  # rank 0 (all ranks under FSDP)
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     stop, stopped = StopPoller(loop_config.get("stop_flag")), False  # SIGTERM to the driver (train.preemption)
     while state.step < t.max_steps:  # one pass over the data = one epoch
         if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
@@ -191,6 +195,8 @@ def train_func(loop_config: dict) -> None:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
             meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 
+            if delay:
+                time.sleep(delay)
             if state.step == crash_at and start_step < crash_at and rank == 0:
                 os._exit(1)  # a real process death, not an exception Ray could catch in Python
             stopped = stop.flag is not None and any_rank(stop.raised(), world, device)  # all ranks stop at this step

@@ -169,10 +169,11 @@ class MetricsLogger:
     Args:
         start_step: the step this session starts from (the checkpoint's, 0 for a new run);
             rows after it are removed from metrics.jsonl because those steps are done again.
+        workers: the attempt's worker count (an elastic run's summary lists them per attempt).
     """
 
     def __init__(self, run_dir: str | Path, run_name: str, max_steps: int, start_step: int, enabled: bool,
-                 data_advice: str = "give Ray Data more CPUs: scaling.data_cpus"):
+                 data_advice: str = "give Ray Data more CPUs: scaling.data_cpus", workers: int = 1):
         self.enabled = enabled
         self.data_advice = data_advice  # what the progress line and summary suggest when data-bound
         self._rows = 0
@@ -189,7 +190,8 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             drop_rows_after(self.path, start_step)
             self._gauges = _make_gauges(run_name)
-            console.event("start", step=start_step)  # an attempt of the run (a restart if not the first)
+            # An attempt of the run (a restart if not the first), on this many workers.
+            console.event("start", step=start_step, workers=workers)
 
     def untimed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, its time left out of the interval's throughput and step time and of the

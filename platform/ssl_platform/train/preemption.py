@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import ray
 
-from ssl_platform.data.skips import NAMESPACE
+from ssl_platform.data.skips import NAMESPACE, on_this_node
 from ssl_platform.train import console
 
 
@@ -45,7 +45,8 @@ def stop_flag_name(run: str) -> str:
 
 
 def stop_flag(run: str) -> ray.actor.ActorHandle:
-    return StopFlag.options(name=stop_flag_name(run), namespace=NAMESPACE, get_if_exists=True).remote()
+    return StopFlag.options(name=stop_flag_name(run), namespace=NAMESPACE, get_if_exists=True,
+                            scheduling_strategy=on_this_node()).remote()
 
 
 class StopPoller:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ssl_platform.config import ExperimentConfig
+from ssl_platform.config import ExperimentConfig, worker_counts
 from ssl_platform.train.session import ResourceError
 
 # Ray Train gives up placing the worker group after 60 s and tries again; bounded retries turn
@@ -22,13 +22,19 @@ PLACEMENT_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    num_workers: int
+    num_workers: int  # the workers that must fit: the only count, or an elastic run's smallest
     cpus_per_worker: float
     use_gpu: bool
+    sizes: tuple[int, ...] = ()  # an elastic run's worker counts, ascending (config.worker_counts); () when fixed
 
     def describe(self) -> str:
         if self.num_workers == 0:
             return f"local mode (this process{', on its GPU' if self.use_gpu else ''})"
+        if self.sizes:
+            counts = ", ".join(map(str, self.sizes[:-1])) + f" or {self.sizes[-1]}" if len(self.sizes) > 1 else (
+                str(self.sizes[0]))
+            return (f"elastic scaling.num_workers=[{self.sizes[0]}, {self.sizes[-1]}]: {counts} workers as the "
+                    f"cluster holds them x {self.resources()}")
         return f"{self.num_workers} workers x {self.resources()}"
 
     def resources(self) -> dict[str, float]:
@@ -51,35 +57,57 @@ def plan_workers(cfg: ExperimentConfig, nodes: list[dict[str, float]]) -> Worker
             raise ResourceError("scaling.num_workers=0 trains in this process, which sees no GPU; set "
                                 "scaling.use_gpu=false, or scaling.num_workers=1 to train on a GPU node of the cluster")
         return WorkerPlan(0, 0.0, s.use_gpu)
+    counts = worker_counts(cfg)
+    need = counts[0]  # an elastic run's smallest count must fit; Ray Train adds workers where there is room
+    key = f"scaling.num_workers={s.num_workers}"
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
-    if s.use_gpu and total_gpu < s.num_workers:
+    if s.use_gpu and total_gpu < need:
         raise ResourceError(
-            f"scaling.use_gpu=true needs {s.num_workers} GPUs (one per worker) but the cluster has {total_gpu:g}; "
-            + (f"set scaling.num_workers={int(total_gpu)} or scaling.use_gpu=false" if total_gpu >= 1 else
-               "set scaling.use_gpu=false")
+            f"scaling.use_gpu=true needs {need} GPUs (one per worker) but the cluster has {total_gpu:g}; "
+            + (f"set scaling.num_workers={int(total_gpu)}" + (" (or a range that starts there)" if s.elastic else "")
+               + " or scaling.use_gpu=false" if total_gpu >= 1 else "set scaling.use_gpu=false")
         )
     free_for_train = total_cpu - s.data_cpus
     if s.cpus_per_worker is None:
-        # One CPU each where there is room, else an equal fraction (e.g. 0.5 on a 2-core laptop).
-        cpus = min(1.0, math.floor(free_for_train / s.num_workers * 100) / 100)
+        # One CPU each where there is room, else an equal fraction (e.g. 0.5 on a 2-core laptop); an
+        # elastic run is sized for its smallest count, and more workers of that size run where they fit.
+        cpus = min(1.0, math.floor(free_for_train / need * 100) / 100)
         if cpus < 0.05:
             raise ResourceError(
-                f"the cluster has {total_cpu:g} CPUs: not enough for {s.num_workers} train workers plus "
-                f"scaling.data_cpus={s.data_cpus:g} for the data pipeline; lower scaling.num_workers or "
+                f"the cluster has {total_cpu:g} CPUs: not enough for {need} train workers plus "
+                f"scaling.data_cpus={s.data_cpus:g} for the data pipeline; lower {key} or "
                 f"scaling.data_cpus"
             )
     else:
         cpus = s.cpus_per_worker
-        if cpus * s.num_workers > free_for_train + 1e-9:
+        if cpus * need > free_for_train + 1e-9:
             raise ResourceError(
-                f"{s.num_workers} workers x scaling.cpus_per_worker={cpus:g} + scaling.data_cpus={s.data_cpus:g} "
-                f"exceeds the cluster's {total_cpu:g} CPUs; lower scaling.cpus_per_worker or scaling.num_workers"
+                f"{need} workers x scaling.cpus_per_worker={cpus:g} + scaling.data_cpus={s.data_cpus:g} "
+                f"exceeds the cluster's {total_cpu:g} CPUs; lower scaling.cpus_per_worker or {key}"
             )
     biggest = max((n.get("CPU", 0.0) for n in nodes if not s.use_gpu or n.get("GPU", 0) >= 1), default=0.0)
     if cpus > biggest:
         raise ResourceError(f"scaling.cpus_per_worker={cpus:g} does not fit on any node (largest has {biggest:g} CPUs)")
-    return WorkerPlan(s.num_workers, cpus, s.use_gpu)
+    if s.elastic and (room := workers_that_fit(nodes, cpus, s.use_gpu, s.data_cpus, need)) < need:
+        raise ResourceError(f"{key} needs at least {need} workers of {cpus:g} CPUs, but the nodes hold {room} of them "
+                            f"(with scaling.data_cpus={s.data_cpus:g} left for Ray Data); lower the range's minimum "
+                            f"or scaling.cpus_per_worker")
+    return WorkerPlan(need, cpus, s.use_gpu, tuple(counts) if s.elastic else ())
+
+
+def workers_that_fit(nodes: list[dict[str, float]], cpus_per_worker: float, use_gpu: bool, data_cpus: float,
+                     cap: int) -> int:
+    """How many train workers of ``cpus_per_worker`` CPUs (and a GPU each with ``use_gpu``) the
+    ``nodes`` (their total resources) hold with ``data_cpus`` CPUs left for Ray Data, at most
+    ``cap``: what fits node by node, and no more than the CPUs beyond the data's allow."""
+    def fit(have: float, each: float) -> int:
+        return cap if each <= 0 else math.floor(have / each + 1e-9)
+
+    per_node = sum(min(fit(n.get("CPU", 0.0), cpus_per_worker), fit(n.get("GPU", 0.0), 1.0) if use_gpu else cap)
+                   for n in nodes)
+    beside_data = fit(sum(n.get("CPU", 0.0) for n in nodes) - data_cpus, cpus_per_worker)
+    return max(0, min(per_node, beside_data, cap))
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -90,7 +118,7 @@ def worker_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """What a run asks of the cluster: one bundle per train worker plus the data pipeline's CPUs."""
     s = cfg.scaling
     worker = {"CPU": s.cpus_per_worker if s.cpus_per_worker is not None else 1.0, **({"GPU": 1.0} if s.use_gpu else {})}
-    return [dict(worker) for _ in range(s.num_workers)] + ([{"CPU": s.data_cpus}] if s.data_cpus else [])
+    return [dict(worker) for _ in range(worker_counts(cfg)[-1])] + ([{"CPU": s.data_cpus}] if s.data_cpus else [])
 
 
 def _request_resources(bundles: list[dict[str, float]]) -> None:
@@ -111,7 +139,7 @@ def _bundles_text(cfg: ExperimentConfig) -> str:
     s = cfg.scaling
     worker = f"CPU {s.cpus_per_worker if s.cpus_per_worker is not None else 1.0:g}" + (", GPU 1" if s.use_gpu else "")
     data = f" + {s.data_cpus:g} CPUs for Ray Data" if s.data_cpus else ""
-    return f"{s.num_workers} train workers x {{{worker}}}{data}"
+    return f"{worker_counts(cfg)[-1]} train workers x {{{worker}}}{data}"
 
 
 def cluster_nodes(cfg: ExperimentConfig, nodes=alive_nodes, request=_request_resources, sleep=time.sleep,

@@ -29,7 +29,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ssl_platform import methods
-from ssl_platform.config import ExperimentConfig, save_yaml
+from ssl_platform.config import ExperimentConfig, save_yaml, worker_counts
 from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
 from ssl_platform.data.ordered import fingerprint_change
@@ -40,10 +40,12 @@ from ssl_platform.data.skips import (
     format_summary,
     get_or_create_ledger,
     ledger_name,
+    on_this_node,
     skip_summary,
 )
 from ssl_platform.train import console, local_mode
 from ssl_platform.train.checkpoint import saved_position
+from ssl_platform.train.elastic import ElasticRangeError, ElasticTorchTrainer
 from ssl_platform.train.loop import CRASH_AT_STEP_ENV, accumulation_words
 from ssl_platform.train.metrics import data_advice, data_bound, format_duration, format_spill
 from ssl_platform.train.preemption import Preempted, sigterm_checkpoints, stop_flag, stop_flag_name
@@ -84,6 +86,8 @@ class RunSummary:
     data_advice: str = ""  # what to give a data-bound run
     spilled_bytes: int | None = None  # object store -> disk during this fit(), cluster-wide; None: unknown
     restarts: list[str] = field(default_factory=list)  # one line per worker-group restart: cause, steps repeated
+    workers: list[int] = field(default_factory=list)  # the workers of each attempt of this fit(), in order
+    elastic: str = ""  # an elastic run's scaling.num_workers, "[MIN, MAX]"; "" for a fixed count
     resumed: str = ""  # what the last resume of this fit() cost (train.loop.resume_line), "" if it started fresh
 
     def text(self) -> str:
@@ -101,6 +105,8 @@ class RunSummary:
               if self.data_wait_fraction is not None else []),
             f"  final loss  {loss}",
             *([f"  resume      {self.resumed}"] if self.resumed else []),
+            *([(f"  workers     {' -> '.join(map(str, self.workers))} (one count per attempt; elastic "
+                f"scaling.num_workers={self.elastic})")] if self.elastic and self.workers else []),
             f"  restarts    {len(self.restarts) or 'none'}",
             *(f"    {line}" for line in self.restarts),
             f"  data        {format_summary(self.skipped_records)}",
@@ -149,7 +155,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
         except ValueError as e:
             ray.kill(ledger)
             raise DataError(str(e)) from None
-    ranks = cfg.scaling.ranks
+    ranks = max(1, worker_counts(cfg)[-1])  # an elastic run's largest count: the fewest records per worker
     local_batch = cfg.train.batch_size // ranks
     if data.num_records is not None and data.num_records // ranks < local_batch:
         ray.kill(ledger)
@@ -216,7 +222,10 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     spilled_after = spilled_bytes()
     if spilled_before is not None and spilled_after is not None:
         summary.spilled_bytes = spilled_after - spilled_before
-    summary.restarts = restart_lines(shown.events[first_event:] if shown else [])
+    events = shown.events[first_event:] if shown else []
+    summary.restarts = restart_lines(events)
+    summary.workers = [e["workers"] for e in events if e["kind"] == "start" and "workers" in e]
+    summary.elastic = str(cfg.scaling.num_workers) if cfg.scaling.elastic else ""
     (paths.local / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     copy_to_storage(paths, SUMMARY_FILE)
     return summary
@@ -225,7 +234,11 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
 def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, crash_token: str | None,
              max_failures: int, callbacks: list, online_split_ref: ray.ObjectRef | None = None,
              build=None, stop: str | None = None) -> TorchTrainer:
-    return TorchTrainer(
+    # An elastic run: Ray Train's elastic scaling on the counts that split the global batch (train.elastic).
+    elastic = {"policy": {"sizes": plan.sizes, "cpus_per_worker": plan.cpus_per_worker, "use_gpu": plan.use_gpu,
+                          "data_cpus": cfg.scaling.data_cpus, "wait_s": cfg.scaling.wait_for_resources_s,
+                          "max_steps": cfg.train.max_steps}} if plan.sizes else {}
+    return (ElasticTorchTrainer if plan.sizes else TorchTrainer)(
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(), "run_dir": str(paths.local), "derived": data.derived,
@@ -240,10 +253,11 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.num_workers,
+            num_workers=(plan.sizes[0], plan.sizes[-1]) if plan.sizes else plan.num_workers,
             use_gpu=plan.use_gpu,
             resources_per_worker=plan.resources() if plan.num_workers else None,
             placement_strategy=cfg.scaling.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -256,6 +270,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
         ),
         dataset_config=_dataset_config(cfg),
         datasets={"train": data.train} if data.train is not None else None,
+        **elastic,
     )
 
 
@@ -280,7 +295,8 @@ def _crash_token(run: str) -> ray.actor.ActorHandle | None:
     """The once-only token of the fault injection, when the driver's environment sets it."""
     if CRASH_AT_STEP_ENV not in os.environ:
         return None
-    return OneShot.options(name=_crash_token_name(run), namespace=NAMESPACE, get_if_exists=True).remote()
+    return OneShot.options(name=_crash_token_name(run), namespace=NAMESPACE, get_if_exists=True,
+                           scheduling_strategy=on_this_node()).remote()
 
 
 def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
@@ -330,20 +346,26 @@ def describe_failure(rank: int, exc: BaseException) -> str:
 
 def restart_lines(events: list[dict]) -> list[str]:
     """One line per restart of the worker group, from the events of one fit (``train.console``):
-    an attempt's ``start`` (its step, and the last step logged before it) after a ``failure``."""
-    lines, cause, attempts = [], "the worker group restarted", 0
+    an attempt's ``start`` (its step, its workers, and the last step logged before it) after a
+    ``failure``, or without one when an elastic run's group grew (``train.elastic``)."""
+    lines, cause, attempts, workers, failed = [], "the worker group restarted", 0, None, False
     for e in events:
         if e["kind"] == "failure":  # a worker that died takes the others' collectives down with it
             died = [what for what in e["workers"].values() if " died " in what]
             cause = "; ".join(died or list(e["workers"].values())[:1]) or cause
+            failed = True
         elif e["kind"] == "start":
             attempts += 1
+            now = e.get("workers")
             if attempts > 1:
                 reached, step = e.get("reached"), e["step"]
+                if not failed and now is not None and workers is not None and now > workers:
+                    cause = f"the cluster had room for {now} workers"  # an elastic run grew
                 after = f" after step {reached}" if reached is not None else ""
                 repeated = f", {reached - step} logged step(s) repeated" if (reached or 0) > step else ""
-                lines.append(f"{cause}{after}; restarted from the checkpoint of step {step}{repeated}")
-            cause = "the worker group restarted"
+                on = f" on {now} worker{'s' * (now != 1)}" if now is not None and now != workers else ""
+                lines.append(f"{cause}{after}; restarted from the checkpoint of step {step}{on}{repeated}")
+            cause, workers, failed = "the worker group restarted", now, False
     return lines
 
 
@@ -372,6 +394,8 @@ def _failure_reason(error: ray.train.TrainingFailedError, cfg: ExperimentConfig,
         what = describe_failure(*min(failures.items()))
     else:
         cause = getattr(error, "controller_failure", error)
+        if isinstance(cause, ElasticRangeError):
+            return f"{cause}; run the same command again to resume run {cfg.name} from its newest checkpoint"
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
             return (f"the train workers could not be placed within {cfg.scaling.wait_for_resources_s:g} s (other jobs "
                     f"hold the resources, or a node left); raise scaling.wait_for_resources_s or lower "

@@ -307,6 +307,9 @@ def load_sweep(source: str, overrides: list[str] = (), *, check_trials: bool = T
     if base.scaling.num_workers == 0:
         raise ConfigError("scaling.num_workers=0 (local mode) trains in the driver process, and a trial is not "
                           "one: set scaling.num_workers=1 or more")
+    if base.scaling.elastic:
+        raise ConfigError(f"scaling.num_workers={base.scaling.num_workers}: a sweep reserves each trial's "
+                          f"resources up front, so an elastic range cannot resize; give one worker count")
 
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict) or not space_raw:
