@@ -309,7 +309,7 @@ def one_thread():
 # Modules in decreasing order of their measured time (fresh clone, 2 cores, 2026-12-03); the rest
 # keep pytest's order after them. `make test` runs two pytest-xdist workers that take one module at
 # a time in this order, so the long modules start first and the short ones fill in at the end.
-LONGEST_FIRST = ["test_presets.py", "test_resume_exact.py", "test_faults.py", "test_multinode.py", "test_elastic.py",
+LONGEST_FIRST = ["test_presets.py", "test_resume_exact.py", "test_faults.py", "test_elastic.py",
                  "test_sweep.py",
                  "test_run_e2e.py",
                  "test_embed.py", "test_streaming.py", "test_finetune.py", "test_loop.py", "test_eval_image.py",

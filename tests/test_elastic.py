@@ -18,6 +18,16 @@ and a restart resumes at the checkpoint's position in the epoch (``test_resume_e
 reference is the same run in local mode (one rank, no worker processes: the cheapest run that
 never loses anything). 1 and 2 ranks differ in float summation order only: 1e-4, as in
 ``test_resume_exact``.
+
+The same run is the multi-node claim: spreading the workers over nodes changes nothing in the
+math. Its first attempt has one worker on each node (SPREAD), and its losses equal those of one
+process holding the whole global batch only because the negatives are gathered across the nodes
+(each worker's own 32 candidates instead of 64 would lower the loss by about log 2) and BatchNorm
+is global.
+
+The same cluster then checks that a busy cluster (resources that exist but another job holds)
+is refused after ``scaling.wait_for_resources_s`` with a message, instead of waiting forever, and
+that a layout no node can hold is refused before anything is scheduled.
 """
 
 import json
@@ -30,6 +40,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import ray
+from conftest import show
 from ray.cluster_utils import Cluster
 from test_run_e2e import TINY
 
@@ -99,7 +111,7 @@ def runs(cluster, tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             wait_for("step 5 on 2 workers", lambda: last_step(run_dir) >= 5, proc, log)
-            assert "2 workers on 2 node(s)" in log.read_text()
+            assert "2 workers on 2 node(s)" in log.read_text()  # SPREAD: one worker per node
             cluster.remove_node(cluster.list_all_nodes()[1])  # the worker node: rank 1 dies with it
             wait_for("the restart on 1 worker", lambda: "1 workers on 1 node(s)" in log.read_text(), proc, log)
             cluster.add_node(**node_args())
@@ -139,6 +151,37 @@ def test_a_range_the_cluster_can_never_hold_is_refused_at_once_naming_the_key(cl
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "sslp: resources: scaling.num_workers=[3, 4] needs at least 3 workers of 1.2 CPUs, but the nodes hold 2 of "
         "them (with scaling.data_cpus=0.2 left for Ray Data); lower the range's minimum or scaling.cpus_per_worker")
+
+
+def test_a_busy_cluster_is_refused_after_the_wait_with_the_fix(cluster, tmp_path):
+    ray.init(address=cluster.address)
+    try:
+        @ray.remote(num_cpus=2)
+        class Holder:
+            def ready(self) -> bool:
+                return True
+
+        holders = [Holder.remote() for _ in range(2)]  # every CPU of both nodes, held by this job
+        ray.get([h.ready.remote() for h in holders])
+        done = subprocess.run([sys.executable, "-m", "ssl_platform.cli", *RUN, "name=busy", f"runs_dir={tmp_path}",
+                               "scaling.wait_for_resources_s=3", "--address", cluster.address], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        ray.shutdown()
+    assert done.returncode == 2, show(done)
+    assert "waiting up to 3 s for resources held by other jobs (CPU 3 needed, 0 free)" in done.stdout, show(done)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("sslp: resources: other jobs hold the resources this run needs"), show(done)
+    assert "raise that timeout, or lower scaling.num_workers" in last
+
+
+def test_an_infeasible_layout_is_refused_before_anything_is_scheduled(cluster, tmp_path, capsys):
+    # In-process: the refusal needs no job of its own, and this process leaves the cluster after.
+    assert cli.main([*RUN, "name=too-big", f"runs_dir={tmp_path}", "scaling.num_workers=1",
+                     "scaling.cpus_per_worker=3", "--address", cluster.address]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sslp: resources: scaling.cpus_per_worker=3 does not fit on any node (largest has 2 CPUs)")
+    assert not ray.is_initialized()
 
 
 # ----------------------------------------------------------------------------- the count, without Ray

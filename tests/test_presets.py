@@ -42,7 +42,7 @@ def test_local_preset_trains_through_the_cli(ray_session, preset, tmp_path):
     # (scaling.num_workers=0: the loop runs here, so a run costs its training, not the ~60 CPU-s of
     # starting Ray Train's controller and worker processes); the preset's own model, data
     # pipeline, loss, optimizer and online metric. Data-parallel training is what test_run_e2e
-    # (the demo's preset, 2 workers), test_faults, test_multinode and test_loop run. Each kind's
+    # (the demo's preset, 2 workers), test_faults, test_elastic and test_loop run. Each kind's
     # evaluation protocol (what the end of `sslp run` calls) is tested in test_eval_*.py.
     # BYOL's views get their colour, blur and solarize on the train worker's device (the CPU
     # here): data.augment_on=device, the default on GPUs (uint8 crops and draws from Ray Data).
