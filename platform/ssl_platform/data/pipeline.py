@@ -40,6 +40,7 @@ import ray.data
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.context import configure_data_context
+from ssl_platform.data.listed import list_audio_corpus, list_image_corpus, listed_corpus
 from ssl_platform.data.ordered import OrderedCorpus, ordered_corpus
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.methods import method_spec
@@ -93,7 +94,6 @@ def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray
 
 def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.builtin import load_image_corpus
-    from ssl_platform.data.images import read_image_corpus
     from ssl_platform.data.transforms import MultiViewAugment
     from ssl_platform.views import image_views
 
@@ -107,13 +107,13 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
                                  make_views, image_size=d.image_size, views=repr(views))
         return PretrainData(None, {"in_channels": int(split.images.shape[1])},
                             f"{d.corpus} ({len(split)} train records)", len(split), ordered=ordered)
-    corpus = read_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                               image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
-    # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
-    # data.seed: a fixed block order and fixed views per record (reproducibility checks).
-    augment = MultiViewAugment(views, seed=d.seed, placement=cfg.augment_placement())
-    ds = _transform(corpus.dataset.randomize_block_order(seed=d.seed), augment, cfg)
-    return PretrainData(ds, {"in_channels": int(d.channels)}, f"{d.path} ({corpus.fmt})")
+    listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
+    seed = order_seed(cfg)
+    make_views = partial(MultiViewAugment, views, seed=seed, placement=cfg.augment_placement())
+    ordered = listed_corpus(listing, seed, make_views, image_size=d.image_size, channels=d.channels, views=repr(views))
+    return PretrainData(None, {"in_channels": int(d.channels)}, f"{d.path} ({listing.fmt}, {len(listing)} records)",
+                        len(listing), ordered=ordered)
 
 
 def _keys(name: str, n: int) -> np.ndarray:
@@ -124,7 +124,7 @@ def _keys(name: str, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- image-caption (CLIP)
 
 def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.captions import CaptionTransform, read_caption_corpus
+    from ssl_platform.data.captions import CaptionTransform
     from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 
     d = cfg.data
@@ -138,11 +138,14 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
                                  seed, make, image_size=d.image_size, context_length=model["context_length"], **options)
         return PretrainData(None, {"in_channels": int(split.images.shape[1]), "image_size": d.image_size},
                             f"{d.corpus} ({len(split)} pairs)", len(split), ordered=ordered)
-    corpus = read_caption_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                                 image_column=d.image_column, caption_column=d.caption_column)
-    transform = CaptionTransform(d.image_size, model["context_length"], **options)
-    ds = _transform(corpus.dataset.randomize_block_order(), transform, cfg)
-    return PretrainData(ds, {"in_channels": int(d.channels), "image_size": d.image_size}, f"{d.path} ({corpus.fmt})")
+    listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                image_column=d.image_column, caption_column=d.caption_column)
+    seed = order_seed(cfg)
+    make = partial(CaptionTransform, d.image_size, model["context_length"], seed=seed, **options)
+    ordered = listed_corpus(listing, seed, make, image_size=d.image_size, channels=d.channels,
+                            context_length=model["context_length"], **options)
+    return PretrainData(None, {"in_channels": int(d.channels), "image_size": d.image_size},
+                        f"{d.path} ({listing.fmt}, {len(listing)} pairs)", len(listing), ordered=ordered)
 
 
 # ----------------------------------------------------------------------------- text (masked pairs, blocks)
@@ -188,7 +191,7 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
 # ----------------------------------------------------------------------------- audio (CPC)
 
 def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.audio import AudioCrops, read_audio_corpus
+    from ssl_platform.data.audio import AudioCrops
     from ssl_platform.data.spoken_digits import load_spoken_digits_splits
 
     d = cfg.data
@@ -204,10 +207,13 @@ def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
                                  normalize=d.normalize_audio)
         return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.corpus} ({len(split)} train clips)",
                             len(split), ordered=ordered)
-    ds = read_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, max_seconds=d.max_audio_seconds,
-                           fmt=d.format)
-    crops = AudioCrops(d.crop_seconds, d.sample_rate, normalize=d.normalize_audio)
-    return PretrainData(_transform(ds.randomize_block_order(), crops, cfg), {"sample_rate": d.sample_rate}, d.path)
+    listing = list_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, fmt=d.format)
+    seed = order_seed(cfg)
+    make = partial(AudioCrops, d.crop_seconds, d.sample_rate, seed=seed, normalize=d.normalize_audio)
+    ordered = listed_corpus(listing, seed, make, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds,
+                            normalize=d.normalize_audio)
+    return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.path} ({len(listing)} files)", len(listing),
+                        ordered=ordered)
 
 
 BUILDERS: dict[str, Callable[[ExperimentConfig, Path, SkipReporter, dict], PretrainData]] = {
