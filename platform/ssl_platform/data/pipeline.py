@@ -6,25 +6,25 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 |---|---|---|---|
 | image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (spec.views) | view1 ... viewN (uint8) |
 | image-caption | ``digit-captions``, ``digits-m-captions``, ``data.path`` | ``CaptionTransform`` | image, text |
-| text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` (spec.token_batches) | input_ids, ... |
+| text | ``python-docs`` or ``data.path`` | ``BertChunkPairs`` / GPT blocks as they are | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
-Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
+Records stay raw until ``map_batches`` decodes and augments them on CPU tasks; the train
 workers see finished batches via ``iter_torch_batches``, images as uint8 that the loop
 normalises on its device (``data.augment.finish_views``).
 
-Two ways to the workers:
+Every corpus is an :class:`~ssl_platform.data.ordered.OrderedCorpus` (``PretrainData.ordered``):
+each worker reads its ids of the epoch's order (:mod:`ssl_platform.data.order`), in order, with
+every record's views, crops and masks a function of (seed, epoch, key), the seed ``data.seed`` or
+else ``train.seed``. A resume continues mid-epoch exactly where the checkpoint was (issue 18).
 
-- the built-in image, image-caption and audio corpora are an :class:`~ssl_platform.data.ordered.OrderedCorpus`
-  (``PretrainData.ordered``): each worker reads its ids of the epoch's order
-  (:mod:`ssl_platform.data.order`), in order, with every record's views a function of
-  (seed, epoch, key), the seed ``data.seed`` or else ``train.seed``. A resume continues mid-epoch
-  exactly where the checkpoint was (issue 18).
-  GPT on ``python-docs`` too: its training split is cut into blocks once, and the blocks are the records.
-- file corpora (``data.path``) and BERT's masked pairs are one Ray Dataset (``PretrainData.train``) that Ray
-  Train splits across the workers: each pass shuffles the block order, workers shuffle rows in a
-  local buffer, and transforms draw fresh randomness (seed ``data.seed``, None = fresh). A
-  resume starts a fresh epoch.
+- built-in image, image-caption and audio corpora: their decoded records, in the object store;
+- ``data.path`` image, image-caption and audio corpora: their listing (:mod:`ssl_platform.data.listed`),
+  each record read and decoded by id where it is transformed;
+- text: the training split's GPT blocks or BERT sentence chunks (:mod:`ssl_platform.data.ordered_text`).
+
+``PretrainData.train`` (one stream Ray Train splits across the workers, a fresh pass after a
+resume) remains for callers that bring their own Dataset (fine-tuning's labelled split).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     configure_data_context()
     kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
-    if data.num_records is None and data.train is not None and not data.train.take(1):
+    if data.num_records == 0 or (data.num_records is None and data.train is not None and not data.train.take(1)):
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
                          f"corpus is empty); check the path and data.format, or run "
                          f"`sslp data inspect {cfg.data.path}`")
@@ -83,11 +83,6 @@ def _optional(**values: Any) -> dict[str, Any]:
 def order_seed(cfg: ExperimentConfig) -> int:
     """The seed of an ordered corpus's order and views: ``data.seed``, else ``train.seed``."""
     return cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
-
-
-def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray.data.Dataset:
-    # One CPU per transform task; the train workers hold only fractions (see train.resources).
-    return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
 
 
 # ----------------------------------------------------------------------------- image (the spec's views)
@@ -151,7 +146,10 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
 # ----------------------------------------------------------------------------- text (masked pairs, blocks)
 
 def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.masking import BertBatcher, GptBlocks
+    from ssl_platform.data.masking import pack_blocks
+    from ssl_platform.data.ordered import AsIs
+    from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks, documents_in_order
+    from ssl_platform.data.python_docs import load_python_docs
     from ssl_platform.data.text import open_text_corpus
     from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
 
@@ -166,26 +164,26 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
     derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
     what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
-    if not d.path and spec.token_batches != "masked_pairs":  # GPT on a built-in corpus: blocks as records
-        from ssl_platform.data.masking import pack_blocks
-        from ssl_platform.data.ordered import AsIs
-        from ssl_platform.data.python_docs import load_python_docs
-
-        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
-        # The training split as one token stream cut into blocks once; an epoch reads them in its order.
-        blocks = pack_blocks(tokenizer.encode_batch([doc.text for doc in docs]), block_size=d.max_len,
-                             eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
-        ordered = ordered_corpus(d.corpus, blocks, order_seed(cfg), AsIs, tokenizer=kind,
-                                 vocab_size=tokenizer.vocab_size, max_len=d.max_len)
-        return PretrainData(None, derived, f"{what[:-1]}, {len(blocks['input_ids'])} blocks)", ordered.num_records,
-                            artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
-    if spec.token_batches == "masked_pairs":
-        batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
-                              random_token_frac=d.random_token_frac, next_prob=d.next_prob)
+    # The training split's documents in a fixed order, cut once into the records an epoch reads in its order.
+    if d.path:
+        texts, keys = documents_in_order(ds)
     else:
-        batcher = GptBlocks(tokenizer, d.max_len)
-    ds = _transform(ds.randomize_block_order(), batcher, cfg)
-    return PretrainData(ds, derived, what, artifacts={"tokenizer": tokenizer_dir})
+        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
+        texts, keys = [doc.text for doc in docs], [doc.name for doc in docs]
+    settings = {"tokenizer": kind, "vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    if spec.token_batches == "masked_pairs":  # BERT: sentence chunks, paired and masked per epoch
+        records = bert_chunks(tokenizer, texts, keys, d.max_len)
+        masking = {"next_prob": d.next_prob, "mask_prob": d.mask_prob, "mask_token_frac": d.mask_token_frac,
+                   "random_token_frac": d.random_token_frac}
+        transform, unit = partial(BertChunkPairs, str(tokenizer_dir), d.max_len, order_seed(cfg), **masking), "chunks"
+        settings.update(masking)
+    else:  # GPT: one token stream cut into blocks, read as they are
+        records = pack_blocks(tokenizer.encode_batch(texts), block_size=d.max_len, eot_id=tokenizer.eot_id,
+                              pad_id=tokenizer.pad_id)
+        transform, unit = AsIs, "blocks"
+    ordered = ordered_corpus(source, records, order_seed(cfg), transform, **settings)
+    return PretrainData(None, derived, f"{what[:-1]}, {ordered.num_records} {unit})", ordered.num_records,
+                        artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
 
 
 # ----------------------------------------------------------------------------- audio (CPC)
