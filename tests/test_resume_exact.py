@@ -123,8 +123,8 @@ STREAM_KINDS = {
     "caption-csv": ("clip", lambda root: (f"data.path={root / 'captions'}",)),
     "caption-webdataset": ("clip", lambda root: (f"data.path={root / 'shards'}", "data.caption_column=txt")),
     "audio-folder": ("cpc", lambda root: (f"data.path={root / 'audio'}",)),
-    "text-jsonl-bert": ("bert", lambda root: (f"data.path={root / 'text'}",)),
-    "text-jsonl-gpt": ("gpt", lambda root: (f"data.path={root / 'text'}",)),
+    "text-jsonl-bert": ("bert", lambda root: (f"data.path={root / 'text'}", "data.kind=text")),
+    "text-jsonl-gpt": ("gpt", lambda root: (f"data.path={root / 'text'}", "data.kind=text")),
 }
 G = 8  # global batch of the stream tests
 
@@ -234,7 +234,7 @@ def interrupted_copy(reference: Path, target: Path, step: int, crashed_at: int) 
 TRAIN_KINDS = {
     "builtin-spoken-digits": ("cpc", lambda root: (), 32, 380 // 32 + 2),
     "image-folder": ("simclr", lambda root: (f"data.path={root / 'images'}",), 8, 7),
-    "text-jsonl-bert": ("bert", lambda root: (f"data.path={root / 'text'}",), 8, 7),
+    "text-jsonl-bert": ("bert", lambda root: (f"data.path={root / 'text'}", "data.kind=text"), 8, 7),
 }
 
 
