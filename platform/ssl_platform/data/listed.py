@@ -37,8 +37,10 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -108,23 +110,39 @@ def fetch_members(fs: pafs.FileSystem, batch: dict, column: str) -> np.ndarray:
     return _objects(out)
 
 
-def fetch_rows(fs: pafs.FileSystem, batch: dict, column: str) -> np.ndarray:
-    import pyarrow.parquet as pq
+class RowGroupCache:
+    """The image cells of the parquet row groups this process read last, up to ``capacity`` bytes.
 
+    A block's ids come from one window of the order (8 shards of 64 rows), shuffled, so a block
+    needs a few rows of each of several row groups, and the next block of the window needs others
+    of the same groups: keeping them saves reading a row group once per block that touches it."""
+
+    def __init__(self, capacity: int = 64 * 2**20):
+        self.capacity, self.groups, self.size = capacity, OrderedDict(), 0
+
+    def get(self, fs: pafs.FileSystem, file: str, group: int, column: str):
+        import pyarrow.parquet as pq
+
+        key = (file, group, column)
+        if key in self.groups:
+            self.groups.move_to_end(key)
+            return self.groups[key]
+        with fs.open_input_file(file) as f:
+            cells = pq.ParquetFile(f).read_row_group(group, columns=[column]).column(0)
+        self.groups[key], self.size = cells, self.size + cells.nbytes
+        while self.size > self.capacity and len(self.groups) > 1:
+            self.size -= self.groups.popitem(last=False)[1].nbytes
+        return cells
+
+
+ROW_GROUPS = RowGroupCache()  # per process: Ray Data's tasks of a worker process share it
+
+
+def fetch_rows(fs: pafs.FileSystem, batch: dict, column: str) -> np.ndarray:
     out: list[Any] = [None] * len(batch["file"])
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, (file, group) in enumerate(zip(batch["file"], batch["group"], strict=True)):
-        groups.setdefault((str(file), int(group)), []).append(i)
-    for file in dict.fromkeys(f for f, _ in groups):
-        try:
-            with fs.open_input_file(file) as f:
-                pf = pq.ParquetFile(f)
-                for (_, group), rows in ((k, v) for k, v in groups.items() if k[0] == file):
-                    cells = pf.read_row_group(group, columns=[column]).column(0)
-                    for i in rows:
-                        out[i] = cells[int(batch["row"][i])].as_py()
-        except (OSError, ValueError):
-            pass  # left None: "missing image"
+    for i, (file, group, row) in enumerate(zip(batch["file"], batch["group"], batch["row"], strict=True)):
+        with suppress(OSError, ValueError):  # left None: "missing image", counted by the decoder
+            out[i] = ROW_GROUPS.get(fs, str(file), int(group), column)[int(row)].as_py()
     return _objects(out)
 
 
