@@ -97,7 +97,8 @@ class DataConfig:
     crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)",
                              min=0.05, max=60.0)
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
-    max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
+    max_audio_seconds: float = _f(30.0, "evaluation and embed split longer recordings into several records "
+                                        "(pretraining reads each file as one record)", min=0.1)
     # --- driver (issue 5, train/trainer.py) ---
     seed: int | None = _f(None, "seed of the data order and of every record's views, crops and masks (a function "
                               "of seed, epoch and record); empty = train.seed", min=0)
