@@ -349,13 +349,23 @@ def test_a_changed_fingerprint_refuses_the_exact_resume_in_one_line_or_starts_a_
 
 
 def test_a_file_corpus_fingerprint_names_its_listing(ray_session, corpora, tmp_path):
-    """Files added, removed or renamed change the fingerprint, so the exact resume is refused."""
+    """Files added, removed or renamed, or a document edited, change the fingerprint, so the exact
+    resume is refused."""
     before = ordered_corpus_of("simclr", (f"data.path={corpora / 'images'}",), tmp_path).fingerprint(G)
     moved = tmp_path / "images"
     shutil.copytree(corpora / "images", moved)
     (moved / "dog" / "00.png").rename(moved / "dog" / "00-renamed.png")
     after = ordered_corpus_of("simclr", (f"data.path={moved}",), tmp_path).fingerprint(G)
     assert "listing" in fingerprint_change(before, after)
+
+    text = tmp_path / "text"  # a text corpus: an edited document
+    shutil.copytree(corpora / "text", text)
+    before = ordered_corpus_of("bert", (f"data.path={text}", "data.kind=text"), tmp_path).fingerprint(G)
+    lines = (text / "docs.jsonl").read_text().splitlines()
+    lines[3] = json.dumps({"text": "An edited document. It has two sentences."})
+    (text / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    after = ordered_corpus_of("bert", (f"data.path={text}", "data.kind=text"), tmp_path).fingerprint(G)
+    assert fingerprint_change(before, after).startswith("documents ")
 
 
 def test_the_driver_refuses_a_changed_fingerprint_before_any_worker_starts(tmp_path):

@@ -22,6 +22,7 @@ read in order.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,15 @@ def documents_in_order(ds) -> tuple[list[str], list[str]]:
 
     rows = sorted(ds.take_all(), key=lambda r: position(str(r["source"])))
     return [str(r["text"]) for r in rows], [str(r["source"]) for r in rows]
+
+
+def documents_digest(texts: list[str], keys: list[str]) -> str:
+    """A hash of a file corpus's documents and their keys, for the resume fingerprint: an edited
+    or moved document refuses the exact resume."""
+    crc = 0
+    for key, text in zip(keys, texts, strict=True):
+        crc = zlib.crc32(text.encode(), zlib.crc32(key.encode(), crc))
+    return f"{crc:08x}"
 
 
 def bert_chunks(tok: TextTokenizer, texts: list[str], keys: list[str], max_len: int) -> dict[str, np.ndarray]:

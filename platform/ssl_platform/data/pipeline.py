@@ -148,7 +148,7 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
 def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.masking import pack_blocks
     from ssl_platform.data.ordered import AsIs
-    from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks, documents_in_order
+    from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks, documents_digest, documents_in_order
     from ssl_platform.data.python_docs import load_python_docs
     from ssl_platform.data.text import open_text_corpus
     from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
@@ -165,12 +165,13 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
     what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
     # The training split's documents in a fixed order, cut once into the records an epoch reads in its order.
+    settings = {"tokenizer": kind, "vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
     if d.path:
         texts, keys = documents_in_order(ds)
+        settings["documents"] = documents_digest(texts, keys)
     else:
         docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
         texts, keys = [doc.text for doc in docs], [doc.name for doc in docs]
-    settings = {"tokenizer": kind, "vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
     if spec.token_batches == "masked_pairs":  # BERT: sentence chunks, paired and masked per epoch
         records = bert_chunks(tokenizer, texts, keys, d.max_len)
         masking = {"next_prob": d.next_prob, "mask_prob": d.mask_prob, "mask_token_frac": d.mask_token_frac,
