@@ -99,11 +99,11 @@ class DataConfig:
     crop_seconds: float = _f(0.5, "length of the random audio crops (shorter clips are zero-padded)",
                              min=0.05, max=60.0)
     normalize_audio: bool = _f(True, "zero mean, unit variance per crop over its real samples")
-    max_audio_seconds: float = _f(30.0, "longer recordings are split into several records", min=0.1)
+    max_audio_seconds: float = _f(30.0, "evaluation and embed split longer recordings into several records "
+                                        "(pretraining reads each file as one record)", min=0.1)
     # --- driver (issue 5, train/trainer.py) ---
-    seed: int | None = _f(None, "seed of the image augmentations and the block order: every record gets the same "
-                              "views in every epoch and each worker the same rows (reproducibility checks); "
-                              "empty = fresh randomness on every pass", min=0)
+    seed: int | None = _f(None, "seed of the data order and of every record's views, crops and masks (a function "
+                              "of seed, epoch and record); empty = train.seed", min=0)
 
 
 @dataclass
@@ -149,8 +149,7 @@ class TrainConfig:
     resume: str = _f("exact", "exact: a resumed run continues mid-epoch on exactly the records, order and views the "
                               "uninterrupted run would have seen, and refuses a checkpoint whose data, seed or "
                               "batch size differ; steps_only: accept such a checkpoint and go on from its step with "
-                              "a fresh epoch (built-in image, caption and audio corpora and GPT on python-docs; "
-                              "data.path corpora and BERT always resume with a fresh epoch)",
+                              "a fresh epoch",
                    choices=("exact", "steps_only"))
     # --- per-worker loop (issue 5, train/loop.py) ---
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; the global batch stays train.batch_size "

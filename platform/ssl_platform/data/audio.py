@@ -131,17 +131,17 @@ class DecodeAudio:
     """
 
     def __init__(self, reporter: SkipReporter, sample_rate: int, root: str, class_names: tuple[str, ...],
-                 max_seconds: float | None = None):
-        self.reporter = reporter
+                 max_seconds: float | None = None, slots: bool = False):
+        self.reporter, self.slots = reporter, slots  # slots: rows carry their file's position in the batch
         self.sample_rate = sample_rate
         self.root = root
         self.class_names = class_names
         self.max_samples = None if max_seconds is None else max(1, int(max_seconds * sample_rate))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        audios, labels, paths = [], [], []
+        audios, labels, paths, slots = [], [], [], []
         file_labels = folder_labels(batch["path"], self.root, self.class_names)
-        for blob, path, label in zip(batch["bytes"], batch["path"], file_labels, strict=True):
+        for slot, (blob, path, label) in enumerate(zip(batch["bytes"], batch["path"], file_labels, strict=True)):
             path = str(path)
             try:
                 audio = decode_audio(blob, self.sample_rate)
@@ -152,8 +152,12 @@ class DecodeAudio:
             audios += pieces
             labels += [label] * len(pieces)
             paths += [path] if len(pieces) == 1 else [f"{path}#{k}" for k in range(len(pieces))]
+            slots += [slot] * len(pieces)
         self.reporter.flush()
-        return {"audio": ragged(audios), "label": np.asarray(labels, dtype=np.int64), "path": ragged(paths)}
+        out = {"audio": ragged(audios), "label": np.asarray(labels, dtype=np.int64), "path": ragged(paths)}
+        if self.slots:
+            out["slot"] = np.asarray(slots, dtype=np.int64)
+        return out
 
 
 def read_audio_corpus(source: str | Path, *, sample_rate: int = 16_000, reporter: SkipReporter,

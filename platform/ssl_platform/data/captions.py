@@ -92,6 +92,14 @@ class SkipMalformedRows:
 def read_delimited(loc: Location, source: str, fmt: str, columns: tuple[str, ...],
                    reporter: SkipReporter) -> ray.data.Dataset:
     """Raw string rows of CSV/TSV files; the header of the first file must name ``columns``."""
+    parse, convert = delimited_options(loc, source, fmt, columns, reporter)
+    return ray.data.read_csv(loc.path, filesystem=loc.fs, file_extensions=[fmt], parse_options=parse,
+                             convert_options=convert)
+
+
+def delimited_options(loc: Location, source: str, fmt: str, columns: tuple[str, ...], reporter: SkipReporter):
+    """pyarrow's (ParseOptions, ConvertOptions) of a CSV/TSV corpus: ``columns`` as strings, malformed
+    lines skipped and counted; ValueError when the first file's header lacks one of ``columns``."""
     import csv
 
     import pyarrow as pa
@@ -111,8 +119,7 @@ def read_delimited(loc: Location, source: str, fmt: str, columns: tuple[str, ...
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if fmt == "tsv" else '"',
                                invalid_row_handler=SkipMalformedRows(reporter, loc.scheme + first))
     convert = pacsv.ConvertOptions(include_columns=list(columns), column_types={c: pa.string() for c in columns})
-    return ray.data.read_csv(loc.path, filesystem=loc.fs, file_extensions=[fmt], parse_options=parse,
-                             convert_options=convert)
+    return parse, convert
 
 
 # ----------------------------------------------------------------------------- CLIP transform

@@ -70,6 +70,7 @@ class RecordSpec:
     root: str = ""  # folder labels and relative refs are taken from here
     scheme: str = ""  # prefixed to keys so reports show the user's URI
     row_suffix: str | None = None  # parquet bytes rows: a column (row hash) appended to the file key
+    slots: bool = False  # rows also carry "slot": their position in the input batch (a listed corpus fills the gaps)
 
 
 class DecodeRecords:
@@ -112,6 +113,8 @@ class DecodeRecords:
         idx = np.delete(idx, failed)
         self.reporter.flush()
         out = {"image": images, "path": np.array([keys[i] for i in idx], dtype=object)}
+        if s.slots:
+            out["slot"] = idx.astype(np.int64)
         if captions is not None:
             out["caption"] = np.array([captions[i] for i in idx], dtype=object)
             if classes is not None:
@@ -265,33 +268,50 @@ def read_table(loc: Location, source: str, image_column: str, ref_column: str, e
     needed columns are read: an image-bytes table can be far larger than its labels. Bytes rows
     are keyed by parquet file and row hash (or the table's own "path" column), path rows by the path.
     """
+    holds_bytes, columns = table_columns(loc, source, image_column, ref_column, extra, required)
+    if holds_bytes:
+        keyed_by_file = "path" not in columns.types  # include_paths would overwrite a "path" column of the table
+        selected = [image_column, *columns.extra, "path"] + (["row_hash"] if keyed_by_file else [])
+        raw = ray.data.read_parquet(loc.path, filesystem=loc.fs, include_paths=keyed_by_file,
+                                    include_row_hash=keyed_by_file).select_columns(selected)  # pushed into the scan
+        spec = RecordSpec(key_column="path", bytes_column=image_column, root=loc.root, scheme=loc.scheme,
+                          row_suffix="row_hash" if keyed_by_file else None)
+    else:
+        raw = ray.data.read_parquet(loc.path, filesystem=loc.fs).select_columns([ref_column, *columns.extra])
+        spec = RecordSpec(key_column=ref_column, ref_column=ref_column, root=loc.root, scheme=loc.scheme)
+    return raw, spec
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """The columns of a parquet image table that a reader uses."""
+
+    types: dict  # every column's arrow type
+    extra: list[str]  # the extra columns present, and the required ones
+
+
+def table_columns(loc: Location, source: str, image_column: str, ref_column: str, extra: tuple[str, ...] = (),
+                  required: tuple[str, ...] = ()) -> tuple[bool, TableColumns]:
+    """Whether the table's images are bytes in ``image_column`` (True) or paths in ``ref_column``
+    (False), from the first file's schema; ValueError naming a missing required column or neither."""
     import pyarrow.parquet as pq
 
     first = next(iter(loc.files(("parquet",))), None)
     if first is None:
         raise ValueError(f"no .parquet files found at {source!r}")
-    schema = pq.read_schema(first, filesystem=loc.fs)
-    types = {f.name: f.type for f in schema}
+    types = {f.name: f.type for f in pq.read_schema(first, filesystem=loc.fs)}
     missing = [c for c in required if c not in types]
     if missing:
         raise ValueError(f"{source!r} has no column {missing[0]!r} (columns: {', '.join(sorted(types))}); "
                          f"name yours with the column options")
-    extra = [c for c in (*extra, *required) if c in types]
+    columns = TableColumns(types, [c for c in (*extra, *required) if c in types])
     binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_struct)  # struct: Hugging Face's image
     if image_column in types and any(is_type(types[image_column]) for is_type in binary):
-        keyed_by_file = "path" not in types  # include_paths would overwrite a "path" column of the table
-        columns = [image_column, *extra, "path"] + (["row_hash"] if keyed_by_file else [])
-        raw = ray.data.read_parquet(loc.path, filesystem=loc.fs, include_paths=keyed_by_file,
-                                    include_row_hash=keyed_by_file).select_columns(columns)  # pushed into the scan
-        spec = RecordSpec(key_column="path", bytes_column=image_column, root=loc.root, scheme=loc.scheme,
-                          row_suffix="row_hash" if keyed_by_file else None)
-    elif ref_column in types and (pa.types.is_string(types[ref_column]) or pa.types.is_large_string(types[ref_column])):
-        raw = ray.data.read_parquet(loc.path, filesystem=loc.fs).select_columns([ref_column, *extra])
-        spec = RecordSpec(key_column=ref_column, ref_column=ref_column, root=loc.root, scheme=loc.scheme)
-    else:
-        raise ValueError(f"{source!r} has neither an image-bytes column {image_column!r} nor a path column "
-                         f"{ref_column!r} (columns: {', '.join(sorted(types))}); name yours with the column options")
-    return raw, spec
+        return True, columns
+    if ref_column in types and (pa.types.is_string(types[ref_column]) or pa.types.is_large_string(types[ref_column])):
+        return False, columns
+    raise ValueError(f"{source!r} has neither an image-bytes column {image_column!r} nor a path column "
+                     f"{ref_column!r} (columns: {', '.join(sorted(types))}); name yours with the column options")
 
 
 def split_dataset(images: np.ndarray, name: str, num_blocks: int = 8, **columns: np.ndarray) -> ray.data.Dataset:

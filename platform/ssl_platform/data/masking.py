@@ -117,7 +117,7 @@ def _random_segment(sentences: list[np.ndarray], length: int, rng: np.random.Gen
     return np.concatenate(out)[:length]
 
 
-def _pair_from_chunk(chunk, documents, donors, budget, rng, donor_rng, next_prob):
+def pair_from_chunk(chunk, documents, donors, budget, rng, donor_rng, next_prob):
     """One (A, B, label) from a chunk of consecutive sentences, and how many sentences to put back."""
     if len(chunk) == 1:  # cut the one sentence, so that a true continuation exists
         if len(chunk[0]) < 2:
@@ -170,7 +170,7 @@ def nsp_pairs(documents: list[list[np.ndarray]], index: int, *, max_len: int, rn
         chunk.append(sentences[i])
         length += len(sentences[i])
         if i == len(sentences) - 1 or length >= budget:
-            pair, unused = _pair_from_chunk(chunk, documents, donors, budget, rng, donor_rng or rng, next_prob)
+            pair, unused = pair_from_chunk(chunk, documents, donors, budget, rng, donor_rng or rng, next_prob)
             if pair is not None:
                 pairs.append(pair)
             i -= unused  # a random B leaves the chunk's B sentences for the next pair
@@ -244,17 +244,22 @@ class BertBatcher:
             donors = [j for j in order if j != i and any(len(s) for s in documents[j])]
             pairs = nsp_pairs(documents, i, max_len=self.max_len, rng=pair_rng, donor_rng=donor_rng,
                               next_prob=self.next_prob, donors=donors)
-            if not pairs:
-                continue
-            enc = encode_pairs(pairs, max_len=self.max_len, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id)
-            special = np.isin(enc["input_ids"], tok.special_ids) | (enc["attention_mask"] == 0)
-            enc["input_ids"], enc["mlm_labels"] = mask_tokens(
-                enc["input_ids"], special, vocab_size=tok.vocab_size, mask_id=tok.mask_id, rng=mask_rng,
-                special_ids=tok.special_ids, **self.mask_args)
-            rows.append(enc)
+            if pairs:
+                rows.append(masked_pairs(pairs, tok, self.max_len, mask_rng, self.mask_args))
         if not rows:
             return _empty_bert(self.max_len)
         return {k: np.concatenate([r[k] for r in rows]) for k in BERT_KEYS}
+
+
+def masked_pairs(pairs: list[tuple[np.ndarray, np.ndarray, int]], tok: TextTokenizer, max_len: int,
+                 rng: np.random.Generator, mask_args: dict) -> dict[str, np.ndarray]:
+    """Pairs -> BERT rows (:func:`encode_pairs`, then :func:`mask_tokens` drawing from ``rng``)."""
+    enc = encode_pairs(pairs, max_len=max_len, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id)
+    special = np.isin(enc["input_ids"], tok.special_ids) | (enc["attention_mask"] == 0)
+    enc["input_ids"], enc["mlm_labels"] = mask_tokens(enc["input_ids"], special, vocab_size=tok.vocab_size,
+                                                      mask_id=tok.mask_id, rng=rng, special_ids=tok.special_ids,
+                                                      **mask_args)
+    return enc
 
 
 def tokenize_documents(tok: TextTokenizer, texts: list[str]) -> list[list[np.ndarray]]:

@@ -11,7 +11,8 @@ order: ``preserve_order`` and no local shuffle buffer. So
   is read or decoded to be thrown away, so resuming late in an epoch costs what resuming early does.
 
 Transforms must be 1:1 (one output row per record, keyed by the record, not by its batch): the
-image views, the CLIP crops and the audio crops are.
+image views, the CLIP crops and the audio crops are; a file corpus fills the slot of a record
+that fails to decode (:mod:`~ssl_platform.data.listed`), BERT's records are sentence chunks.
 
     corpus = ordered_corpus("digits", {"image": images, "path": paths}, seed=0, transform=make_views)
     ds = epoch_stream(corpus, epoch=3, rank=0, world=2, batch_size=64, skip=320, chunk=256)
@@ -84,7 +85,11 @@ class AsIs:
 
 class ReadRecords:
     """``map_batches`` callable: a block of record ids (column ``data``) -> the transform's rows
-    of those records, in the same order."""
+    of those records, in the same order.
+
+    A transform with ``reads_by_id = True`` is called as ``transform(ids, table)`` instead: it
+    reads what the listing names (files of a ``data.path`` corpus, :mod:`~ssl_platform.data.listed`)
+    or needs other records than the block's (BERT's random next sentences)."""
 
     def __init__(self, records: ray.ObjectRef, transform: Callable):
         self.records, self.transform = records, transform
@@ -92,6 +97,8 @@ class ReadRecords:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         table = ray.get(self.records)  # zero-copy from the object store for numeric columns
         ids = np.asarray(batch["data"], dtype=np.int64)
+        if getattr(self.transform, "reads_by_id", False):
+            return self.transform(ids, table)
         return self.transform({column: values[ids] for column, values in table.items()})
 
 

@@ -6,25 +6,25 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 |---|---|---|---|
 | image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (spec.views) | view1 ... viewN (uint8) |
 | image-caption | ``digit-captions``, ``digits-m-captions``, ``data.path`` | ``CaptionTransform`` | image, text |
-| text | ``python-docs`` or ``data.path`` | ``BertBatcher`` / ``GptBlocks`` (spec.token_batches) | input_ids, ... |
+| text | ``python-docs`` or ``data.path`` | ``BertChunkPairs`` / GPT blocks as they are | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
-Records stay raw until ``map_batches`` decodes and augments them on CPU workers; the train
+Records stay raw until ``map_batches`` decodes and augments them on CPU tasks; the train
 workers see finished batches via ``iter_torch_batches``, images as uint8 that the loop
 normalises on its device (``data.augment.finish_views``).
 
-Two ways to the workers:
+Every corpus is an :class:`~ssl_platform.data.ordered.OrderedCorpus` (``PretrainData.ordered``):
+each worker reads its ids of the epoch's order (:mod:`ssl_platform.data.order`), in order, with
+every record's views, crops and masks a function of (seed, epoch, key), the seed ``data.seed`` or
+else ``train.seed``. A resume continues mid-epoch exactly where the checkpoint was (issue 18).
 
-- the built-in image, image-caption and audio corpora are an :class:`~ssl_platform.data.ordered.OrderedCorpus`
-  (``PretrainData.ordered``): each worker reads its ids of the epoch's order
-  (:mod:`ssl_platform.data.order`), in order, with every record's views a function of
-  (seed, epoch, key), the seed ``data.seed`` or else ``train.seed``. A resume continues mid-epoch
-  exactly where the checkpoint was (issue 18).
-  GPT on ``python-docs`` too: its training split is cut into blocks once, and the blocks are the records.
-- file corpora (``data.path``) and BERT's masked pairs are one Ray Dataset (``PretrainData.train``) that Ray
-  Train splits across the workers: each pass shuffles the block order, workers shuffle rows in a
-  local buffer, and transforms draw fresh randomness (seed ``data.seed``, None = fresh). A
-  resume starts a fresh epoch.
+- built-in image, image-caption and audio corpora: their decoded records, in the object store;
+- ``data.path`` image, image-caption and audio corpora: their listing (:mod:`ssl_platform.data.listed`),
+  each record read and decoded by id where it is transformed;
+- text: the training split's GPT blocks or BERT sentence chunks (:mod:`ssl_platform.data.ordered_text`).
+
+``PretrainData.train`` (one stream Ray Train splits across the workers, a fresh pass after a
+resume) remains for callers that bring their own Dataset (fine-tuning's labelled split).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import ray.data
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.context import configure_data_context
+from ssl_platform.data.listed import list_audio_corpus, list_image_corpus, listed_corpus
 from ssl_platform.data.ordered import OrderedCorpus, ordered_corpus
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.methods import method_spec
@@ -67,7 +68,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     configure_data_context()
     kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
-    if data.num_records is None and data.train is not None and not data.train.take(1):
+    if data.num_records == 0 or (data.num_records is None and data.train is not None and not data.train.take(1)):
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
                          f"corpus is empty); check the path and data.format, or run "
                          f"`sslp data inspect {cfg.data.path}`")
@@ -84,16 +85,10 @@ def order_seed(cfg: ExperimentConfig) -> int:
     return cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
 
 
-def _transform(ds: ray.data.Dataset, fn: Callable, cfg: ExperimentConfig) -> ray.data.Dataset:
-    # One CPU per transform task; the train workers hold only fractions (see train.resources).
-    return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy", num_cpus=1)
-
-
 # ----------------------------------------------------------------------------- image (the spec's views)
 
 def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
     from ssl_platform.data.builtin import load_image_corpus
-    from ssl_platform.data.images import read_image_corpus
     from ssl_platform.data.transforms import MultiViewAugment
     from ssl_platform.views import image_views
 
@@ -107,13 +102,13 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
                                  make_views, image_size=d.image_size, views=repr(views))
         return PretrainData(None, {"in_channels": int(split.images.shape[1])},
                             f"{d.corpus} ({len(split)} train records)", len(split), ordered=ordered)
-    corpus = read_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                               image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
-    # Shuffle the block order each epoch; rows are shuffled further in the train workers' buffer.
-    # data.seed: a fixed block order and fixed views per record (reproducibility checks).
-    augment = MultiViewAugment(views, seed=d.seed, placement=cfg.augment_placement())
-    ds = _transform(corpus.dataset.randomize_block_order(seed=d.seed), augment, cfg)
-    return PretrainData(ds, {"in_channels": int(d.channels)}, f"{d.path} ({corpus.fmt})")
+    listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
+    seed = order_seed(cfg)
+    make_views = partial(MultiViewAugment, views, seed=seed, placement=cfg.augment_placement())
+    ordered = listed_corpus(listing, seed, make_views, image_size=d.image_size, channels=d.channels, views=repr(views))
+    return PretrainData(None, {"in_channels": int(d.channels)}, f"{d.path} ({listing.fmt}, {len(listing)} records)",
+                        len(listing), ordered=ordered)
 
 
 def _keys(name: str, n: int) -> np.ndarray:
@@ -124,7 +119,7 @@ def _keys(name: str, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- image-caption (CLIP)
 
 def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.captions import CaptionTransform, read_caption_corpus
+    from ssl_platform.data.captions import CaptionTransform
     from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 
     d = cfg.data
@@ -138,17 +133,23 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
                                  seed, make, image_size=d.image_size, context_length=model["context_length"], **options)
         return PretrainData(None, {"in_channels": int(split.images.shape[1]), "image_size": d.image_size},
                             f"{d.corpus} ({len(split)} pairs)", len(split), ordered=ordered)
-    corpus = read_caption_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
-                                 image_column=d.image_column, caption_column=d.caption_column)
-    transform = CaptionTransform(d.image_size, model["context_length"], **options)
-    ds = _transform(corpus.dataset.randomize_block_order(), transform, cfg)
-    return PretrainData(ds, {"in_channels": int(d.channels), "image_size": d.image_size}, f"{d.path} ({corpus.fmt})")
+    listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
+                                image_column=d.image_column, caption_column=d.caption_column)
+    seed = order_seed(cfg)
+    make = partial(CaptionTransform, d.image_size, model["context_length"], seed=seed, **options)
+    ordered = listed_corpus(listing, seed, make, image_size=d.image_size, channels=d.channels,
+                            context_length=model["context_length"], **options)
+    return PretrainData(None, {"in_channels": int(d.channels), "image_size": d.image_size},
+                        f"{d.path} ({listing.fmt}, {len(listing)} pairs)", len(listing), ordered=ordered)
 
 
 # ----------------------------------------------------------------------------- text (masked pairs, blocks)
 
 def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.masking import BertBatcher, GptBlocks
+    from ssl_platform.data.masking import pack_blocks
+    from ssl_platform.data.ordered import AsIs
+    from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks, documents_digest, documents_in_order
+    from ssl_platform.data.python_docs import load_python_docs
     from ssl_platform.data.text import open_text_corpus
     from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
 
@@ -163,32 +164,33 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     tokenizer = load_or_train_tokenizer(tokenizer_dir, ds, TokenizerConfig(kind=kind, vocab_size=d.vocab_size))
     derived = {"vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
     what = f"{source} ({kind} tokenizer, {tokenizer.vocab_size} tokens)"
-    if not d.path and spec.token_batches != "masked_pairs":  # GPT on a built-in corpus: blocks as records
-        from ssl_platform.data.masking import pack_blocks
-        from ssl_platform.data.ordered import AsIs
-        from ssl_platform.data.python_docs import load_python_docs
-
-        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
-        # The training split as one token stream cut into blocks once; an epoch reads them in its order.
-        blocks = pack_blocks(tokenizer.encode_batch([doc.text for doc in docs]), block_size=d.max_len,
-                             eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
-        ordered = ordered_corpus(d.corpus, blocks, order_seed(cfg), AsIs, tokenizer=kind,
-                                 vocab_size=tokenizer.vocab_size, max_len=d.max_len)
-        return PretrainData(None, derived, f"{what[:-1]}, {len(blocks['input_ids'])} blocks)", ordered.num_records,
-                            artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
-    if spec.token_batches == "masked_pairs":
-        batcher = BertBatcher(tokenizer, d.max_len, mask_prob=d.mask_prob, mask_token_frac=d.mask_token_frac,
-                              random_token_frac=d.random_token_frac, next_prob=d.next_prob)
+    # The training split's documents in a fixed order, cut once into the records an epoch reads in its order.
+    settings = {"tokenizer": kind, "vocab_size": tokenizer.vocab_size, "max_len": d.max_len}
+    if d.path:
+        texts, keys = documents_in_order(ds)
+        settings["documents"] = documents_digest(texts, keys)
     else:
-        batcher = GptBlocks(tokenizer, d.max_len)
-    ds = _transform(ds.randomize_block_order(), batcher, cfg)
-    return PretrainData(ds, derived, what, artifacts={"tokenizer": tokenizer_dir})
+        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
+        texts, keys = [doc.text for doc in docs], [doc.name for doc in docs]
+    if spec.token_batches == "masked_pairs":  # BERT: sentence chunks, paired and masked per epoch
+        records = bert_chunks(tokenizer, texts, keys, d.max_len)
+        masking = {"next_prob": d.next_prob, "mask_prob": d.mask_prob, "mask_token_frac": d.mask_token_frac,
+                   "random_token_frac": d.random_token_frac}
+        transform, unit = partial(BertChunkPairs, str(tokenizer_dir), d.max_len, order_seed(cfg), **masking), "chunks"
+        settings.update(masking)
+    else:  # GPT: one token stream cut into blocks, read as they are
+        records = pack_blocks(tokenizer.encode_batch(texts), block_size=d.max_len, eot_id=tokenizer.eot_id,
+                              pad_id=tokenizer.pad_id)
+        transform, unit = AsIs, "blocks"
+    ordered = ordered_corpus(source, records, order_seed(cfg), transform, **settings)
+    return PretrainData(None, derived, f"{what[:-1]}, {ordered.num_records} {unit})", ordered.num_records,
+                        artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
 
 
 # ----------------------------------------------------------------------------- audio (CPC)
 
 def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, model: dict) -> PretrainData:
-    from ssl_platform.data.audio import AudioCrops, read_audio_corpus
+    from ssl_platform.data.audio import AudioCrops
     from ssl_platform.data.spoken_digits import load_spoken_digits_splits
 
     d = cfg.data
@@ -204,10 +206,13 @@ def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
                                  normalize=d.normalize_audio)
         return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.corpus} ({len(split)} train clips)",
                             len(split), ordered=ordered)
-    ds = read_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, max_seconds=d.max_audio_seconds,
-                           fmt=d.format)
-    crops = AudioCrops(d.crop_seconds, d.sample_rate, normalize=d.normalize_audio)
-    return PretrainData(_transform(ds.randomize_block_order(), crops, cfg), {"sample_rate": d.sample_rate}, d.path)
+    listing = list_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, fmt=d.format)
+    seed = order_seed(cfg)
+    make = partial(AudioCrops, d.crop_seconds, d.sample_rate, seed=seed, normalize=d.normalize_audio)
+    ordered = listed_corpus(listing, seed, make, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds,
+                            normalize=d.normalize_audio)
+    return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.path} ({len(listing)} files)", len(listing),
+                        ordered=ordered)
 
 
 BUILDERS: dict[str, Callable[[ExperimentConfig, Path, SkipReporter, dict], PretrainData]] = {
