@@ -251,7 +251,7 @@ class MetricsLogger:
             + "".join(f" | {name} {value:.4g}" for name, value in online.items()),
         )
         if bound and not self._advised:  # the advice once; "(data-bound)" on the lines after
-            console.say(bound)
+            console.say(bound, once="data-bound")  # once per command, not per attempt: a restart asks again
             self._advised = True
         return row
 
