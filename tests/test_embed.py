@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIG_RECORDS
+from conftest import BIG_RECORDS, show
 from PIL import Image
 from simclr_digits import DERIVED, TINY, save_checkpoint
 
@@ -78,6 +78,27 @@ def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
     names = sorted(p.rsplit("/", 1)[-1] for p in table.column("id").to_pylist())
     assert names == [f"good{i:02d}.png" for i in range(12)]
     assert np.isfinite(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))).all()
+
+
+def test_sslp_embed_shows_its_result_and_keeps_ray_datas_lines_beside_the_output(sslp, run, tmp_path):
+    """The command as a user runs it (a job on the session's head, stdout a pipe): the console holds
+    the platform's two lines; Ray Data's INFO lines (and its progress, logged in a pipe) are in
+    OUT.ray.log."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (folder / f"good{i:02d}.png").write_bytes(png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    done = sslp("embed", str(run), str(folder), "--out", str(tmp_path / "emb"), "--batch-size", "4", cwd=tmp_path)
+    assert done.returncode == 0, show(done)
+    said = done.stdout.splitlines()
+    assert len(said) == 2 and said[0].startswith("6 embeddings written (images, 16 dims); skipped 1 records: corrupt "
+                                                 "image 1") and said[1] == f"output: {tmp_path / 'emb'}", show(done)
+    assert done.stderr == "", show(done)
+    assert read(tmp_path / "emb").num_rows == 6  # the folder holds parquet only
+    log = (tmp_path / "emb.ray.log").read_text()
+    assert "execution finished" in log and "Data sink Parquet finished" in log
 
 
 def test_corpus_larger_than_the_object_store_streams_through(run, big_image_corpus, tmp_path):

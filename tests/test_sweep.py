@@ -10,6 +10,7 @@ decision does not depend on which trial reaches a rung first.
 """
 
 import io
+import re
 import signal
 import tempfile
 import time
@@ -175,15 +176,17 @@ def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a
     trials = [earlier, good, bad]
 
     def play(table: TrialTable) -> None:
+        # Tune calls on_trial_result before the trial's last_result holds the result.
         table.on_trial_start(0, trials, good)
+        table.on_trial_result(0, trials, good, {"step": 5, "loss": 4.25})
         good.last_result = {"step": 5, "loss": 4.25}
-        table.on_trial_result(0, trials, good, good.last_result)
-        good.last_result = {"step": 10}  # a checkpoint's report without the metric: the last one stays
-        table.on_trial_result(0, trials, good, good.last_result)
+        table.on_trial_result(0, trials, good, {"step": 10})  # a report without the metric: the last one stays
+        good.last_result = {"step": 10}
         table.on_trial_complete(0, trials, good)
-        bad.status, bad.last_result = "RUNNING", {"step": 5, "loss": 4.9}
+        bad.status = "RUNNING"
         table.on_trial_start(0, trials, bad)
-        table.on_trial_result(0, trials, bad, bad.last_result)
+        table.on_trial_result(0, trials, bad, {"step": 5, "loss": 4.9})
+        bad.last_result = {"step": 5, "loss": 4.9}
         table.on_trial_complete(0, trials, bad)  # ASHA's stop: the run ended itself before max_steps
 
     pipe = io.StringIO()
@@ -211,6 +214,7 @@ def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a
     text = terminal.getvalue()
     assert "\r" in text and "started" not in text  # rewritten in place, no line per event
     assert lines[3] in text  # the table's last state was drawn
+    assert re.search(r"t_00001 +0\.005 +5 +4\.25 +running", text)  # and the running trial's progress before it
     console.active().end_progress()  # the final table (trials.md) follows; the live one is cleared
 
     table.on_trial_error(0, trials, bad)
@@ -283,6 +287,20 @@ def test_interrupted_sweep_exits_130_and_the_rerun_finishes_both_trials(sweep):
     assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.005]
     for name in ("trials.md", "best.yaml", "curves.png", "metric_vs_train.lr.png"):
         assert (sweep["dir"] / name).is_file(), name
+
+
+@pytest.mark.ray
+def test_the_console_shows_the_trials_and_the_sweeps_ray_log_keeps_what_ray_and_tune_print(sweep):
+    console = sweep["first_log"] + sweep["second_log"]  # stdout and stderr, as a pipe
+    assert re.search(r"trial \S+ \(train\.lr=0\.005\): complete at step 10 \| loss \d", console), console[-4000:]
+    assert re.search(r"trial \S+ \(train\.lr=0\): stopped early at step 5 \| loss \d", console), console[-4000:]
+    assert "| rank | trial |" in sweep["second_log"]  # the final table stays
+    for ray_line in ("Trial status", "Configuration for experiment", "View detailed results", "Reporting training",
+                     "Setting up process group", "training simclr on", "core_worker", "INFO"):
+        assert ray_line not in console, (ray_line, console[-4000:])
+    log = (sweep["dir"] / "ray.log").read_text()
+    for line in ("Configuration for experiment", "Reporting training result", "training simclr on"):
+        assert line in log, line
 
 
 @pytest.mark.ray

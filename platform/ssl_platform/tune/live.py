@@ -29,7 +29,10 @@ class TrialTable(tune.Callback):
         self.keys = [p.key for p in spec.space]
         self.metric, self.mode = spec.metric, spec.mode
         self.max_steps = spec.max_steps
-        self._metric: dict[str, float] = {}  # trial id -> its last reported metric (not every result has it)
+        # Trial id -> its last reported step and metric (not every result has the metric; Tune
+        # calls on_trial_result before the trial's last_result holds the result).
+        self._step_of: dict[str, int] = {}
+        self._metric: dict[str, float] = {}
         self._ended: dict[str, str] = {}  # trial id -> its status once it ended in this invocation
 
     # -- Tune's hooks --------------------------------------------------------------------------
@@ -41,6 +44,7 @@ class TrialTable(tune.Callback):
         if self.metric in result:
             self._metric[trial.trial_id] = float(result[self.metric])
         if "step" in result:
+            self._step_of[trial.trial_id] = int(result["step"])
             self._changed(trials, trial, self._progress(trial, result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -96,7 +100,7 @@ class TrialTable(tune.Callback):
         return ", ".join(f"{k}={fmt(config.get(k))}" for k in self.keys)
 
     def _step(self, trial) -> Any:
-        return (trial.last_result or {}).get("step")
+        return self._step_of.get(trial.trial_id, (trial.last_result or {}).get("step"))
 
     def _max_steps(self, trial) -> int:
         return int((trial.config or {}).get("train.max_steps") or self.max_steps)
