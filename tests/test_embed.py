@@ -63,13 +63,18 @@ def test_builtin_corpus_one_row_per_record_equal_to_load(run, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
-    folder = tmp_path / "imgs"
+def image_folder(folder, good: int):
+    """``good`` random PNGs and a corrupt one in ``folder``."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(12):
+    for i in range(good):
         (folder / f"good{i:02d}.png").write_bytes(png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
+    folder = image_folder(tmp_path / "imgs", good=12)
     (folder / "empty.jpg").write_bytes(b"")
     summary = embed(load(run), str(folder), tmp_path / "out", batch_size=5)
     table = read(tmp_path / "out")
@@ -84,12 +89,7 @@ def test_sslp_embed_shows_its_result_and_keeps_ray_datas_lines_beside_the_output
     """The command as a user runs it (a job on the session's head, stdout a pipe): the console holds
     the platform's two lines; Ray Data's INFO lines (and its progress, logged in a pipe) are in
     OUT.ray.log."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        (folder / f"good{i:02d}.png").write_bytes(png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))
-    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    folder = image_folder(tmp_path / "imgs", good=6)
     done = sslp("embed", str(run), str(folder), "--out", str(tmp_path / "emb"), "--batch-size", "4", cwd=tmp_path)
     assert done.returncode == 0, show(done)
     said = done.stdout.splitlines()

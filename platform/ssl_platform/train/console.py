@@ -35,7 +35,7 @@ CONSOLE_ENV = "SSLP_CONSOLE"  # "1" in the workers' environment when the driver 
 MARK = "[sslp] "  # a line the console shows
 PROGRESS_MARK = "[sslp:progress] "  # {"step", "max_steps", "text"}: the progress display
 EVENT_MARK = "[sslp:event] "  # {"kind": "start" | "failure", ...}: what the run summary reports
-ONCE_MARK = "[sslp:once] "  # {"key", "text"}: a line shown once per command (advice), whichever worker says it
+ONCE_MARK = "[sslp:once] "  # {"key", "text"}: a line the console shows once (advice), whichever process says it
 LOG_FILE = "ray.log"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
