@@ -166,7 +166,8 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a_terminal(tmp_path, monkeypatch):
+def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a_terminal(tmp_path, monkeypatch,
+                                                                                           capsys):
     from ssl_platform.train import console
     from ssl_platform.tune.live import TrialTable
 
@@ -223,6 +224,9 @@ def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a
     table.on_trial_error(0, trials, bad)
     assert pipe.getvalue().splitlines()[-1] == ("trial t_00002 (train.lr=0): failed at step 5: "
                                                 "TrainingFailed: worker rank 0: out of memory")
+    monkeypatch.setattr(console, "_installed", [])  # run_sweep on a caller's Ray connection: no console
+    table.on_trial_start(0, trials, good)
+    assert capsys.readouterr().out == "trial t_00001 (train.lr=0.005): started\n"
 
 
 # ----------------------------------------------------------------------------- a real sweep

@@ -60,12 +60,13 @@ class TrialTable(tune.Callback):
     # -- the display ---------------------------------------------------------------------------
     def _changed(self, trials: list, trial, what: str) -> None:
         shown = console.active()
-        if shown is None:  # a sweep run outside `sslp sweep` (a notebook's Tuner): Tune's own output
-            return
-        if shown.live:
+        line = f"trial {trial.trial_id} ({self._values(trial)}): {what}"
+        if shown is None:  # run_sweep on a caller's Ray connection: plain lines, as in a pipe
+            print(line, flush=True)
+        elif shown.live:
             shown.table(self.lines(trials))
         else:
-            shown.show(f"trial {trial.trial_id} ({self._values(trial)}): {what}")
+            shown.show(line)
 
     def lines(self, trials: list) -> list[str]:
         """The table: a header, then one row per trial in Tune's order, columns padded to align."""

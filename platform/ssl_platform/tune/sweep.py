@@ -87,8 +87,10 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
 
     started = not ray.is_initialized()
     # The trials' own lines (each run's header and progress) go to the log with Ray's: the table shows them.
-    console = Console(verbose=verbose, show_workers=False)
-    console.log_to(where / LOG_FILE)
+    # A caller's own Ray connection (a notebook) keeps its output as it is: no console then.
+    console = Console(verbose=verbose, show_workers=False) if started else None
+    if console is not None:
+        console.log_to(where / LOG_FILE)
     try:
         url = init_ray(address, dashboard=dashboard, console=console)
         if url:
@@ -101,7 +103,8 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
               f"{sweep.base.scaling.data_cpus:g} data CPUs); ASHA on {sweep.metric} ({sweep.mode}) by step, "
               f"grace {sweep.grace_period}, reduction {sweep.reduction_factor:g}, max {sweep.max_steps}", flush=True)
         print(f"sweep directory: {where} (Ray's log: {LOG_FILE})", flush=True)
-        with contextlib.redirect_stdout(console.as_ray_output()):  # Tune prints its header box at any verbosity
+        # Tune prints its header box in this process at any verbosity: into the log.
+        with contextlib.redirect_stdout(console.as_ray_output()) if console else contextlib.nullcontext():
             results, interrupted = _tune(sweep, where, concurrent)
     except ResourceError as e:
         print(f"sslp: resources: {e}", file=sys.stderr)
@@ -110,6 +113,8 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
         print(f"\nsslp: interrupted; run the same command again to resume sweep {sweep.name}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # Tune's or Ray's own failure: one line here, the traceback in the log
+        if console is None:
+            raise
         message = failure_line(e, console)
         _leave_ray(started, console)
         print(message, file=sys.stderr)
@@ -125,7 +130,8 @@ def _leave_ray(started: bool, console) -> None:
 
     if started and ray.is_initialized():
         ray.shutdown()
-    console.uninstall()
+    if console is not None:
+        console.uninstall()
 
 
 def _previous_run(sweep: SweepSpec, where: Path) -> dict | None:
