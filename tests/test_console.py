@@ -118,3 +118,16 @@ def test_an_unexpected_error_reaches_the_console_with_the_log_to_read(tmp_path):
     assert line == (f"sslp: failed: RuntimeError: ValueError: encode returned 'features' of shape (); "
                     f"full error in {tmp_path / 'ray.log'}")
     assert "Traceback (most recent call last)" in (tmp_path / "ray.log").read_text()
+
+
+def test_the_platforms_ray_data_settings_give_no_deprecation_warning():
+    """Ray 2.60's DataContext warns about its own deprecated fields when it is made; the platform
+    makes it without them and sets no deprecated option (a fresh process: the context is made once)."""
+    import subprocess
+    import sys
+
+    code = ("from ssl_platform.data.context import configure_data_context\n"
+            "configure_data_context(progress_bars=True, per_operator=True)\n")
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
