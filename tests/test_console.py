@@ -3,6 +3,7 @@ shown, the rest goes to RUN_DIR/ray.log; progress in a pipe is a plain line; the
 lines come from the events. End to end (a real run's console and ray.log): test_run_e2e, and the
 restart line after a killed worker: test_faults."""
 
+import contextlib
 import io
 import json
 
@@ -98,3 +99,49 @@ def test_on_a_terminal_the_progress_is_one_line_updated_in_place():
     assert "\r" in text and "step 1/4 | loss 2.0\n" not in text  # overwritten, not a line of its own
     assert text.index("data-bound: 40% wait") < text.rindex("step 4/4 | loss 1.0")
     assert text.endswith("step 4/4 | loss 1.0\n")  # left on the screen when training ends
+
+
+def test_a_sweep_keeps_its_trials_lines_in_the_log_and_shows_only_its_own(tmp_path):
+    out = io.StringIO()
+    shown = Console(stream=out, show_workers=False)  # several runs at once: the trial table shows them
+    shown.log_to(tmp_path / "ray.log")
+    shown.worker_output(worker_lines(
+        MARK + "training simclr on digits",
+        PROGRESS_MARK + json.dumps({"step": 5, "max_steps": 10, "text": "step 5/10"}),
+        "Reporting training result 1: TrainingReport(checkpoint=None)"))
+    with contextlib.redirect_stdout(shown.as_ray_output()):  # what Tune prints in the driver
+        print("Configuration for experiment     tune")
+    shown.show("trial t_00001 (train.lr=0.005): step 5/10 | loss 4.25")
+    assert out.getvalue() == "trial t_00001 (train.lr=0.005): step 5/10 | loss 4.25\n"
+    log = (tmp_path / "ray.log").read_text()
+    for line in ("training simclr on digits", "step 5/10", "Reporting training result 1",
+                 "Configuration for experiment"):
+        assert line in log
+
+
+def test_an_unexpected_error_reaches_the_console_with_the_log_to_read(tmp_path):
+    from ssl_platform.command import failure_line
+
+    shown = Console(stream=io.StringIO())
+    shown.log_to(tmp_path / "ray.log")
+    try:
+        raise RuntimeError("Traceback (most recent call last):\n  File 'x.py'\n"
+                           "ValueError: encode returned 'features' of shape ()")
+    except RuntimeError as e:
+        line = failure_line(e, shown)
+    assert line == (f"sslp: failed: RuntimeError: ValueError: encode returned 'features' of shape (); "
+                    f"full error in {tmp_path / 'ray.log'}")
+    assert "Traceback (most recent call last)" in (tmp_path / "ray.log").read_text()
+
+
+def test_the_platforms_ray_data_settings_give_no_deprecation_warning():
+    """Ray 2.60's DataContext warns about its own deprecated fields when it is made; the platform
+    makes it without them and sets no deprecated option (a fresh process: the context is made once)."""
+    import subprocess
+    import sys
+
+    code = ("from ssl_platform.data.context import configure_data_context\n"
+            "configure_data_context(progress_bars=True, per_operator=True)\n")
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

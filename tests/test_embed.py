@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIG_RECORDS
+from conftest import BIG_RECORDS, show
 from PIL import Image
 from simclr_digits import DERIVED, TINY, save_checkpoint
 
@@ -63,13 +63,18 @@ def test_builtin_corpus_one_row_per_record_equal_to_load(run, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
-    folder = tmp_path / "imgs"
+def image_folder(folder, good: int):
+    """``good`` random PNGs and a corrupt one in ``folder``."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(12):
+    for i in range(good):
         (folder / f"good{i:02d}.png").write_bytes(png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
+    folder = image_folder(tmp_path / "imgs", good=12)
     (folder / "empty.jpg").write_bytes(b"")
     summary = embed(load(run), str(folder), tmp_path / "out", batch_size=5)
     table = read(tmp_path / "out")
@@ -78,6 +83,22 @@ def test_corrupt_records_are_skipped_and_counted(run, tmp_path):
     names = sorted(p.rsplit("/", 1)[-1] for p in table.column("id").to_pylist())
     assert names == [f"good{i:02d}.png" for i in range(12)]
     assert np.isfinite(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))).all()
+
+
+def test_sslp_embed_shows_its_result_and_keeps_ray_datas_lines_beside_the_output(sslp, run, tmp_path):
+    """The command as a user runs it (a job on the session's head, stdout a pipe): the console holds
+    the platform's two lines; Ray Data's INFO lines (and its progress, logged in a pipe) are in
+    OUT.ray.log."""
+    folder = image_folder(tmp_path / "imgs", good=6)
+    done = sslp("embed", str(run), str(folder), "--out", str(tmp_path / "emb"), "--batch-size", "4", cwd=tmp_path)
+    assert done.returncode == 0, show(done)
+    said = done.stdout.splitlines()
+    assert len(said) == 2 and said[0].startswith("6 embeddings written (images, 16 dims); skipped 1 records: corrupt "
+                                                 "image 1") and said[1] == f"output: {tmp_path / 'emb'}", show(done)
+    assert done.stderr == "", show(done)
+    assert read(tmp_path / "emb").num_rows == 6  # the folder holds parquet only
+    log = (tmp_path / "emb.ray.log").read_text()
+    assert "execution finished" in log and "Data sink Parquet finished" in log
 
 
 def test_corpus_larger_than_the_object_store_streams_through(run, big_image_corpus, tmp_path):

@@ -1,5 +1,6 @@
 """Training metrics: the names, the per-interval meter, metrics.jsonl across resumes, the progress line."""
 
+import io
 import json
 import time
 
@@ -138,3 +139,23 @@ def test_a_data_bound_run_is_told_what_to_give_it(tmp_path, capsys):
     assert len(out) == 1 and "(data-bound)" in out[0]  # the advice only once
     assert 0.5 < logger.summary()["data_wait_fraction"] < 1.0
     assert data_bound(0.18, "add CPUs") == "data-bound: 18% wait; add CPUs" and data_bound(0.05, "x") == ""
+
+
+def test_the_data_bound_advice_is_shown_once_per_run_across_a_restart(tmp_path, capsys, monkeypatch):
+    """A restarted worker group is a new process with a new logger: it gives the advice again, and
+    the driver's console shows it only the first time (the line is marked with its key)."""
+    from ssl_platform.train import console
+
+    monkeypatch.setenv(console.CONSOLE_ENV, "1")  # workers of a driver with a quiet console
+    for start in (0, 4):  # the first attempt, then the one restarted from the checkpoint of step 4
+        logger = MetricsLogger(tmp_path, "run", max_steps=10, start_step=start, enabled=True, data_advice="add CPUs")
+        for step in (start + 2, start + 4):
+            time.sleep(0.01)
+            logger.log(step, {**_interval(0.5), "data_wait_s": 1e6})  # waiting for data throughout
+    printed = capsys.readouterr().out.splitlines()
+    assert sum("data-bound: " in line for line in printed) == 2  # each attempt says it
+    shown = console.Console(stream=io.StringIO())
+    shown.worker_output({"lines": printed, "pid": 1, "ip": "127.0.0.1", "actor_name": "RayTrainWorker"})
+    advice = [line for line in shown.stream.getvalue().splitlines() if line.startswith("data-bound: ")]
+    assert advice == ["data-bound: 100% wait; add CPUs"]
+    assert [e["step"] for e in shown.events if e["kind"] == "start"] == [0, 4]  # both attempts reached it

@@ -50,7 +50,7 @@ def test_the_console_shows_the_platform_and_ray_log_keeps_what_ray_prints(first_
     console = done.stdout + done.stderr
     for ray_line in ("Reporting training result", "TrainingReport", "Checkpoint successfully created",
                      "Setting up process group", "core_worker", "exclude_resources", "Progress bars disabled",
-                     "[sslp", "ERROR"):
+                     "[sslp", "ERROR", "execution finished", "deprecated"):
         assert ray_line not in console, show(done)
     assert "training simclr on" in done.stdout and "summary of run tiny:" in done.stdout  # the platform's own
     log = (run_dir / "ray.log").read_text()
@@ -66,12 +66,17 @@ def test_loss_decreases_on_average(first_run):
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third
 
 
-def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(ray_session, first_run, tmp_path, capsys):
-    # In-process, on the session's head (the run above was the subprocess).
+def test_sslp_eval_of_the_checkpoint_reproduces_the_end_of_run_table(sslp, first_run, tmp_path):
     run_dir, _ = first_run
     checkpoint = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    assert cli.main(["eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0"]) == 0
-    assert "SimCLR (this run)" in capsys.readouterr().out
+    done = sslp("eval", str(checkpoint), "--out", str(tmp_path), "eval.supervised_epochs=0", cwd=tmp_path)
+    assert done.returncode == 0, show(done)
+    assert "SimCLR (this run)" in done.stdout
+    # A quiet console (a pipe): the table, not Ray Data's lines (in OUT/ray.log) nor Ray's own deprecation notices.
+    for ray_line in ("Dataset", "execution finished", "Registered dataset logger", "core_worker", "deprecated",
+                     "INFO", "WARNING"):
+        assert ray_line not in done.stdout + done.stderr, show(done)
+    assert "execution finished" in (tmp_path / "ray.log").read_text()
     again = {r["encoder"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     at_end = {r["encoder"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
     assert "supervised (labels)" not in again  # eval.supervised_epochs=0 took effect

@@ -9,10 +9,13 @@ each Ray Train worker process costs ~15 CPU-s on 2 cores); one at a time, so ASH
 decision does not depend on which trial reaches a rung first.
 """
 
+import io
+import re
 import signal
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -151,6 +154,82 @@ def test_param_samples_cover_every_choice():
     assert Param("train.batch_size", "choice", (32, 64, 128)).samples() == [32, 64, 128]
 
 
+# ----------------------------------------------------------------------------- the live trial table (no Ray)
+
+def fake_trial(trial_id: str, lr: float, status: str = "RUNNING", **last_result) -> SimpleNamespace:
+    """What TrialTable reads of a Tune trial."""
+    return SimpleNamespace(trial_id=trial_id, config={"train.lr": lr}, status=status, last_result=last_result,
+                           get_error=lambda: RuntimeError("Traceback\nTrainingFailed: worker rank 0: out of memory"))
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_trial_table_is_a_line_per_event_in_a_pipe_and_updated_in_place_on_a_terminal(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from ssl_platform.train import console
+    from ssl_platform.tune.live import TrialTable
+
+    spec = load_sweep(str(write_sweep(tmp_path / "s.yaml", tmp_path)))
+    earlier = fake_trial("t_00000", 0.01, status="TERMINATED", step=10, loss=3.5)  # finished before a resume
+    good, bad = fake_trial("t_00001", 0.005), fake_trial("t_00002", 0.0, status="PENDING")
+    trials = [earlier, good, bad]
+
+    def play(table: TrialTable) -> None:
+        # Tune calls on_trial_result before the trial's last_result holds the result.
+        table.on_trial_start(0, trials, good)
+        table.on_trial_result(0, trials, good, {"step": 5, "loss": 4.25})
+        good.last_result = {"step": 5, "loss": 4.25}
+        table.on_trial_result(0, trials, good, {"step": 10})  # a report without the metric: the last one stays
+        good.last_result = {"step": 10}
+        table.on_trial_complete(0, trials, good)
+        bad.status = "RUNNING"
+        table.on_trial_start(0, trials, bad)
+        table.on_trial_result(0, trials, bad, {"step": 5, "loss": 4.9})
+        bad.last_result = {"step": 5, "loss": 4.9}
+        table.on_trial_complete(0, trials, bad)  # ASHA's stop: the run ended itself before max_steps
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(console, "_installed", [console.Console(stream=pipe)])
+    play(TrialTable(spec))
+    assert pipe.getvalue().splitlines() == [
+        "trial t_00001 (train.lr=0.005): started",
+        "trial t_00001 (train.lr=0.005): step 5/10 | loss 4.25",
+        "trial t_00001 (train.lr=0.005): step 10/10 | loss 4.25",
+        "trial t_00001 (train.lr=0.005): complete at step 10 | loss 4.25",
+        "trial t_00002 (train.lr=0): started",
+        "trial t_00002 (train.lr=0): step 5/10 | loss 4.9",
+        "trial t_00002 (train.lr=0): stopped early at step 5 | loss 4.9"]
+
+    terminal = Terminal()
+    monkeypatch.setattr(console, "_installed", [console.Console(stream=terminal)])
+    table = TrialTable(spec)
+    play(table)
+    lines = table.lines(trials)
+    assert lines[0].split() == ["trial", "train.lr", "step", "loss", "(min)", "status"]
+    assert [line.split()[0] for line in lines[1:]] == ["t_00000", "t_00001", "t_00002"]  # one row per trial
+    assert lines[1].endswith("complete") and "3.5" in lines[1]  # the trial that ended before the resume
+    assert lines[2].split()[1:4] == ["0.005", "10", "4.25"] and lines[2].endswith("complete")
+    assert lines[3].endswith("stopped early")
+    text = terminal.getvalue()
+    assert "\r" in text and "started" not in text  # rewritten in place, no line per event
+    assert lines[3] in text  # the table's last state was drawn
+    assert re.search(r"t_00001 +0\.005 +5 +4\.25 +running", text)  # and the running trial's progress before it
+    console.active().end_progress()  # the final table (trials.md) follows; the live one is cleared
+
+    table.on_trial_error(0, trials, bad)
+    assert table.lines(trials)[3].endswith("failed")
+    monkeypatch.setattr(console, "_installed", [console.Console(stream=pipe)])
+    table.on_trial_error(0, trials, bad)
+    assert pipe.getvalue().splitlines()[-1] == ("trial t_00002 (train.lr=0): failed at step 5: "
+                                                "TrainingFailed: worker rank 0: out of memory")
+    monkeypatch.setattr(console, "_installed", [])  # run_sweep on a caller's Ray connection: no console
+    table.on_trial_start(0, trials, good)
+    assert capsys.readouterr().out == "trial t_00001 (train.lr=0.005): started\n"
+
+
 # ----------------------------------------------------------------------------- a real sweep
 
 def finished_trials(sweep_dir: Path) -> list[Path]:
@@ -213,6 +292,20 @@ def test_interrupted_sweep_exits_130_and_the_rerun_finishes_both_trials(sweep):
     assert sorted(float(r["train.lr"]) for r in rows) == [0.0, 0.005]
     for name in ("trials.md", "best.yaml", "curves.png", "metric_vs_train.lr.png"):
         assert (sweep["dir"] / name).is_file(), name
+
+
+@pytest.mark.ray
+def test_the_console_shows_the_trials_and_the_sweeps_ray_log_keeps_what_ray_and_tune_print(sweep):
+    console = sweep["first_log"] + sweep["second_log"]  # stdout and stderr, as a pipe
+    assert re.search(r"trial \S+ \(train\.lr=0\.005\): complete at step 10 \| loss \d", console), console[-4000:]
+    assert re.search(r"trial \S+ \(train\.lr=0\): stopped early at step 5 \| loss \d", console), console[-4000:]
+    assert "| rank | trial |" in sweep["second_log"]  # the final table stays
+    for ray_line in ("Trial status", "Configuration for experiment", "View detailed results", "Reporting training",
+                     "Setting up process group", "training simclr on", "core_worker", "INFO"):
+        assert ray_line not in console, (ray_line, console[-4000:])
+    log = (sweep["dir"] / "ray.log").read_text()
+    for line in ("Configuration for experiment", "Reporting training result", "training simclr on"):
+        assert line in log, line
 
 
 @pytest.mark.ray

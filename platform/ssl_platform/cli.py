@@ -28,6 +28,7 @@ from ssl_platform.command import (
     add_ray_args,
     add_verbose_arg,
     on_ray,
+    quiet_console,
     resolve_checkpoint,
 )
 from ssl_platform.config import (
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluation settings, e.g. eval.knn_k=10 eval.supervised_epochs=0 eval.actors=2")
     evaluate.add_argument("--out", default=None, help="folder for the results (default: the run directory)")
     add_ray_args(evaluate)
+    add_verbose_arg(evaluate, "OUT/ray.log")
 
     sweep = sub.add_parser(
         "sweep", help="a Ray Tune sweep over a preset's config keys",
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", metavar="SWEEP_OR_YAML", help="shipped sweep name or path to a sweep YAML")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep or trial-config overrides")
     add_ray_args(sweep)
+    add_verbose_arg(sweep, "the sweep directory's ray.log")
 
     demo = sub.add_parser("demo", help="SimCLR on the built-in digits-m with 2 workers, then the results table",
                           description="Pretrain SimCLR on the built-in digits-m corpus (digits blended on photo "
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from ssl_platform.tune.sweep import run_sweep
 
-            return run_sweep(args.sweep, args.overrides, address=args.address, dashboard=not args.no_dashboard)
+            return run_sweep(args.sweep, args.overrides, address=args.address, dashboard=not args.no_dashboard,
+                             verbose=args.verbose)
         if args.command == "eval":
             return _eval(args)
         if args.command == "data":
@@ -283,7 +287,7 @@ def _dry_run(cfg: ExperimentConfig) -> int:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     # Imported here so `sslp presets` and config errors answer without importing Ray and torch.
-    from ssl_platform.train.console import LOG_FILE, Console
+    from ssl_platform.train.console import LOG_FILE
     from ssl_platform.train.session import StorageError
     from ssl_platform.train.storage import completed_run, copy_to_storage, local_checkpoint, run_paths
     from ssl_platform.train.trainer import fit
@@ -324,8 +328,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
                                   f"finished checkpoint {checkpoint}") from None
             copy_to_storage(paths, "results.json", "results.md", "report.png")
 
-    console = Console(verbose=args.verbose)
-    console.log_to(paths.local / LOG_FILE)  # Ray's lines (appended when the run is resumed)
+    console = quiet_console(args, paths.local / LOG_FILE)  # Ray's lines (appended when the run is resumed)
     status = on_ray(args, train_and_evaluate, interrupted=f"interrupted; the newest checkpoint stays in {paths.uri}. "
                                                          f"Run the same command again to resume.", console=console)
     copy_to_storage(paths, LOG_FILE)  # a URI run keeps Ray's log beside its other files
@@ -368,7 +371,10 @@ def _eval(args: argparse.Namespace) -> int:
             raise DataError(str(e)) from None
         print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)
 
-    return on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written")
+    from ssl_platform.train.console import LOG_FILE
+
+    return on_ray(args, evaluate, interrupted="interrupted during evaluation; nothing was written",
+                  console=quiet_console(args, out / LOG_FILE))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,28 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without the dashboard")
 
 
-def add_verbose_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verbose", action="store_true",
-                   help="also show what Ray prints (always kept in RUN_DIR/ray.log)")
+def add_verbose_arg(p: argparse.ArgumentParser, where: str = "RUN_DIR/ray.log") -> None:
+    p.add_argument("--verbose", action="store_true", help=f"also show what Ray prints (always kept in {where})")
+
+
+def quiet_console(args: argparse.Namespace, log: Path, show_workers: bool = True):
+    """The command's console (``train.console.Console``): the platform's lines on the console,
+    Ray's in ``log`` (on the console too with ``--verbose``). Imports no Ray."""
+    from ssl_platform.train.console import Console
+
+    console = Console(verbose=getattr(args, "verbose", False), show_workers=show_workers)
+    console.log_to(log)
+    return console
+
+
+def failure_line(error: BaseException, console) -> str:
+    """An unexpected error (a Ray Data task that failed, a Ray error): its full traceback into the
+    console's log, one line for the console that names the error and the file to read."""
+    import traceback
+
+    console.keep("".join(traceback.format_exception(error)).rstrip())
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"sslp: failed: {type(error).__name__}: {lines[-1] if lines else ''}; full error in {console.log_path}"
 
 
 class Interrupted(Exception):
@@ -69,6 +88,10 @@ def on_ray(args: argparse.Namespace, work: Callable[[], None], interrupted: str,
     except tuple(failures) as e:
         what, status = failures[type(e)]
         message = (f"sslp: {what}: {e}", status)
+    except Exception as e:
+        if console is None:
+            raise
+        message = (failure_line(e, console), EXIT_FAILED)  # never only in the log file
     finally:
         # A local cluster started here goes down with its workers; a joined one is only left.
         if ray.is_initialized() and not joined:

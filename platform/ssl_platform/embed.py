@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray
+from ssl_platform.command import EXIT_USAGE, add_ray_args, add_verbose_arg, on_ray, quiet_console
 
 MODALITY_CHOICES = ("images", "texts", "audio")
 
@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default="auto", choices=CORPUS_FORMATS, help="file format (auto: from the path)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record, naming it")
     add_ray_args(p)
+    add_verbose_arg(p, "OUT.ray.log, beside the output folder")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,7 +83,15 @@ def main(args: argparse.Namespace) -> int:
               f"{format_summary(summary.skipped)}", flush=True)
         print(f"output: {summary.out}", flush=True)
 
-    return on_ray(args, work, interrupted=f"interrupted; {args.out} holds part of the embeddings")
+    return on_ray(args, work, interrupted=f"interrupted; {args.out} holds part of the embeddings",
+                  console=quiet_console(args, log_path(Path(args.out))))
+
+
+def log_path(out: Path) -> Path:
+    """Ray's log of an embed: beside the output folder, whose files are all parquet (readers of
+    the folder take every file in it)."""
+    out = out.resolve()
+    return out.with_name(out.name + ".ray.log")
 
 
 def pick_modality(pretrained, modality: str | None) -> str:
@@ -246,9 +255,10 @@ def embed(pretrained, source: str, out: Path, *, modality: str | None = None, ba
     from ssl_platform.data.context import configure_data_context
     from ssl_platform.data.skips import SkipReporter, get_or_create_ledger, ledger_name, skip_summary
     from ssl_platform.evaluate.inference import actor_resources
+    from ssl_platform.train import console
 
     modality = pick_modality(pretrained, modality)
-    configure_data_context()
+    configure_data_context(progress_bars=console.live(), per_operator=True)  # bars on a terminal, never INFO lines
     name = ledger_name(f"embed-{pretrained.cfg.name}-{uuid.uuid4().hex[:8]}")  # concurrent embeds count apart
     ledger = get_or_create_ledger(name)
     try:

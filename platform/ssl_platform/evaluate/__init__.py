@@ -37,8 +37,11 @@ PROTOCOLS = {
 def evaluate_run(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | Path) -> list[dict]:
     """Evaluate the checkpoint in ``checkpoint_dir`` with the protocol of ``cfg.method.name``,
     write the report into ``run_dir`` and return the table rows. Ray must be running."""
+    from ssl_platform.data.context import configure_data_context
     from ssl_platform.methods import method_spec  # ssl_models and torch
+    from ssl_platform.train import console
 
+    configure_data_context(progress_bars=console.live())  # Ray Data's bars on a terminal, never its INFO lines
     kind = method_spec(cfg.method.name).data_kind
     if kind not in PROTOCOLS:
         raise ValueError(f"no evaluation protocol for method {cfg.method.name!r} (kind {kind!r}); "

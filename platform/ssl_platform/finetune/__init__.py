@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_platform.command import EXIT_USAGE, add_ray_args, on_ray, resolve_checkpoint
+from ssl_platform.command import EXIT_USAGE, add_ray_args, add_verbose_arg, on_ray, quiet_console, resolve_checkpoint
 
 # Fewer steps than this leave a fine-tune below the frozen probe on a few hundred labels: on 100
 # labelled digits-m, 16 steps (10 epochs) scored 28% against the probe's 31%, 200 steps with
@@ -81,6 +81,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for the results and the two fine-tune runs "
                                                "(default: RUN_DIR/finetune)")
     add_ray_args(p)
+    add_verbose_arg(p, "OUT/ray.log")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,7 +113,10 @@ def main(args: argparse.Namespace) -> int:
             raise DataError(str(e)) from None
         print(f"results: {out / 'results.md'}, {out / 'report.png'}", flush=True)
 
-    return on_ray(args, work, interrupted=f"interrupted during fine-tuning; results so far are in {out}")
+    from ssl_platform.train.console import LOG_FILE
+
+    return on_ray(args, work, interrupted=f"interrupted during fine-tuning; results so far are in {out}",
+                  console=quiet_console(args, out / LOG_FILE))
 
 
 def check_supported(method: str, source: str) -> None:

@@ -11,11 +11,18 @@ One path for every line, wherever rank 0 runs (another node, a Ray job).
 
 On a terminal the progress is one line updated in place (tqdm); in a pipe, CI or a Ray job log
 it is a plain line per ``train.log_every`` steps. In the driver's own process (local mode) the
-worker-side calls reach the console directly.
+worker-side calls reach the console directly. A sweep shows a live table of its trials instead
+(:meth:`Console.table`, tqdm lines at fixed positions); its trials' own lines go to the log.
+
+Ray internals this relies on (to re-check on a Ray upgrade): ``ray._private.worker``'s
+``global_worker_stdstream_dispatcher`` (handlers named ``ray_print_logs``), ``print_to_stdstream``
+and ``filter_autoscaler_events``; Ray Data configuring its ``ray.data`` logger's console handler
+when ``ray.data`` is imported.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,16 +35,21 @@ CONSOLE_ENV = "SSLP_CONSOLE"  # "1" in the workers' environment when the driver 
 MARK = "[sslp] "  # a line the console shows
 PROGRESS_MARK = "[sslp:progress] "  # {"step", "max_steps", "text"}: the progress display
 EVENT_MARK = "[sslp:event] "  # {"kind": "start" | "failure", ...}: what the run summary reports
+ONCE_MARK = "[sslp:once] "  # {"key", "text"}: a line the console shows once (advice), whichever process says it
 LOG_FILE = "ray.log"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
 _installed: list[Console] = []  # the driver's console, when one is installed in this process
 
 
-def say(text: str) -> None:
-    """Show ``text`` on the console of the run (from a worker, the controller or the driver)."""
+def say(text: str, once: str | None = None) -> None:
+    """Show ``text`` on the console of the run (from a worker, the controller or the driver).
+    With ``once``, only the first line of that key is shown in the command: advice that a restarted
+    worker group (a new process, with nothing of the old one's memory) would give again."""
     if (shown := active()) is not None:
-        shown.show(text)
+        shown.show(text, once=once)
+    elif _filtered() and once is not None:
+        print(ONCE_MARK + json.dumps({"key": once, "text": text}), flush=True)
     else:
         print(MARK + text if _filtered() else text, flush=True)
 
@@ -60,6 +72,12 @@ def event(kind: str, **fields) -> None:
         print(EVENT_MARK + json.dumps({"kind": kind, **fields}), flush=True)
 
 
+def live() -> bool:
+    """Whether this process's console updates a display in place (a terminal, without --verbose):
+    where Ray Data's own progress bars help (evaluation, embed) rather than drown a plain log."""
+    return (shown := active()) is not None and shown.live
+
+
 def _filtered() -> bool:
     """Whether the driver shows only marked lines (else, in a Tune trial, say prints plain text)."""
     return os.environ.get(CONSOLE_ENV) == "1"
@@ -72,10 +90,13 @@ class Console:
     Args:
         verbose: also show Ray's lines on the console (as Ray would, prefixed by the process).
         stream: where the console writes (stdout).
+        show_workers: show the lines the workers mark; a sweep keeps its trials' lines (several
+            runs at once, each with its own header and progress) in the log and shows its table.
     """
 
-    def __init__(self, verbose: bool = False, stream: TextIO | None = None):
+    def __init__(self, verbose: bool = False, stream: TextIO | None = None, show_workers: bool = True):
         self.verbose = verbose
+        self.show_workers = show_workers
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() and not verbose  # a line updated in place
         self.events: list[dict] = []
@@ -84,6 +105,8 @@ class Console:
         self._pending: list[str] = []  # Ray's lines before the log file is known
         self._file: TextIO | None = None
         self._bar = None
+        self._rows: list = []  # the live table: one tqdm line per row, at fixed positions
+        self._said: set[str] = set()  # keys of the once-only lines already shown
         self._lock = threading.Lock()  # Ray's log thread and the main thread both write
         self._handler = _RecordHandler(self)
         self._ray_handlers: dict[str, list[logging.Handler]] = {}
@@ -92,10 +115,16 @@ class Console:
         self._python_stderr: TextIO | None = None
 
     # -- the platform's lines ------------------------------------------------------------
-    def show(self, text: str) -> None:
+    def show(self, text: str, once: str | None = None) -> None:
         with self._lock:
-            if self._bar is not None:
-                self._bar.write(text, file=self.stream)
+            if once is not None:
+                if once in self._said:
+                    return
+                self._said.add(once)
+            if self._bar is not None or self._rows:  # above the live line or table, which stays last
+                from tqdm import tqdm
+
+                tqdm.write(text, file=self.stream)
             else:
                 print(text, file=self.stream, flush=True)
 
@@ -114,6 +143,21 @@ class Console:
             self._bar.n = step
             self._bar.set_description_str(text)
 
+    def table(self, lines: list[str]) -> None:
+        """The live table's new state (a sweep's trials, a header first): on a terminal the lines
+        replace the table in place; elsewhere nothing (the caller prints a plain line per change)."""
+        with self._lock:
+            if not self.live:
+                return
+            from tqdm import tqdm
+
+            columns, rows = _size(self.stream)
+            while len(self._rows) < len(lines):
+                self._rows.append(tqdm(total=0, file=self.stream, bar_format="{desc}", position=len(self._rows),
+                                       leave=False, ncols=columns, nrows=rows))
+            for bar, line in zip(self._rows, lines, strict=False):
+                bar.set_description_str(line)
+
     def event(self, fields: dict) -> None:
         with self._lock:
             if fields["kind"] == "start":  # an attempt: how far the one before it got
@@ -122,7 +166,8 @@ class Console:
             self.events.append(fields)
 
     def end_progress(self) -> None:
-        """Leave the live line where it is, as a plain line (before the summary)."""
+        """Leave the live line where it is, as a plain line (before the summary); clear the live
+        table (the command prints its final table)."""
         with self._lock:
             self._close_bar()
 
@@ -130,6 +175,9 @@ class Console:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        for bar in reversed(self._rows):  # the bottom line first: each clears its own line
+            bar.close()
+        self._rows.clear()
 
     # -- Ray's lines -------------------------------------------------------------------------
     def ray_line(self, text: str) -> None:
@@ -145,6 +193,11 @@ class Console:
                 self._file.flush()
             else:
                 self._pending.append(text)
+
+    def as_ray_output(self) -> TextIO:
+        """A text stream whose lines are Ray's lines (:meth:`ray_line`): for what a Ray library
+        prints with ``print`` in the driver (Tune's experiment header, whatever its verbosity)."""
+        return _LineWriter(self.ray_line)
 
     def log_to(self, path: Path) -> None:
         """Ray's lines from now on (and those kept until now) go to ``path`` (appended: a resumed run)."""
@@ -172,23 +225,39 @@ class Console:
             lines = list(worker.filter_autoscaler_events(lines))
         for line in lines:
             if line.startswith(MARK):
-                self.show(line[len(MARK):])
+                self._worker_says(prefix, line[len(MARK):])
+            elif line.startswith(ONCE_MARK):
+                said = json.loads(line[len(ONCE_MARK):])
+                self._worker_says(prefix, said["text"], said["key"])
             elif line.startswith(PROGRESS_MARK):
                 p = json.loads(line[len(PROGRESS_MARK):])
-                self.progress(p["step"], p["max_steps"], p["text"])
+                if self.show_workers:
+                    self.progress(p["step"], p["max_steps"], p["text"])
+                else:
+                    self.keep(f"{prefix} {p['text']}")
             elif line.startswith(EVENT_MARK):
                 self.event(json.loads(line[len(EVENT_MARK):]))
             else:
                 self.ray_line(f"{prefix} {line}")
 
+    def _worker_says(self, prefix: str, text: str, once: str | None = None) -> None:
+        if self.show_workers:
+            self.show(text, once=once)
+        else:
+            self.ray_line(f"{prefix} {text}")
+
     # -- installing and removing -------------------------------------------------------------
     def install(self) -> None:
         """Take over the driver's ``ray.*`` loggers and, with a log file, the native stderr; before
         ``ray.init``, whose own lines they print."""
+        import ray.data  # noqa: F401  (it configures its logger's console handler on import: taken over below)
+
+        # Found before the redirection below, which gives Python a new sys.stderr object.
+        found = {name: [h for h in logging.getLogger(name).handlers if _is_console_handler(h)] for name in RAY_LOGGERS}
         self._redirect_native_stderr()
         for name in RAY_LOGGERS:
             logger = logging.getLogger(name)
-            streams = [h for h in logger.handlers if _is_console_handler(h)]
+            streams = found[name]
             self._ray_handlers[name] = streams
             if not self.verbose:
                 for h in streams:
@@ -278,6 +347,27 @@ def _size(stream: TextIO) -> tuple[int, int]:
 def _is_console_handler(h: logging.Handler) -> bool:
     return (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
             and getattr(h, "stream", None) in (sys.stdout, sys.stderr))
+
+
+class _LineWriter(io.TextIOBase):
+    """A writable text stream that hands each complete line to ``line``."""
+
+    def __init__(self, line):
+        self._line, self._partial = line, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = ""
 
 
 class _RecordHandler(logging.Handler):

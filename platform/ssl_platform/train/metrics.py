@@ -179,6 +179,7 @@ class MetricsLogger:
         self._rows = 0
         self._steady_wait_s = self._steady_s = 0.0  # data wait over the rows after the first (warm-up)
         self._advised = False
+        self._advice_key = f"data-bound {run_name}"  # the console shows it once per run, across restarts
         self.max_steps = max_steps
         self.start_step = start_step
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -253,7 +254,7 @@ class MetricsLogger:
             + "".join(f" | {name} {value:.4g}" for name, value in online.items()),
         )
         if bound and not self._advised:  # the advice once; "(data-bound)" on the lines after
-            console.say(bound)
+            console.say(bound, once=self._advice_key)  # a restarted worker group (a new logger) asks again
             self._advised = True
         return row
 

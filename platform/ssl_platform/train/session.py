@@ -10,6 +10,7 @@ import threading
 
 import ray
 
+from ssl_platform.data.context import current_data_context
 from ssl_platform.train.console import CONSOLE_ENV, Console
 
 
@@ -83,6 +84,7 @@ def init_ray(address: str | None = None, dashboard: bool = True, console: Consol
                        runtime_env=runtime_env)
     if console is not None:
         console.take_worker_output()
+    current_data_context()  # this driver's DataContext, made without Ray's own deprecation notices (data.context)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 

@@ -30,6 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml, worker_counts
+from ssl_platform.data.context import current_data_context
 from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
 from ssl_platform.data.ordered import fingerprint_change
@@ -305,7 +306,7 @@ def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
 
     The options are those of ``DataConfig.default_ingest_options()`` (Ray's default, also when
     none are given), built here because that copies the deprecated ``exclude_resources``."""
-    current = ray.data.DataContext.get_current().execution_options
+    current = current_data_context().execution_options
     options = ray.data.ExecutionOptions(
         resource_limits=current.resource_limits, verbose_progress=current.verbose_progress,
         preserve_order=current.preserve_order or cfg.data.seed is not None)

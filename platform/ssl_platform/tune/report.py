@@ -51,10 +51,10 @@ def trial_rows(results, spec: SweepSpec) -> list[TrialRow]:
         max_steps = int(values.get("train.max_steps") or spec.base.train.max_steps)
         step = metrics.get("step")
         metric = metrics.get(spec.metric)
+        error = ""
         if result.error is not None:
-            status, error = FAILED, (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
-        else:
-            status, error = (COMPLETE if step is not None and step >= max_steps else STOPPED), ""
+            error = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        status = trial_status(step, max_steps, failed=result.error is not None)
         curve = []
         frame = result.metrics_dataframe
         if frame is not None and spec.metric in frame and "step" in frame:
@@ -63,6 +63,13 @@ def trial_rows(results, spec: SweepSpec) -> list[TrialRow]:
         rows.append(TrialRow(Path(result.path).name, values, None if metric is None else float(metric),
                              None if step is None else int(step), status, error, curve))
     return sort_rows(rows, spec.mode)
+
+
+def trial_status(step: int | None, max_steps: int, failed: bool) -> str:
+    """A trial that ended: FAILED, COMPLETE (it reached ``max_steps``) or STOPPED (ASHA stopped it before)."""
+    if failed:
+        return FAILED
+    return COMPLETE if step is not None and step >= max_steps else STOPPED
 
 
 def sort_rows(rows: list[TrialRow], mode: str) -> list[TrialRow]:
@@ -81,7 +88,7 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
     return next((r for r in rows if r.status == COMPLETE and r.metric is not None), None)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
@@ -94,8 +101,8 @@ def markdown_table(rows: list[TrialRow], spec: SweepSpec) -> str:
     for i, row in enumerate(rows, 1):
         status = row.status if row.status != FAILED else f"failed: {row.error[:80]}"
         if row.status == STOPPED:
-            status = f"stopped early (ASHA, step {_fmt(row.step)})"
-        cells = [str(i), row.trial, _fmt(row.metric), _fmt(row.step), *(_fmt(row.values[k]) for k in keys), status]
+            status = f"stopped early (ASHA, step {fmt(row.step)})"
+        cells = [str(i), row.trial, fmt(row.metric), fmt(row.step), *(fmt(row.values[k]) for k in keys), status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +122,8 @@ def write_best_config(path: Path, row: TrialRow, spec: SweepSpec) -> Path:
     raw = trial_raw(spec.base, row.values, name=f"{spec.name}-best", runs_dir=str(path.parent.parent))
     raw["eval"] = preset_eval
     cfg = from_dict(raw)  # the file must load as it is
-    chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in row.values.items())
-    header = (f"# Best trial {row.trial} of sweep {spec.name}: {spec.metric}={_fmt(row.metric)} ({spec.mode}) "
+    chosen = ", ".join(f"{k}={fmt(v)}" for k, v in row.values.items())
+    header = (f"# Best trial {row.trial} of sweep {spec.name}: {spec.metric}={fmt(row.metric)} ({spec.mode}) "
               f"at step {row.step}; {chosen}.\n"
               f"# Base preset {spec.preset} with the sweep's fixed overrides; eval settings are the preset's.\n"
               f"# It trains at lr {cfg.train.effective_lr()[1]}.\n"
@@ -185,7 +192,7 @@ def write_report(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> dict
     out = {"trials.md": sweep_dir / "trials.md", "trials.csv": sweep_dir / "trials.csv"}
     table = markdown_table(rows, spec)
     best = best_row(rows)
-    note = (f"\n\nBest: trial {best.trial}, {spec.metric}={_fmt(best.metric)}; config in best.yaml "
+    note = (f"\n\nBest: trial {best.trial}, {spec.metric}={fmt(best.metric)}; config in best.yaml "
             f"(`sslp run {sweep_dir / 'best.yaml'}`).\n" if best else "\n\nNo trial ran to train.max_steps.\n")
     out["trials.md"].write_text(f"# Sweep {spec.name}\n\n{table}{note}")
     write_csv(out["trials.csv"], rows, spec)

@@ -26,10 +26,16 @@ Resume. Interrupting (Ctrl-C) saves Tune's state; running the same command again
 (``Tuner.restore(resume_unfinished=True, resume_errored=True)``): finished trials are kept,
 an interrupted trial resumes its training run from its newest checkpoint. Re-running a sweep
 that finished prints its table. A different sweep under the same name is refused.
+
+What it shows: the sweep's header, one live table of the trials (tune/live.py) instead of Tune's
+status dumps, and the final table (trials.md). Everything Ray, Tune and the trials print goes to
+the sweep directory's ray.log (also to the console with ``--verbose``); an error still reaches
+the console, with that file's path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,13 +46,13 @@ from pathlib import Path
 
 import yaml
 
-from ssl_platform.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ssl_platform.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, failure_line
 from ssl_platform.config import ConfigError, from_dict
 from ssl_platform.tune.spec import SweepSpec, concurrent_trials, list_sweeps, load_sweep, trial_raw, trial_resources
 
 __all__ = ["list_sweeps", "run_sweep"]
 
-SPEC_FILE, STATE_FILE, TUNE_DIR, TRIALS_DIR = "sweep.yaml", "sweep.json", "tune", "trials"
+SPEC_FILE, STATE_FILE, TUNE_DIR, TRIALS_DIR, LOG_FILE = "sweep.yaml", "sweep.json", "tune", "trials", "ray.log"
 # What a trial's driver (this trainable) holds: memory for its process, no CPU (see above).
 DRIVER_MEMORY = 256 * 1024**2
 
@@ -55,10 +61,11 @@ def sweep_dir(spec: SweepSpec) -> Path:
     return Path(spec.base.runs_dir).expanduser().resolve() / spec.name
 
 
-def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, dashboard: bool = True) -> int:
+def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, dashboard: bool = True,
+              verbose: bool = False) -> int:
     """``sslp sweep SWEEP_OR_YAML [key=value ...]``. Returns the exit status: 0 all trials done,
     1 a trial failed (the others' results are still written), 2 a config or resource error,
-    130 interrupted (run the same command again to resume)."""
+    130 interrupted (run the same command again to resume). ``verbose``: also show what Ray prints."""
     try:
         sweep = load_sweep(spec, overrides)
         where = sweep_dir(sweep)
@@ -74,12 +81,18 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
 
     import ray
 
+    from ssl_platform.train.console import Console
     from ssl_platform.train.resources import cluster_nodes, plan_workers
     from ssl_platform.train.session import ResourceError, init_ray
 
     started = not ray.is_initialized()
+    # The trials' own lines (each run's header and progress) go to the log with Ray's: the table shows them.
+    # A caller's own Ray connection (a notebook) keeps its output as it is: no console then.
+    console = Console(verbose=verbose, show_workers=False) if started else None
+    if console is not None:
+        console.log_to(where / LOG_FILE)
     try:
-        url = init_ray(address, dashboard=dashboard)
+        url = init_ray(address, dashboard=dashboard, console=console)
         if url:
             print(f"Ray dashboard: {url}", flush=True)
         plan = plan_workers(sweep.base, cluster_nodes(sweep.base))
@@ -89,18 +102,36 @@ def run_sweep(spec: str, overrides: list[str], *, address: str | None = None, da
               f"{concurrent} at a time (each: {plan.num_workers} workers x {plan.resources()} + "
               f"{sweep.base.scaling.data_cpus:g} data CPUs); ASHA on {sweep.metric} ({sweep.mode}) by step, "
               f"grace {sweep.grace_period}, reduction {sweep.reduction_factor:g}, max {sweep.max_steps}", flush=True)
-        print(f"sweep directory: {where}", flush=True)
-        results, interrupted = _tune(sweep, where, concurrent)
+        print(f"sweep directory: {where} (Ray's log: {LOG_FILE})", flush=True)
+        # Tune prints its header box in this process at any verbosity: into the log.
+        with contextlib.redirect_stdout(console.as_ray_output()) if console else contextlib.nullcontext():
+            results, interrupted = _tune(sweep, where, concurrent)
     except ResourceError as e:
         print(f"sslp: resources: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before Tune took over Ctrl-C (it turns it into a saved, stopped sweep)
         print(f"\nsslp: interrupted; run the same command again to resume sweep {sweep.name}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # Tune's or Ray's own failure: one line here, the traceback in the log
+        if console is None:
+            raise
+        message = failure_line(e, console)
+        _leave_ray(started, console)
+        print(message, file=sys.stderr)
+        return EXIT_FAILED
     finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
+        _leave_ray(started, console)
     return _finish(sweep, where, results, interrupted)
+
+
+def _leave_ray(started: bool, console) -> None:
+    """Shut down the cluster this sweep started, then give the console back (idempotent)."""
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+    if console is not None:
+        console.uninstall()
 
 
 def _previous_run(sweep: SweepSpec, where: Path) -> dict | None:
@@ -131,7 +162,9 @@ def _plain(value):
 def _tune(sweep: SweepSpec, where: Path, concurrent: int):
     from ray import tune
 
+    from ssl_platform.train.console import say
     from ssl_platform.tune.asha import GracefulASHA
+    from ssl_platform.tune.live import TrialTable
 
     # A checkpoint reported before the first online evaluation (or the first logged loss) lacks
     # the metric; ASHA skips such results, Tune's strict check would fail the trial.
@@ -141,7 +174,7 @@ def _tune(sweep: SweepSpec, where: Path, concurrent: int):
         {"CPU": 0, "memory": DRIVER_MEMORY})
     experiment = str(where / TUNE_DIR)
     if tune.Tuner.can_restore(experiment):
-        print(f"resuming sweep {sweep.name} from {experiment}: finished trials are kept", flush=True)
+        say(f"resuming sweep {sweep.name} from {experiment}: finished trials are kept")  # stdout is the log here
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -155,7 +188,9 @@ def _tune(sweep: SweepSpec, where: Path, concurrent: int):
                                        grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
                                        stop_last_trials=False),
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(where), verbose=1),
+            # verbose=0: no status dumps from Tune; the trial table (tune/live.py) shows the trials.
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(where), verbose=0,
+                                      callbacks=[TrialTable(sweep)]),
         )
     return _fit_noting_ctrl_c(tuner)
 
@@ -238,6 +273,7 @@ def _finish(sweep: SweepSpec, where: Path, results, interrupted: bool) -> int:
     print(f"sweep directory: {where} (trials.md, trials.csv, {'best.yaml, ' if best else ''}plots)", flush=True)
     if failed:
         print(f"sslp: {len(failed)} trial(s) failed ({failed[0].trial}: {failed[0].error}); their run directories "
-              f"are in {where / TRIALS_DIR}; run the same command again to retry them", file=sys.stderr)
+              f"are in {where / TRIALS_DIR}, Ray's log in {where / LOG_FILE}; run the same command again to retry "
+              f"them", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
