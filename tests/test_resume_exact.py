@@ -305,17 +305,19 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(ray_ses
 # ----------------------------------------------------------------------------- 3. end to end: 2 workers, a crash
 
 
-def test_two_workers_restarted_after_a_crash_mid_epoch_follow_the_uninterrupted_two_worker_run(sslp, corpora,
-                                                                                              tmp_path):
+def test_two_workers_restarted_after_a_crash_mid_epoch_follow_the_uninterrupted_run(ray_session, sslp, corpora,
+                                                                                   tmp_path):
     """`sslp run` with 2 workers on an image folder (a corrupt file in it): a worker dies at step 9,
-    `--max-failures 1` restarts the run from its checkpoint at step 7 (epoch 1 record 16)."""
+    `--max-failures 1` restarts the run from its checkpoint at step 7 (epoch 1 record 16), and
+    every logged loss is the uninterrupted run's. The reference is that run in local mode, in this
+    process (one rank holding the global batch: the cheapest run that is never interrupted); 1 and
+    2 ranks differ in float summation order only (measured ~2e-7 relative, test_elastic)."""
     every, steps = 7, 10
-    args = ("run", "simclr-digits", f"runs_dir={tmp_path}", *COMMON, *TINY["simclr"], "scaling.num_workers=2",
+    args = ("run", "simclr-digits", f"runs_dir={tmp_path}", *COMMON, *TINY["simclr"],
             f"data.path={corpora / 'images'}", "train.batch_size=8", f"train.checkpoint_every={every}",
             f"train.max_steps={steps}")
-    ref = sslp(*args, "name=ref", cwd=tmp_path)
-    assert ref.returncode == 0, show(ref)
-    crashed = sslp(*args, "name=crash", "--max-failures", "1", cwd=tmp_path,
+    assert cli.main([*args, "name=ref", "scaling.num_workers=0"]) == 0
+    crashed = sslp(*args, "name=crash", "scaling.num_workers=2", "--max-failures", "1", cwd=tmp_path,
                    env={CRASH_AT_STEP_ENV: str(every + 2), "PYTHONUNBUFFERED": "1"})
     assert crashed.returncode == 0, show(crashed)
     reference, restarted = losses(tmp_path / "ref"), losses(tmp_path / "crash")
