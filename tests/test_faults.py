@@ -34,7 +34,7 @@ from test_run_e2e import TINY
 
 from ssl_platform import cli
 from ssl_platform.config import load_config
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, STEP_DELAY_ENV
 from ssl_platform.train.storage import run_paths
 
 pytestmark = pytest.mark.ray
@@ -95,7 +95,9 @@ def wait_for(condition, what: str, seconds: float = 300) -> None:
 def killed_runs(sslp, tmp_path_factory):
     """One run name, three commands: killed at step 15 without retries; the same command with
     --max-failures 2, where rank 0 dies by itself at step 25 and, once the group has restarted
-    from step 20, a worker is SIGKILLed from outside; and once more after it finished.
+    from step 20, a worker is SIGKILLed from outside (each step of that command sleeps 0.25 s, so
+    the kill lands while the run still trains: its last 20 steps took 2 s); and once more after
+    it finished.
     ``runs_dir`` is relative: the driver resolves it, the workers run in a directory of Ray's."""
     root = tmp_path_factory.mktemp("faults")
     run_dir = root / "runs" / "killed"
@@ -104,7 +106,7 @@ def killed_runs(sslp, tmp_path_factory):
 
     log = root / "restarted.log"
     proc = sslp.popen(*args, "--max-failures", "2", cwd=root, log=log,
-                      env={CRASH_AT_STEP_ENV: "25", "PYTHONUNBUFFERED": "1"})
+                      env={CRASH_AT_STEP_ENV: "25", "PYTHONUNBUFFERED": "1", STEP_DELAY_ENV: "0.25"})
     try:
         wait_for(lambda: resumed_steps(log.read_text())[1:] or proc.poll() is not None,
                  "the restart after the crash at step 25")
