@@ -352,14 +352,18 @@ def test_bench_smoke(ray_session):
     assert "platform (Ray Data)" in table and "16" in table
 
 
-def test_bench_train_reads_a_presets_builtin_corpus_as_the_run_does(ray_session):
-    """The corpus ``sslp bench train`` times is the run's own: GPT's token blocks from python-docs."""
+def test_bench_train_reads_a_presets_builtin_corpus_as_the_run_does(ray_session, tmp_path):
+    """The corpus ``sslp bench train`` times is the run's own: GPT's token blocks and BERT's masked
+    pairs (a transform that reads the whole table by id) from python-docs."""
     from ssl_platform.bench_train import builtin_corpus
     from ssl_platform.config import load_config
 
-    corpus = builtin_corpus(load_config("gpt-python-docs", ["data.max_len=32", "data.vocab_size=300"]))
+    corpus = builtin_corpus(load_config("gpt-python-docs", ["data.max_len=32", "data.vocab_size=300"]), tmp_path / "g")
     rows = corpus.rows(slice(0, 4))
     assert rows["input_ids"].shape == (4, 32) and rows["input_ids"].max() < 300
+    bert = builtin_corpus(load_config("bert-python-docs", ["data.max_len=32", "data.vocab_size=300"]), tmp_path / "b")
+    rows = bert.rows(slice(2, 6))
+    assert rows["input_ids"].shape == (4, 32) and {"mlm_labels", "nsp_labels"} <= set(rows)
 
 
 def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():

@@ -60,14 +60,21 @@ class Corpus:
     records: dict[str, np.ndarray]
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
+    def __len__(self) -> int:
+        return len(next(iter(self.records.values())))
+
     def rows(self, ids: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """The training rows of records ``ids``, as a data task makes them (``ordered.ReadRecords``)."""
+        if getattr(self.transform, "reads_by_id", False):  # BERT's pairs draw partners from the whole table
+            return self.transform(np.arange(len(self))[ids], self.records)
         return self.transform({k: v[ids] for k, v in self.records.items()})
 
 
-def builtin_corpus(cfg: ExperimentConfig) -> Corpus:
+def builtin_corpus(cfg: ExperimentConfig, workdir: Path) -> Corpus:
     """The records and epoch-0 transform of ``cfg``'s built-in ordered corpus, built by the run's
-    own data builder. Ray is started for it and stopped before anything is timed (a driver that is
-    connected already stays connected)."""
+    own data builder, with ``workdir`` as the run directory (text transforms load the tokenizer
+    trained there: keep it while the corpus is used). Ray is started for it and stopped before
+    anything is timed (a driver that is connected already stays connected)."""
     import ray
 
     from ssl_platform import methods
@@ -81,16 +88,13 @@ def builtin_corpus(cfg: ExperimentConfig) -> Corpus:
     if started:
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        with tempfile.TemporaryDirectory(prefix="sslp-bench-train-") as tmp:
-            data = pretraining_data(cfg, Path(tmp), SkipReporter(), methods.architecture(cfg))
-            if data.ordered is None:
-                raise SystemExit(f"sslp bench train measures presets on built-in corpora that every worker reads "
-                                 f"in the epoch's order; {cfg.method.name} on {cfg.data.path or cfg.data.corpus} "
-                                 f"streams one split Dataset: pick another preset (e.g. simclr-digits, "
-                                 f"clip-digit-captions, gpt-python-docs, cpc-spoken-digits)")
-            # Copies: the object store's zero-copy arrays go away with Ray.
-            records = {k: np.array(v, copy=True) for k, v in ray.get(data.ordered.records).items()}
-            return Corpus(records, data.ordered.transform(epoch=0))
+        data = pretraining_data(cfg, workdir, SkipReporter(), methods.architecture(cfg))
+        if data.ordered is None:
+            raise SystemExit(f"sslp bench train measures corpora that every worker reads in the epoch's order; "
+                             f"{cfg.method.name} on {cfg.data.corpus} streams one split Dataset")
+        # Copies: the object store's zero-copy arrays go away with Ray.
+        records = {k: np.array(v, copy=True) for k, v in ray.get(data.ordered.records).items()}
+        return Corpus(records, data.ordered.transform(epoch=0))
     finally:
         quiet.setLevel(level)
         if started:
@@ -153,7 +157,7 @@ class RecordRows:
         self.corpus = corpus
 
     def __len__(self) -> int:
-        return len(next(iter(self.corpus.records.values())))
+        return len(self.corpus)
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[0] for k, v in self.corpus.rows(slice(i, i + 1)).items()}
@@ -257,11 +261,12 @@ def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[s
     if cfg.data.path:
         raise SystemExit(f"sslp bench train measures presets on the built-in corpora; {preset} reads data.path="
                          f"{cfg.data.path}: leave data.path unset or pick a built-in preset (sslp presets)")
-    corpus = builtin_corpus(cfg)
     n = _cpus(cpus)
-    load = os.getloadavg()[0]
-    bound = compute_bound(cfg, corpus, steps, n)
-    plain = plain_loop(cfg, corpus, steps, n)
+    with tempfile.TemporaryDirectory(prefix="sslp-bench-train-") as workdir:  # the tokenizer of text presets
+        corpus = builtin_corpus(cfg, Path(workdir))
+        load = os.getloadavg()[0]
+        bound = compute_bound(cfg, corpus, steps, n)
+        plain = plain_loop(cfg, corpus, steps, n)
     ours, wait = platform_run(preset, steps, overrides)
     return {"preset": preset, "steps": steps, "cpus": n, "batch_size": cfg.train.batch_size,
             "compute_bound_samples_per_s": bound, "plain_loop_samples_per_s": plain,
