@@ -189,7 +189,7 @@ def test_jobs_list_status_logs_stop_and_a_run_name_trained_twice_is_refused(head
     assert err.startswith(f"sslp: jobs stop: no Ray dashboard at {nobody}") and len(err.splitlines()) == 1
 
 
-def client_wait_terminal(client, job_id: str, timeout_s: float = 120.0) -> None:
+def client_wait_terminal(client, job_id: str, timeout_s: float = 300.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s
