@@ -12,7 +12,7 @@
    corpus, an image folder with a corrupt file, BERT on a text file).
 3. One end-to-end `sslp run` on the session's head: 2 workers on an image folder, a worker dies
    mid-epoch (SSLP_CRASH_AT_STEP) and `--max-failures` restarts the run from its checkpoint; its
-   losses equal the uninterrupted 2-worker run's to 1e-5.
+   losses equal the uninterrupted run's to 1e-5 (its reference: local mode, one rank, in-process).
 
 SIGTERM (checkpoint the current step, the re-run repeats none) and the refusal of a changed
 fingerprint are tested in-process.
