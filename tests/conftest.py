@@ -135,9 +135,7 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[RayHead]:
     """The session's single-node cluster (see the module docstring)."""
-    proc, ports, temp_dir = start_head(
-        "--include-dashboard=false", f"--object-store-memory={STORE}",
-        env={"RAY_metrics_report_interval_ms": "2000"})  # metrics reach the endpoint within seconds (default: 10)
+    proc, ports, temp_dir = start_head("--include-dashboard=false", f"--object-store-memory={STORE}")
     head = RayHead(address=f"127.0.0.1:{ports['--port']}", metrics_port=ports["--metrics-export-port"],
                    temp_dir=temp_dir)
     try:
@@ -313,8 +311,8 @@ LONGEST_FIRST = ["test_presets.py", "test_resume_exact.py", "test_faults.py", "t
                  "test_sweep.py",
                  "test_run_e2e.py",
                  "test_embed.py", "test_streaming.py", "test_finetune.py", "test_loop.py", "test_eval_image.py",
-                 "test_submit.py", "test_eval_data.py", "test_data_images.py", "test_observed_run.py",
-                 "test_prometheus.py", "test_two_view_methods_learn.py",
+                 "test_submit.py", "test_eval_data.py", "test_data_images.py", "test_prometheus.py",
+                 "test_two_view_methods_learn.py",
                  "test_eval_text.py", "test_eval_audio.py", "test_data_captions.py", "test_eval_clip.py",
                  "test_data_audio.py"]
 

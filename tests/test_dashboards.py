@@ -4,8 +4,8 @@ Every metric a panel or variable queries must be one the platform emits (train.m
 as Ray's Prometheus export names it), one Ray 2.60's Ray Data defines, or one Ray's own generated
 dashboards query (both read from Ray's code here, not copied). That a real run exports every
 platform and Ray Data metric on Ray's Prometheus endpoint, the platform's with non-zero values, is
-tested in test_observed_run.py; that a real Prometheus answers every query of the dashboard with
-data, in test_prometheus.py.
+tested in test_prometheus.py, where a real Prometheus scrapes a real run and answers every query of
+the dashboard with data.
 """
 
 import json

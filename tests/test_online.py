@@ -1,6 +1,6 @@
 """Online evaluation during training: the held-out splits, every method's numbers, FSDP ranks
 agreeing with one process. A real two-worker fit whose metrics and reports carry val_* is in
-test_observed_run.py."""
+test_prometheus.py (the run its Prometheus scrapes)."""
 
 import json
 from pathlib import Path

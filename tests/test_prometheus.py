@@ -11,6 +11,10 @@ autoscaler and dashboard export their metrics on ports of their own (Ray's defau
 ports another cluster on the machine may hold). The machine has no GPU: the dashboard agent of
 this head reads one stand-in GPU through a stand-in of NVML (Ray's own pynvml module replaced in
 that process only), so the GPU panels run Ray's real reporting code and Prometheus's real queries.
+
+The same run is watched the other way a user watches one: what it writes and reports (online
+evaluation in metrics.jsonl and in the results Ray Train and Tune see). One run serves all these
+claims because a run with workers is the costly part (~80 CPU-s on 2 cores); each has its own test.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from conftest import QUIET, free_ports, skip_a_record, start_head, stop_head, wa
 from test_dashboards import DASHBOARD, queries
 
 from ssl_platform.dashboards import start, stop
+from ssl_platform.train.metrics import read_metrics
 
 pytestmark = pytest.mark.ray
 
 RUN = "prom-run"
 CLUSTER = "sslp-test"
 STEPS = 60
+ONLINE_EVERY, CHECKPOINT_EVERY, LOG_EVERY = 5, 30, 2
 SCRAPE_S = 1  # Prometheus's scrape interval here (Ray's generated configuration says 10 s)
 
 # Loaded by every Python process of the head; it replaces Ray's NVML binding only in the dashboard
@@ -109,7 +115,8 @@ def _wait(what: str, ready, seconds: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory):
-    """(Prometheus's URL, the head's Ray session name, the run's time window, the dashboard's URL) after a run."""
+    """(Prometheus's URL, the head's Ray session name, the run's time window, the dashboard's URL, the
+    run's local directory, rank 0's reports) after a run."""
     _need_prometheus()
     root = tmp_path_factory.mktemp("prom")
     site = root / "site"
@@ -134,18 +141,33 @@ def monitored(tmp_path_factory):
         _wait("Prometheus to find the head's endpoints (node, autoscaler, dashboard)",
               lambda: len(_get(f"{prom_url}/api/v1/targets")["data"]["activeTargets"]) >= 3)
         began = time.time()
-        _train(temp_dir, ports["--port"], root)
+        run_dir, reports = _train(temp_dir, ports["--port"], root)
         time.sleep(3 * SCRAPE_S)  # the run's last exported values reach Prometheus
         window = {"start": f"{began:.3f}", "end": f"{time.time():.3f}"}
         session_name = Path(os.path.realpath(Path(temp_dir) / "session_latest")).name  # Ray's SessionName label
-        yield prom_url, session_name, window, dashboard_url
+        yield prom_url, session_name, window, dashboard_url, run_dir, reports
     finally:
         stop(temp_dir)
         stop_head(head, temp_dir)
 
 
-def _train(temp_dir: str, gcs_port: int, root: Path) -> None:
-    """A tiny GPT run (Ray Data pipeline, 2 Ray Train workers) on the head, from this process."""
+class _RecordReports:
+    """A Ray Train callback (it runs in the controller) that appends rank 0's reported metrics to a file."""
+
+    def __new__(cls, path: str):
+        import ray.train
+
+        class Recorder(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps({**metrics[0], "has_checkpoint": checkpoint is not None}) + "\n")
+
+        return Recorder()
+
+
+def _train(temp_dir: str, gcs_port: int, root: Path) -> tuple[Path, Path]:
+    """A tiny GPT run (Ray Data pipeline, 2 Ray Train workers) on the head, from this process; returns
+    its local directory and the file of rank 0's reports."""
     import ray
 
     from ssl_platform.config import load_config
@@ -156,16 +178,19 @@ def _train(temp_dir: str, gcs_port: int, root: Path) -> None:
     # GPT: a text method, so the tokens/s panel has data too; every other panel is method-agnostic.
     cfg = load_config("gpt-python-docs", [
         "model.dim=32", "model.depth=1", "data.vocab_size=512", "data.max_len=32", f"name={RUN}",
-        f"runs_dir={root / 'runs'}", f"train.max_steps={STEPS}", "train.batch_size=16", "train.log_every=2",
-        "train.checkpoint_every=30", "train.warmup_steps=0", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-        "eval.enabled=false", "eval.online_every=10", "eval.online_examples=64"])
+        f"runs_dir={root / 'runs'}", f"train.max_steps={STEPS}", "train.batch_size=16", f"train.log_every={LOG_EVERY}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.warmup_steps=0", "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5", "eval.enabled=false", f"eval.online_every={ONLINE_EVERY}",
+        "eval.online_examples=64"])
+    reports, paths = root / "reports.jsonl", run_paths(cfg)
     ray.init(address=f"127.0.0.1:{gcs_port}", runtime_env={"env_vars": QUIET}, log_to_driver=False)
     try:
         configure_data_context()
         skip_a_record(RUN, "corrupt record")  # the skipped-records panel has data too
-        assert fit(cfg, run_paths(cfg)).steps == STEPS
+        assert fit(cfg, paths, callbacks=[_RecordReports(str(reports))]).steps == STEPS
     finally:
         ray.shutdown()
+    return paths.local, reports
 
 
 def _substitute(query: str, session_name: str) -> str:
@@ -180,7 +205,7 @@ def test_every_dashboard_query_returns_data_from_prometheus(monitored):
     """As Grafana asks over the run's time range: panels by query_range, variables by series. (A
     finished run's gauges leave Ray's endpoints, and Prometheus marks them stale: an instant query
     after the run finds nothing, a graph of the run's hour shows it.)"""
-    prom_url, session_name, window, _ = monitored
+    prom_url, session_name, window, *_ = monitored
     empty, errors = [], []
     for where, query in queries(json.loads(DASHBOARD.read_text())):
         promql = _substitute(query, session_name)
@@ -201,7 +226,7 @@ def test_every_dashboard_query_returns_data_from_prometheus(monitored):
 
 
 def test_the_run_and_its_dataset_are_labelled_with_the_run_name(monitored):
-    prom_url, session_name, window, _ = monitored
+    prom_url, session_name, window, *_ = monitored
     runs = _get(f"{prom_url}/api/v1/label/run/values", **window)["data"]
     assert RUN in runs
     datasets = _get(f"{prom_url}/api/v1/label/dataset/values", **window)["data"]
@@ -213,11 +238,44 @@ def test_the_run_and_its_dataset_are_labelled_with_the_run_name(monitored):
 
 def test_rays_dashboard_reaches_prometheus(monitored):
     """RAY_PROMETHEUS_HOST, as the cluster files set it: the Ray dashboard's Metrics tab queries this Prometheus."""
-    *_, dashboard_url = monitored
+    *_, dashboard_url, _, _ = monitored
     request = urllib.request.Request(f"{dashboard_url}/api/prometheus_health",
                                      headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
     answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
     assert answer["result"] is True, answer
+
+
+def test_the_runs_own_metrics_reach_prometheus_with_its_values(monitored):
+    """Beyond "every query has data": the platform's gauges carry the run's values (all positive for a
+    run that trains), and its step gauge counts the run's steps."""
+    prom_url, _, window, *_ = monitored
+    for name in ("ray_sslp_train_loss", "ray_sslp_train_samples_per_second", "ray_sslp_train_tokens_per_second",
+                 "ray_sslp_train_step_seconds", "ray_sslp_train_learning_rate", "ray_sslp_train_grad_norm",
+                 "ray_sslp_online_metric", "ray_sslp_data_skipped_records_total"):
+        result = _get(f"{prom_url}/api/v1/query_range", query=f'{name}{{run="{RUN}"}}', step=f"{SCRAPE_S}s",
+                      **window)["data"]["result"]
+        values = [float(v) for series in result for _, v in series["values"]]
+        assert values and all(v > 0 for v in values), (name, values)
+    result = _get(f"{prom_url}/api/v1/query_range", query=f'ray_sslp_train_step{{run="{RUN}"}}',
+                  step=f"{SCRAPE_S}s", **window)["data"]["result"]
+    steps = [float(v) for series in result for _, v in series["values"]]
+    assert steps and all(1 <= s <= STEPS and s.is_integer() for s in steps), steps
+
+
+def test_fit_reports_and_logs_the_online_metric(monitored):
+    *_, run_dir, reports = monitored
+    online = list(range(ONLINE_EVERY, STEPS + 1, ONLINE_EVERY))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # Every log_every-th step, and every online step (5, 15, ...) is also a row.
+    assert [r["step"] for r in rows] == sorted(set(range(LOG_EVERY, STEPS + 1, LOG_EVERY)) | set(online))
+    with_val = {r["step"]: r for r in rows if "val_perplexity" in r}
+    assert sorted(with_val) == online
+    assert all(r["val_perplexity"] >= 1 and r["online_eval_s"] > 0 for r in with_val.values())
+
+    reported = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert [(r["step"], r["has_checkpoint"]) for r in reported] == [(s, s % CHECKPOINT_EVERY == 0) for s in online]
+    for r in reported:  # what Tune sees: the metric in every result, equal to the metrics row
+        assert r["val_perplexity"] == pytest.approx(with_val[r["step"]]["val_perplexity"])
 
 
 def test_the_restarts_panel_counts_each_restart_and_zero_for_a_run_without(tmp_path):
