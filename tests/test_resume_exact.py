@@ -315,8 +315,10 @@ def test_two_workers_restarted_after_a_crash_mid_epoch_follow_the_uninterrupted_
 
     In float64 (``train.precision=fp64``): 1 and 2 ranks differ in summation order only, and
     float32's rounding differences, which training amplifies ~1.5-2.5x a step (README Resume: up to
-    1.7e-3 after 24 steps on a folder of digit PNGs), would hide a wrong pixel; float64's stay
-    near 1e-15, so 1e-9 catches any difference in the records, the views or the math."""
+    1.7e-3 after 24 steps on a folder of digit PNGs), would hide a wrong pixel, and start at
+    another step in every session (the views follow each file's absolute path, here in this
+    session's temporary directory: in float32 this test failed once at step 4 by 2e-5); float64's
+    stay near 1e-15, so 1e-9 catches any difference in the records, the views or the math."""
     every, steps = 7, 10
     args = ("run", "simclr-digits", f"runs_dir={tmp_path}", *COMMON, *TINY["simclr"],
             f"data.path={corpora / 'images'}", "train.batch_size=8", f"train.checkpoint_every={every}",
