@@ -22,6 +22,7 @@ from ssl_platform.train.checkpoint import (
 )
 from ssl_platform.train.loop import (
     accumulate_gradients,
+    as_dtype,
     autocast_context,
     clip_gradients,
     groups_of,
@@ -29,7 +30,7 @@ from ssl_platform.train.loop import (
     seed_everything,
     shard_model,
 )
-from ssl_platform.train.metrics import read_metrics
+from ssl_platform.train.metrics import StepMeter, read_metrics
 from ssl_platform.train.optim import build_optimizer
 
 VOCAB, LEN = 40, 8
@@ -93,6 +94,22 @@ def test_precision_on_cpu(precision, dtype):
     x = torch.randn(4, 4)
     with autocast_context(precision, torch.device("cpu")):
         assert (x @ x).dtype == dtype
+
+
+def test_fp64_runs_in_float64_and_the_logged_loss_keeps_its_digits():
+    """``train.precision=fp64``: no autocast, the batch's floats cast (token ids kept), and the
+    loss reaches the metrics row in float64, so runs can be compared to 1e-9 (README Resume)."""
+    x = torch.randn(4, 4, dtype=torch.float64)
+    with autocast_context("fp64", torch.device("cpu")):
+        assert (x @ x).dtype == torch.float64
+    views = as_dtype({"view1": torch.rand(2, 3), "label": torch.ones(2, dtype=torch.long)}, torch.float64)
+    assert views["view1"].dtype == torch.float64 and views["label"].dtype == torch.long
+    assert as_dtype(views, None) is views  # fp32, bf16, auto: the batch as it is
+    out = accumulate_gradients(tiny_gpt().double(), [text_batch(4)])
+    assert out["loss"].dtype == torch.float64
+    meter = StepMeter()
+    meter.add(out, samples=4, tokens=0)
+    assert meter.pop(1, torch.device("cpu"))["loss"] == out["loss"].item()  # not rounded to float32
 
 
 def test_bf16_autocast_keeps_the_loss_float32_and_the_gradient_close():

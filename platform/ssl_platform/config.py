@@ -160,8 +160,9 @@ class TrainConfig:
                                        "falls back to independent; BatchNorm statistics stay per micro-batch); "
                                        "independent: each micro-batch its own negatives and batch statistics",
                               choices=("exact", "independent"))
-    precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none",
-                        choices=("auto", "bf16", "fp32"))
+    precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on CPU too; fp32: none; "
+                                "fp64: model and inputs in float64 (slow; for checking that runs agree beyond "
+                                "float32's rounding, see README Resume)", choices=("auto", "bf16", "fp32", "fp64"))
     compile: bool = _f(False, "torch.compile the wrapped model (the first steps are slow while it compiles)")
 
     def effective_lr(self) -> tuple[float, str]:

@@ -28,6 +28,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 
+from ssl_models.losses.precision import at_least_fp32
+
 Features = dict[str, Tensor]
 
 
@@ -80,7 +82,7 @@ def accumulate_exact(model: nn.Module, method: nn.Module, micro_batches: list[di
             grads = [leaf[key].grad if leaf[key].grad is not None else torch.zeros_like(leaf[key]) for key in keys]
             torch.autograd.backward([features[key] for key in keys], grads)
     set_rng_state(after_loss)
-    return {name: value.detach().float() for name, value in out.items() if value.ndim == 0}
+    return {name: at_least_fp32(value.detach()) for name, value in out.items() if value.ndim == 0}
 
 
 def concat_features(parts: list[Features]) -> Features:

@@ -32,7 +32,9 @@ every ``checkpoint_every`` steps, and at once when the driver got SIGTERM (``tra
   normalises with the statistics of the global batch (``ssl_models.distributed.GlobalBatchNorm``),
   as the papers' multi-GPU runs do, so a step's update is the same on 1, 2 or N workers.
 - ``train.precision``: bf16 autocast on GPU by default; the methods compute their losses in
-  float32 regardless.
+  float32 regardless. ``fp64`` runs the model and its inputs in float64: float32's rounding,
+  which training amplifies step after step (README Resume), then stays far below any tolerance,
+  so runs that must agree (1 vs N workers, resumed or not) can be compared tightly.
 - ``train.compile``: ``torch.compile`` of the wrapped model, the order PyTorch documents for
   DDP (its DDPOptimizer splits the graph at the gradient buckets so communication overlaps
   the backward) and the one Ray's guides use.
@@ -63,6 +65,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_models.distributed import convert_global_batchnorm, has_batchnorm
+from ssl_models.losses.precision import at_least_fp32
 from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
@@ -105,6 +108,9 @@ def train_func(loop_config: dict) -> None:
     #    same initial weights (FSDP relies on it; DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     method = (loop_config.get("build") or methods.build)(cfg, **loop_config["derived"])  # `sslp finetune`: a classifier
+    dtype = torch.float64 if t.precision == "fp64" else None  # None: the inputs' own float32
+    if dtype is not None:
+        method = method.to(dtype)
     global_bn = cfg.scaling.sync_batchnorm is not False and world > 1 and has_batchnorm(method)
     if global_bn:  # BatchNorm over every worker's samples: the step no longer depends on the worker count
         method = convert_global_batchnorm(method)
@@ -145,7 +151,7 @@ def train_func(loop_config: dict) -> None:
     if rank == 0:
         console.say(f"{'local mode' if local else f'{world} x {cfg.scaling.strategy}'}, "
                     f"{t.grad_accum_steps} x {micro_batch} samples per worker and step, "
-                    f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'}"
+                    f"{'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp64' if dtype else 'fp32'}"
                     f"{', global BatchNorm' if global_bn else ''}"
                     f"{', torch.compile' if t.compile else ''}")
 
@@ -176,7 +182,7 @@ def train_func(loop_config: dict) -> None:
         epoch_start = state.step
         stream = groups_of(meter.timed(micro_batches), t.grad_accum_steps)
         for batches in stream:
-            batches = [finish_views(b, views) for b in batches]  # normalise uint8 images on the device
+            batches = [as_dtype(finish_views(b, views), dtype) for b in batches]  # normalise uint8 images on the device
             optimizer.zero_grad(set_to_none=True)
             if grad_cache:  # the loss over all micro-batches' features, then each re-run with its feature gradient
                 out = accumulate_exact(model, method, batches, autocast, gradient_sync)
@@ -311,11 +317,19 @@ def sync_scalar_gradients(method: nn.Module, world: int) -> None:
 
 
 def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
-    """bf16 autocast for "bf16", and for "auto" on a GPU; nothing for "fp32", or "auto" on a CPU
-    (where bf16 is slower than fp32 on most processors)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """bf16 autocast for "bf16", and for "auto" on a GPU; nothing for "fp32" and "fp64", or "auto"
+    on a CPU (where bf16 is slower than fp32 on most processors)."""
+    if precision in ("fp32", "fp64") or (precision == "auto" and device.type != "cuda"):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def as_dtype(batch: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The batch's floating tensors (views, audio) in ``dtype`` (``train.precision=fp64``); token ids
+    and labels as they are. ``dtype=None``: the batch unchanged."""
+    if dtype is None:
+        return batch
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def groups_of(iterable: Iterable, n: int) -> Iterator[list]:
@@ -369,7 +383,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
             (out["loss"] / n).backward()
         for name, value in out.items():
             if value.ndim == 0:
-                value = value.detach().float() / n
+                value = at_least_fp32(value.detach()) / n
                 means[name] = means[name] + value if name in means else value
     return means
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ssl_models.losses.precision import at_least_fp32
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.skips import SKIPPED_METRIC
 from ssl_platform.train import console
@@ -103,7 +104,7 @@ class StepMeter:
     def add(self, outputs: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor | int) -> None:
         """One optimizer step: ``outputs`` are scalar tensors (loss, grad_norm, method metrics)."""
         for name, value in outputs.items():
-            value = value.detach().float()
+            value = at_least_fp32(value.detach())  # float64 kept (train.precision=fp64)
             self._sums[name] = self._sums[name] + value if name in self._sums else value
         self.steps += 1
         self.samples += samples

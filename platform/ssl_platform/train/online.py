@@ -28,6 +28,7 @@ numbers; the root's own parameters are unsharded around the evaluation.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -75,8 +76,11 @@ def evaluating(method: nn.Module) -> Iterator[None]:
 
 def online_metrics(method: nn.Module, split: dict[str, np.ndarray], cfg: ExperimentConfig,
                    device: torch.device | str = "cpu") -> dict[str, float]:
-    """``{"val_...": float}`` of ``method`` (the unwrapped module) on the held-out ``split``."""
+    """``{"val_...": float}`` of ``method`` (the unwrapped module) on the held-out ``split``.
+    A float64 method (``train.precision=fp64``) is evaluated as a float32 copy, on float32 inputs."""
     evaluate = evaluator(method_spec(cfg.method.name))
+    if any(p.dtype == torch.float64 for p in method.parameters()):
+        method = copy.deepcopy(method).float()
     with evaluating(method):
         return {k: float(v) for k, v in evaluate(method, split, cfg, torch.device(device)).items()}
 
