@@ -56,12 +56,15 @@ class OrderedCorpus:
 
 
 def ordered_corpus(name: str, records: dict[str, np.ndarray], seed: int, transform: Callable[..., Callable],
-                   **settings: Any) -> OrderedCorpus:
-    """Put ``records`` (columns of equal length) in the object store (Ray must be initialised)."""
+                   shared: dict[str, np.ndarray] | None = None, **settings: Any) -> OrderedCorpus:
+    """Put ``records`` (columns of equal length, one row per record) in the object store (Ray must be
+    initialised). ``shared``: arrays of other lengths that the records index (BERT's token stream),
+    stored after the columns in the same table, for a transform that ``reads_by_id``."""
     lengths = {len(v) for v in records.values()}
     if len(lengths) != 1:
         raise ValueError(f"the columns of corpus {name} differ in length: {sorted(lengths)}")
-    return OrderedCorpus(name, ray.put(records), lengths.pop(), seed, transform, settings=settings)
+    table = {**records, **(shared or {})}
+    return OrderedCorpus(name, ray.put(table), lengths.pop(), seed, transform, settings=settings)
 
 
 def fingerprint_change(stored: dict | None, current: dict) -> str | None:
