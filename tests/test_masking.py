@@ -1,4 +1,5 @@
-"""BERT masking and next-sentence pairs, GPT packing, and the trained tokenizers. No Ray needed."""
+"""BERT masking and next-sentence pairs (the split stream's batcher and the ordered chunks' transform), GPT
+packing, and the trained tokenizers. No Ray needed."""
 
 import pickle
 import random
@@ -15,11 +16,15 @@ from ssl_platform.data.masking import (
     GptBlocks,
     encode_pairs,
     mask_tokens,
+    masked_pairs,
     nsp_pairs,
     pack_blocks,
+    pair_from_chunk,
     truncate_pair,
 )
+from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks
 from ssl_platform.data.python_docs import python_docs_documents
+from ssl_platform.data.randomness import record_rng
 from ssl_platform.data.tokenizer import EOT, TextTokenizer, TokenizerConfig, train_tokenizer
 
 
@@ -271,6 +276,42 @@ def test_bert_batcher_needs_a_wordpiece_tokenizer_and_handles_empty_batches(bpe,
         BertBatcher(bpe)(_doc_batch(["a b c. D e f."], 1))
     out = BertBatcher(wordpiece, max_len=16, seed=0)({"text": np.array([], dtype=object)})
     assert out["input_ids"].shape == (0, 16) and out["nsp_labels"].shape == (0,)
+
+
+def _chunk_pairs_reference(tok, table, ids, max_len, seed, epoch, next_prob, **mask_args):
+    """BertChunkPairs' rows made the plain way: each chunk on its own, pair_from_chunk + masked_pairs."""
+    bounds, first, count = table["bounds"], table["first"], table["sentences"]
+    chunks = np.empty(len(first), dtype=object)
+    chunks[:] = [tuple(table["tokens"][bounds[s]:bounds[s + 1]] for s in range(f, f + k))
+                 for f, k in zip(first, count, strict=True)]
+    rows = []
+    for i in ids:
+        pair_rng, donor_rng, mask_rng = record_rng(seed, epoch, str(table["key"][i])).spawn(3)
+        lo, hi = int(table["doc_lo"][i]), int(table["doc_hi"][i])
+        donors = [j for j in range(len(chunks)) if not lo <= j < hi]  # every chunk but its document's
+        pair, _ = pair_from_chunk(list(chunks[i]), chunks, donors, max_len - 3, pair_rng, donor_rng, next_prob)
+        rows.append(masked_pairs([pair], tok, max_len, mask_rng, mask_args))
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("max_len, n_docs, next_prob, mask_args", [
+    (64, 12, 0.5, {}),
+    (24, 12, 0.3, {"mask_prob": 0.4, "mask_token_frac": 0.5, "random_token_frac": 0.3}),
+    (5, 3, 0.5, {}),  # budget 2: every pair truncated
+    (48, 1, 0.5, {}),  # one document: no random B, every label IGNORE_INDEX
+])
+def test_bert_chunk_pairs_equal_the_per_chunk_reference_bit_for_bit(wordpiece, docs, max_len, n_docs, next_prob,
+                                                                    mask_args):
+    records, shared = bert_chunks(wordpiece, docs[:n_docs], [f"doc{i}" for i in range(n_docs)], max_len)
+    table = {**records, **shared}
+    ids = np.random.default_rng(max_len).permutation(len(records["key"]))[:150]
+    for seed, epoch in ((0, 0), (7, 3)):
+        got = BertChunkPairs(wordpiece, max_len, seed, epoch, next_prob, **mask_args)(ids, table)
+        want = _chunk_pairs_reference(wordpiece, table, ids, max_len, seed, epoch, next_prob, **mask_args)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    assert n_docs > 1 or (got["nsp_labels"] == IGNORE_INDEX).all()
 
 
 def test_gpt_blocks_feed_the_gpt_model(bpe, docs, tmp_path):

@@ -208,6 +208,34 @@ def test_the_stream_reads_only_the_ids_after_the_skip_in_order(ray_session):
     assert epoch_stream(corpus, epoch=2, rank=0, world=2, batch_size=64, skip=15 * 32) is None  # all consumed
 
 
+class TagEpoch:
+    """A transform whose rows say which ids it read and the epoch it was made for."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"id": batch["id"], "epoch": np.full(len(batch["id"]), self.epoch)}
+
+
+def test_one_stream_reads_epoch_after_epoch_each_block_with_its_epochs_transform(ray_session):
+    import ray
+
+    from ssl_platform.data.ordered import AsIs, ReadEpochBlocks, epoch_stream, ordered_corpus, stream_epochs
+
+    corpus = ordered_corpus("ids", {"id": np.arange(1000)}, seed=4, transform=AsIs)
+    mine = [worker_ids(epoch_order(1000, 4, e), 64, 1, 2) for e in (2, 3, 4)]  # rank 1 of 2: 15 * 32 ids each
+    rows = epoch_stream(corpus, epoch=2, rank=1, world=2, batch_size=64, skip=96, chunk=50, epochs=3).take_all()
+    assert [r["id"] for r in rows] == np.concatenate([mine[0][96:], mine[1], mine[2]]).tolist()  # skip: first only
+    read = ReadEpochBlocks(ray.put({"id": np.arange(1000)}), TagEpoch)
+    block = read({"data": np.stack([np.full(3, 7), np.array([5, 9, 2])], axis=1)})  # (epoch, id) rows
+    assert block["id"].tolist() == [5, 9, 2] and block["epoch"].tolist() == [7, 7, 7]
+    # 100 steps left, 15 per epoch, 5 taken in this one: this epoch's 10, then 6 more epochs (90 steps)
+    assert stream_epochs(100, 15, 5, 480) == 7 and stream_epochs(3, 15, 5, 480) == 1
+    assert stream_epochs(10**6, 15, 0, 480) == 2083  # at most MAX_STREAM_IDS ids listed
+    assert stream_epochs(100, 0, 0, 0) == 1  # no full batch: one (empty) stream, and the loop says so
+
+
 # ----------------------------------------------------------------------------- 2. training, in-process
 
 

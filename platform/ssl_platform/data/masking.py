@@ -40,6 +40,7 @@ batch's last, partial block is padded (``attention_mask`` 0, so the loss skips i
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,40 @@ BERT_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp
 
 
 # ----------------------------------------------------------------------------- masked LM
+
+
+def check_masking(mask_prob: float, mask_token_frac: float, random_token_frac: float) -> None:
+    """Reject BERT masking fractions that cannot be drawn, in one sentence."""
+    if not 0.0 <= mask_prob <= 1.0 or min(mask_token_frac, random_token_frac) < 0 or \
+            mask_token_frac + random_token_frac > 1.0:
+        raise ValueError(f"need 0 <= mask_prob <= 1 and mask_token_frac + random_token_frac <= 1, got "
+                         f"{mask_prob}, {mask_token_frac} and {random_token_frac}")
+
+
+@lru_cache(maxsize=16)
+def replacement_ids(vocab_size: int, special_ids: tuple[int, ...]) -> np.ndarray:
+    """The ids a random replacement draws from: [0, vocab_size) without ``special_ids`` (read-only, cached)."""
+    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, dtype=np.int64))
+    allowed.setflags(write=False)
+    return allowed
+
+
+def special_positions(input_ids: np.ndarray, attention_mask: np.ndarray, special_ids) -> np.ndarray:
+    """True at special tokens and padding, where masking never selects: ``np.isin`` by a lookup table."""
+    ids = np.asarray(input_ids)
+    special = np.asarray(special_ids, dtype=np.int64)
+    table = np.zeros(max(int(ids.max(initial=0)), int(special.max(initial=0))) + 1, dtype=bool)
+    table[special] = True
+    return table[ids] | (np.asarray(attention_mask) == 0)
+
+
+def mask_actions(select_u: np.ndarray, action_u: np.ndarray, special_mask: np.ndarray, mask_prob: float,
+                 mask_token_frac: float, random_token_frac: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(selected, to [MASK], to a random token) from two uniforms per position (B, L) each."""
+    selected = (select_u < mask_prob) & ~np.asarray(special_mask, dtype=bool)
+    to_mask = selected & (action_u < mask_token_frac)
+    to_random = selected & (action_u >= mask_token_frac) & (action_u < mask_token_frac + random_token_frac)
+    return selected, to_mask, to_random
 
 
 def mask_tokens(input_ids: np.ndarray, special_mask: np.ndarray, *, vocab_size: int, mask_id: int,
@@ -71,19 +106,45 @@ def mask_tokens(input_ids: np.ndarray, special_mask: np.ndarray, *, vocab_size: 
         - output: (masked ids (B, L) of input_ids' dtype, labels (B, L) int64: the original id
           at selected positions, IGNORE_INDEX elsewhere).
     """
-    if not 0.0 <= mask_prob <= 1.0 or min(mask_token_frac, random_token_frac) < 0 or \
-            mask_token_frac + random_token_frac > 1.0:
-        raise ValueError(f"need 0 <= mask_prob <= 1 and mask_token_frac + random_token_frac <= 1, got "
-                         f"{mask_prob}, {mask_token_frac} and {random_token_frac}")
+    check_masking(mask_prob, mask_token_frac, random_token_frac)
     ids = np.asarray(input_ids)
-    selected = (rng.random(ids.shape) < mask_prob) & ~np.asarray(special_mask, dtype=bool)  # (B, L)
-    action = rng.random(ids.shape)  # one draw per position, so positions never depend on content
-    to_mask = selected & (action < mask_token_frac)
-    to_random = selected & (action >= mask_token_frac) & (action < mask_token_frac + random_token_frac)
-    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, dtype=np.int64))
+    select_u = rng.random(ids.shape)
+    action_u = rng.random(ids.shape)  # one draw per position, so positions never depend on content
+    selected, to_mask, to_random = mask_actions(select_u, action_u, special_mask, mask_prob, mask_token_frac,
+                                                random_token_frac)
+    allowed = replacement_ids(vocab_size, tuple(int(i) for i in special_ids))
     out = ids.copy()
     out[to_mask] = mask_id
     out[to_random] = allowed[rng.integers(0, len(allowed), size=int(to_random.sum()))]
+    labels = np.where(selected, ids, IGNORE_INDEX).astype(np.int64)
+    return out, labels
+
+
+def mask_rows(input_ids: np.ndarray, special_mask: np.ndarray, rngs: list[np.random.Generator], *,
+              vocab_size: int, mask_id: int, mask_prob: float = 0.15, mask_token_frac: float = 0.8,
+              random_token_frac: float = 0.1, special_ids=()) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mask_tokens` of each row ``r`` with its own generator ``rngs[r]``, for the whole batch at once.
+
+    Row r's result is exactly ``mask_tokens(input_ids[r:r+1], special_mask[r:r+1], rng=rngs[r], ...)``:
+    the generators draw the same numbers in the same order (two uniforms per position, then the
+    random replacements), and the masks are computed over the batch. Shapes as :func:`mask_tokens`.
+    """
+    check_masking(mask_prob, mask_token_frac, random_token_frac)
+    ids = np.asarray(input_ids)
+    length = ids.shape[1]
+    uniforms = np.empty((len(rngs), 2, length))  # (B, 2, L): select, action
+    for r, rng in enumerate(rngs):
+        rng.random(out=uniforms[r, 0])
+        rng.random(out=uniforms[r, 1])
+    selected, to_mask, to_random = mask_actions(uniforms[:, 0], uniforms[:, 1], special_mask, mask_prob,
+                                                mask_token_frac, random_token_frac)
+    allowed = replacement_ids(vocab_size, tuple(int(i) for i in special_ids))
+    counts = to_random.sum(axis=1)
+    out = ids.copy()
+    out[to_mask] = mask_id
+    if counts.any():  # row-major, as out[to_random] fills: row r's draws in the order of its positions
+        draws = [rngs[r].integers(0, len(allowed), size=int(c)) for r, c in enumerate(counts) if c]
+        out[to_random] = allowed[np.concatenate(draws)]
     labels = np.where(selected, ids, IGNORE_INDEX).astype(np.int64)
     return out, labels
 
@@ -255,7 +316,7 @@ def masked_pairs(pairs: list[tuple[np.ndarray, np.ndarray, int]], tok: TextToken
                  rng: np.random.Generator, mask_args: dict) -> dict[str, np.ndarray]:
     """Pairs -> BERT rows (:func:`encode_pairs`, then :func:`mask_tokens` drawing from ``rng``)."""
     enc = encode_pairs(pairs, max_len=max_len, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id)
-    special = np.isin(enc["input_ids"], tok.special_ids) | (enc["attention_mask"] == 0)
+    special = special_positions(enc["input_ids"], enc["attention_mask"], tok.special_ids)
     enc["input_ids"], enc["mlm_labels"] = mask_tokens(enc["input_ids"], special, vocab_size=tok.vocab_size,
                                                       mask_id=tok.mask_id, rng=rng, special_ids=tok.special_ids,
                                                       **mask_args)

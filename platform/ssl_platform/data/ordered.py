@@ -1,9 +1,10 @@
 """A corpus every train worker reads by record id, in the epoch's order (issue 18).
 
 The driver puts the records in the object store once (:func:`ordered_corpus`); each train worker
-builds, per epoch, its own Ray Dataset of the ids :mod:`ssl_platform.data.order` gives it and
-maps them to finished batches (read by id, then the method's transform with the epoch), in
-order: ``preserve_order`` and no local shuffle buffer. So
+builds its own Ray Dataset of the ids :mod:`ssl_platform.data.order` gives it, epoch after epoch
+in one stream (a new stream per epoch stalled training at every boundary), and maps them to
+finished batches (read by id, then the method's transform with the block's epoch), in order:
+``preserve_order`` and no local shuffle buffer. So
 
 - the records of global batch b, and every record's views (a function of (seed, epoch, key)),
   are the same on 1 or N workers and in every attempt;
@@ -15,7 +16,7 @@ image views, the CLIP crops and the audio crops are; a file corpus fills the slo
 that fails to decode (:mod:`~ssl_platform.data.listed`), BERT's records are sentence chunks.
 
     corpus = ordered_corpus("digits", {"image": images, "path": paths}, seed=0, transform=make_views)
-    ds = epoch_stream(corpus, epoch=3, rank=0, world=2, batch_size=64, skip=320, chunk=256)
+    ds = epoch_stream(corpus, epoch=3, rank=0, world=2, batch_size=64, skip=320, chunk=256, epochs=2)
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class OrderedCorpus:
 
 
 def ordered_corpus(name: str, records: dict[str, np.ndarray], seed: int, transform: Callable[..., Callable],
-                   **settings: Any) -> OrderedCorpus:
-    """Put ``records`` (columns of equal length) in the object store (Ray must be initialised)."""
+                   shared: dict[str, np.ndarray] | None = None, **settings: Any) -> OrderedCorpus:
+    """Put ``records`` (columns of equal length, one row per record) in the object store (Ray must be
+    initialised). ``shared``: arrays of other lengths that the records index (BERT's token stream),
+    stored after the columns in the same table, for a transform that ``reads_by_id``."""
     lengths = {len(v) for v in records.values()}
     if len(lengths) != 1:
         raise ValueError(f"the columns of corpus {name} differ in length: {sorted(lengths)}")
-    return OrderedCorpus(name, ray.put(records), lengths.pop(), seed, transform, settings=settings)
+    table = {**records, **(shared or {})}
+    return OrderedCorpus(name, ray.put(table), lengths.pop(), seed, transform, settings=settings)
 
 
 def fingerprint_change(stored: dict | None, current: dict) -> str | None:
@@ -102,18 +106,55 @@ class ReadRecords:
         return self.transform({column: values[ids] for column, values in table.items()})
 
 
+class ReadEpochBlocks:
+    """``map_batches`` callable of a stream over several epochs: a block of ``(epoch, id)`` rows (column
+    ``data``, (k, 2); one epoch per block) -> :class:`ReadRecords` with that epoch's transform."""
+
+    def __init__(self, records: ray.ObjectRef, transform: Callable[..., Callable]):
+        self.records, self.transform = records, transform
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = np.asarray(batch["data"], dtype=np.int64)  # (k, 2): epoch, record id
+        read = ReadRecords(self.records, self.transform(epoch=int(pairs[0, 0])))
+        return read({"data": pairs[:, 1]})
+
+
+MAX_STREAM_IDS = 1_000_000  # ids one stream may list (16 bytes each in the object store): epochs beyond wait
+
+
+def stream_epochs(steps_left: int, steps_in_epoch: int, epoch_step: int, ids_per_epoch: int) -> int:
+    """How many epochs, from the current one (``epoch_step`` steps into it), a stream for the next
+    ``steps_left`` steps covers: all of them, as long as they list at most :data:`MAX_STREAM_IDS` ids."""
+    if steps_in_epoch < 1:  # no full batch in an epoch: the loop says so after one empty stream
+        return 1
+    after_this = max(0, steps_left - (steps_in_epoch - epoch_step))
+    needed = 1 + -(-after_this // steps_in_epoch)
+    return max(1, min(needed, MAX_STREAM_IDS // max(1, ids_per_epoch)))
+
+
 def epoch_stream(corpus: OrderedCorpus, *, epoch: int, rank: int, world: int, batch_size: int, skip: int = 0,
-                 chunk: int = 256) -> ray.data.Dataset | None:
-    """Worker ``rank``'s training rows of ``epoch``, in order, without its first ``skip`` ids;
-    None when nothing is left. One block (one transform task) per ``chunk`` ids."""
-    order = epoch_order(corpus.num_records, corpus.seed, epoch, corpus.shard_size, corpus.window)
-    ids = worker_ids(order, batch_size, rank, world)[skip:]
-    if not len(ids):
+                 chunk: int = 256, epochs: int = 1) -> ray.data.Dataset | None:
+    """Worker ``rank``'s training rows of ``epochs`` consecutive epochs from ``epoch`` on, in order,
+    without the first ``skip`` ids of the first; None when nothing is left. One block (one transform
+    task) per ``chunk`` ids of one epoch.
+
+    One stream over several epochs, not one per epoch: a new Ray Data execution at every epoch
+    boundary stalled the training for its start (0.2-0.5 s; 10-20% of a ~1.7 s epoch of
+    bert-python-docs on 2 cores). A worker's ids per epoch are whole local batches, so the
+    micro-batches of consecutive epochs never mix.
+    """
+    blocks = []
+    for e in range(epoch, epoch + epochs):
+        order = epoch_order(corpus.num_records, corpus.seed, e, corpus.shard_size, corpus.window)
+        ids = worker_ids(order, batch_size, rank, world)[skip if e == epoch else 0:]
+        blocks += [np.stack([np.full(len(ids[i:i + chunk]), e), ids[i:i + chunk]], axis=1)
+                   for i in range(0, len(ids), chunk)]
+    if not blocks:
         return None
     configure_data_context()  # a train worker's own context: the platform's settings (no progress bars in its log)
-    ds = ray.data.from_numpy([ids[i:i + chunk] for i in range(0, len(ids), chunk)])
+    ds = ray.data.from_numpy(blocks)
     # One CPU per transform task; the train workers hold only fractions (see train.resources).
-    ds = ds.map_batches(ReadRecords(corpus.records, corpus.transform(epoch=epoch)), batch_size=None,
-                        batch_format="numpy", num_cpus=1)
+    ds = ds.map_batches(ReadEpochBlocks(corpus.records, corpus.transform), batch_size=None, batch_format="numpy",
+                        num_cpus=1)
     ds.context.execution_options.preserve_order = True  # rows leave in the order of the ids
     return ds

@@ -173,7 +173,7 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
         docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
         texts, keys = [doc.text for doc in docs], [doc.name for doc in docs]
     if spec.token_batches == "masked_pairs":  # BERT: sentence chunks, paired and masked per epoch
-        records = bert_chunks(tokenizer, texts, keys, d.max_len)
+        records, shared = bert_chunks(tokenizer, texts, keys, d.max_len)
         masking = {"next_prob": d.next_prob, "mask_prob": d.mask_prob, "mask_token_frac": d.mask_token_frac,
                    "random_token_frac": d.random_token_frac}
         transform, unit = partial(BertChunkPairs, str(tokenizer_dir), d.max_len, order_seed(cfg), **masking), "chunks"
@@ -181,8 +181,8 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     else:  # GPT: one token stream cut into blocks, read as they are
         records = pack_blocks(tokenizer.encode_batch(texts), block_size=d.max_len, eot_id=tokenizer.eot_id,
                               pad_id=tokenizer.pad_id)
-        transform, unit = AsIs, "blocks"
-    ordered = ordered_corpus(source, records, order_seed(cfg), transform, **settings)
+        transform, unit, shared = AsIs, "blocks", {}
+    ordered = ordered_corpus(source, records, order_seed(cfg), transform, shared=shared, **settings)
     return PretrainData(None, derived, f"{what[:-1]}, {ordered.num_records} {unit})", ordered.num_records,
                         artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
 

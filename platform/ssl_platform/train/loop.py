@@ -5,7 +5,8 @@ checkpoint if the run is being resumed, then stream batches until ``max_steps``,
 every ``checkpoint_every`` steps, and at once when the driver got SIGTERM (``train.preemption``).
 
 - The data: for an ordered corpus (``data.ordered``: the built-in ones) this worker's ids of each
-  epoch's order, read from where the checkpoint's position says (``train.resume``), so a resumed
+  epoch's order, one stream on through the epochs up to ``max_steps`` (``data.ordered.epoch_stream``),
+  read from where the checkpoint's position says (``train.resume``), so a resumed
   run sees exactly the records and views the uninterrupted one would have; otherwise this
   worker's shard of the Ray Dataset that Ray Train splits, a fresh pass after a resume.
 
@@ -70,7 +71,7 @@ from ssl_models.spec import MethodSpec
 from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
-from ssl_platform.data.ordered import epoch_stream
+from ssl_platform.data.ordered import epoch_stream, stream_epochs
 from ssl_platform.train import console, local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -166,10 +167,13 @@ def train_func(loop_config: dict) -> None:
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
     delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     stop, stopped = StopPoller(loop_config.get("stop_flag")), False  # SIGTERM to the driver (train.preemption)
-    while state.step < t.max_steps:  # one pass over the data = one epoch
+    while state.step < t.max_steps:  # one stream: an ordered corpus's epochs up to max_steps, or one pass
         if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
+            epochs = stream_epochs(t.max_steps - state.step, steps_in_epoch, state.epoch_step,
+                                   steps_in_epoch * local_batch)  # one stream on through the epoch boundaries
             ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
-                              skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size)
+                              skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size,
+                              epochs=epochs)
             if ds is not None:
                 ds.set_name(cfg.name)  # the dashboard's $run filter, as the driver names the split stream
             micro_batches = [] if ds is None else ds.iter_torch_batches(
