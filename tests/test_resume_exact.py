@@ -46,7 +46,7 @@ from ssl_platform.data.pipeline import pretraining_data
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.methods import architecture
 from ssl_platform.train.checkpoint import TrainState
-from ssl_platform.train.loop import CRASH_AT_STEP_ENV
+from ssl_platform.train.loop import CRASH_AT_STEP_ENV, STEP_DELAY_ENV
 from ssl_platform.train.metrics import read_metrics
 from ssl_platform.train.resume import place_in_epoch
 
@@ -296,9 +296,12 @@ def test_a_run_resumed_mid_epoch_logs_the_losses_of_the_uninterrupted_run(ray_se
 # ----------------------------------------------------------------------------- SIGTERM, in-process
 
 
-def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(ray_session, corpora, tmp_path, capsys):
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(ray_session, corpora, tmp_path, capsys,
+                                                                        monkeypatch):
     """SIGTERM (what `ray job stop`, a spot notice or a Kubernetes eviction sends the driver):
-    exit 143 with a checkpoint of the last step taken; the same command resumes there."""
+    exit 143 with a checkpoint of the last step taken; the same command resumes there. Each step of
+    the first command sleeps 0.05 s: the tiny run's 40 steps otherwise end (0.3 s) before the flag
+    the signal raises (an actor's) reaches the loop."""
     from ssl_platform.train.checkpoint import STATE_FILE
 
     run_dir = tmp_path / "term"
@@ -318,7 +321,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_repeats_none(ray_ses
 
     sender = threading.Thread(target=send_sigterm_after_three_steps, daemon=True)
     sender.start()
-    assert cli.main(args) == 143
+    with monkeypatch.context() as slowed:
+        slowed.setenv(STEP_DELAY_ENV, "0.05")
+        assert cli.main(args) == 143
     sender.join()
     assert "sslp: preempted: stopped on SIGTERM at step" in capsys.readouterr().err
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / STATE_FILE).exists())
