@@ -7,6 +7,11 @@
   OOM killer does). Because loop.py waits until Ray has registered each reported checkpoint, a
   restart repeats at most ``train.checkpoint_every`` steps, and metrics.jsonl still holds every
   step exactly once.
+- Whatever the interruptions, the run is the uninterrupted one: in float64
+  (``train.precision=fp64``, where 1 and 2 ranks differ only by summation order, ~1e-15) every
+  logged loss of the twice-restarted 2-worker run equals, to 1e-9, the loss of the same run
+  never interrupted, on one rank in local mode (float32's rounding, which training amplifies,
+  would hide a wrong record or view: README Resume).
 - Re-running a finished run neither trains nor starts Ray.
 - Ctrl-C (SIGINT to the CLI) stops the run with status 130, keeps the newest checkpoint, leaves
   no Ray process behind, and the same command resumes and reaches the same final step. That
@@ -41,7 +46,8 @@ pytestmark = pytest.mark.ray
 
 EVERY = 10  # TINY's train.checkpoint_every
 STEPS = 40
-RUN = ("run", "simclr-digits", f"train.max_steps={STEPS}", "eval.enabled=false", *TINY, "train.log_every=1")
+RUN = ("run", "simclr-digits", f"train.max_steps={STEPS}", "eval.enabled=false", *TINY, "train.log_every=1",
+       "train.precision=fp64")
 
 
 def resumed_steps(stdout: str) -> list[int]:
@@ -124,6 +130,15 @@ def killed_runs(sslp, tmp_path_factory):
     return run_dir, failed, restarted, killed, (checkpoints, metrics)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory) -> list[tuple[int, float]]:
+    """The killed run's (step, loss) never interrupted: local mode, one rank holding the global
+    batch, in this process (the cheapest run that is never interrupted)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert cli.main([*RUN, "name=ref", f"runs_dir={root}", "scaling.num_workers=0"]) == 0
+    return [(r["step"], r["loss"]) for r in map(json.loads, (root / "ref" / "metrics.jsonl").read_text().splitlines())]
+
+
 def test_a_killed_worker_without_retries_fails_with_one_line(killed_runs):
     run_dir, failed, *_ = killed_runs
     assert failed.returncode == 1, show(failed)
@@ -143,6 +158,8 @@ def test_max_failures_survives_a_crash_and_an_outside_kill_from_the_newest_check
     # comes during that attempt, whose newest checkpoint is then at most one interval old.
     first, second, third = resumed_steps(restarted.stdout)
     assert (first, second) == (10, 20), show(restarted)
+    # Step 15's crash came before it was logged: steps 11-14 are trained again, and said so.
+    assert "resumed from step 10, epoch 0 record 640: 4 steps repeated" in restarted.stdout, show(restarted)
     assert third in range(20, STEPS, EVERY), show(restarted)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and checkpoint_step(summary["checkpoint"]) == STEPS
@@ -152,6 +169,17 @@ def test_max_failures_survives_a_crash_and_an_outside_kill_from_the_newest_check
 def test_metrics_hold_every_step_once_after_the_failures(killed_runs):
     run_dir, *_ = killed_runs
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_every_logged_loss_is_the_uninterrupted_runs(killed_runs, uninterrupted):
+    """Three interruptions (the failed command at step 15, the crash at 25, the outside kill), each
+    resumed from a checkpoint mid-way through an epoch (22 steps of 64 digits): every step's loss
+    is the one the run makes uninterrupted on one rank."""
+    run_dir, *_ = killed_runs
+    got = [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert [s for s, _ in got] == [s for s, _ in uninterrupted] == list(range(1, STEPS + 1))
+    for (step, want), (_, loss) in zip(uninterrupted, got, strict=True):
+        assert loss == pytest.approx(want, rel=1e-9, abs=0), f"step {step}"
 
 
 def test_the_driver_prints_and_writes_a_summary(killed_runs):

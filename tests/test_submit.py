@@ -125,14 +125,17 @@ def test_jobs_list_status_logs_stop_and_a_run_name_trained_twice_is_refused(head
     """Ctrl-C while `sslp submit --follow` streams the log leaves the job running and says how to stop
     it; `sslp jobs` against the real head: that job is listed, its status and log are shown, a second
     submission of the same run (same runs_dir/name) is refused naming the job, and stop stops it; an
-    unknown id, a wrong token and a wrong address are one line each. (One long job serves them all:
-    a job is a driver process and a Ray Train run, the costly part on 2 cores.)"""
+    unknown id, a wrong token and a wrong address are one line each. (One long job serves them all,
+    and it trains in local mode, `scaling.num_workers=0`, in the job's driver: what is tested here is
+    the job around the run, and Ray Train's worker group is the costly part of a run on 2 cores; the
+    submitted run above trains with a worker.)"""
     from ssl_platform import submit
 
     async def interrupted(*_):
         raise KeyboardInterrupt
 
-    long_run = ["simclr-digits", "name=twice", f"runs_dir={tmp_path}", *TINY, "train.max_steps=100000"]
+    long_run = ["simclr-digits", "name=twice", f"runs_dir={tmp_path}", *TINY, "train.max_steps=100000",
+                "scaling.num_workers=0"]
     with monkeypatch.context() as patched:
         patched.setattr(submit, "_stream_logs", interrupted)
         assert sslp(["submit", "--address", head, *long_run, "--follow"]) == 130
