@@ -13,7 +13,7 @@ from ssl_platform.data.images import split_dataset
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate import evaluate_run
 from ssl_platform.evaluate.image import embed_images
-from ssl_platform.evaluate.inference import build_method, extract
+from ssl_platform.evaluate.inference import build_method, extract, extract_each
 
 pytestmark = pytest.mark.usefixtures("ray_session")  # see conftest
 
@@ -50,7 +50,9 @@ def test_extract_rows_dims_and_kept_columns_align(digits):
     assert np.abs(other[out["idx"]] - out["features"]).max() > 1e-2
 
 
-def test_extract_loads_the_state_and_two_actors_match_one(digits):
+def test_extract_each_encodes_every_row_with_each_encoder_in_one_pass_and_two_actors_match_one(digits):
+    """The table's encoders (here trained weights and random init) in one pass: each one's features
+    are what it computes on the driver, row-aligned with the others'; the state is loaded."""
     images = digits["val"].images[:200]
     method = build_method(tiny_cfg(), DERIVED, None, seed=0)
     with torch.no_grad():
@@ -60,10 +62,17 @@ def test_extract_loads_the_state_and_two_actors_match_one(digits):
     features = {}
     for actors in (1, 2):
         cfg = tiny_cfg(f"eval.actors={actors}", "eval.batch_size=32")
-        out = extract(ds, cfg, DERIVED, method.state_dict(), embed_images, keep=("idx",))
-        features[actors] = out["features"][np.argsort(out["idx"])]
-    np.testing.assert_allclose(features[1], driver_features(method, images), atol=1e-5)
-    np.testing.assert_allclose(features[2], features[1], atol=1e-6)
+        out = extract_each(ds, cfg, DERIVED, {"moved": method.state_dict(), "random": None}, embed_images,
+                           keep=("idx",), seed=3)
+        assert list(out) == ["moved", "random"] and all(set(o) == {"features", "idx"} for o in out.values())
+        np.testing.assert_array_equal(out["moved"]["idx"], out["random"]["idx"])  # the same rows, in the same order
+        order = np.argsort(out["moved"]["idx"])
+        features[actors] = {name: o["features"][order] for name, o in out.items()}
+    np.testing.assert_allclose(features[1]["moved"], driver_features(method, images), atol=1e-5)
+    random_init = driver_features(build_method(tiny_cfg(), DERIVED, None, seed=3), images)
+    np.testing.assert_allclose(features[1]["random"], random_init, atol=1e-5)
+    for name in ("moved", "random"):
+        np.testing.assert_allclose(features[2][name], features[1][name], atol=1e-6)
 
 
 def test_extract_dict_result_and_bad_input(digits):

@@ -190,7 +190,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     Writes results.json, results.md and report.png into ``run_dir``, prints the table and returns
     its rows. Ray must be initialised (features are extracted by an actor pool).
     """
-    from ssl_platform.evaluate.inference import extract
+    from ssl_platform.evaluate.inference import extract_each
     from ssl_platform.methods import method_spec
     from ssl_platform.train.checkpoint import load_payload, saved_derived
 
@@ -211,8 +211,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: Path | None, run_dir: Path) 
     clips = clip_dataset(splits, d.sample_rate, d.normalize_audio).materialize()
     derived = saved_derived(payload) or {"sample_rate": d.sample_rate}  # older checkpoints: from the config
     keep = ("label", "split")
-    trained = by_split(extract(clips, cfg, derived, state, embed_clips, keep=keep, seed=cfg.train.seed))
-    random_init = by_split(extract(clips, cfg, derived, None, embed_clips, keep=keep, seed=cfg.train.seed))
+    features = extract_each(clips, cfg, derived, {"trained": state, "random": None}, embed_clips, keep=keep,
+                            seed=cfg.train.seed)
+    trained, random_init = by_split(features["trained"]), by_split(features["random"])
     log_mel = by_split(collect(clips.map_batches(LogMelStats(d.sample_rate), batch_size=cfg.eval.batch_size,
                                                  batch_format="numpy"), ("features", *keep)))
     rows = [

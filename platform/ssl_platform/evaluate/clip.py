@@ -36,7 +36,7 @@ from ssl_platform.data.images import split_dataset
 from ssl_platform.data.labelled import caption_splits, eval_source
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.image import check_builtin
-from ssl_platform.evaluate.inference import check_state, extract
+from ssl_platform.evaluate.inference import check_state, extract_each
 from ssl_platform.evaluate.report import display_name, markdown_table, write_results
 from ssl_platform.methods import architecture, expected_derived
 from ssl_platform.probes import linear_probe
@@ -154,10 +154,10 @@ def evaluate(cfg: ExperimentConfig, checkpoint_dir: str | Path, run_dir: str | P
     columns = evaluation_rows(train, val, architecture(cfg)["context_length"])
     captions = np.concatenate([train.captions, val.captions, np.full((columns["part"] == PROMPT).sum(), "")])
     ds = split_dataset(columns.pop("image"), eval_source(cfg), **columns)
-    rows = []
-    for name, weights in (("random init", None), (f"{display_name(cfg.method.name)} (this run)", state)):
-        out = extract(ds, cfg, derived, weights, embed_pairs, keep=("label", "part", "row"), seed=cfg.train.seed)
-        rows.append(score(cfg, name, out, captions, len(train.class_names)))
+    encoders = {"random init": None, f"{display_name(cfg.method.name)} (this run)": state}
+    extracted = extract_each(ds, cfg, derived, encoders, embed_pairs, keep=("label", "part", "row"),
+                             seed=cfg.train.seed)
+    rows = [score(cfg, name, out, captions, len(train.class_names)) for name, out in extracted.items()]
 
     title = (f"{cfg.name}: {display_name(cfg.method.name)} towers on {eval_source(cfg)} ({len(train)} train / "
              f"{len(val)} held-out pairs, {len(train.class_names)} classes)")

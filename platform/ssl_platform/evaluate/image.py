@@ -28,7 +28,7 @@ from ssl_platform.data.images import split_dataset
 from ssl_platform.data.labelled import eval_source, image_splits
 from ssl_platform.data.transforms import to_float
 from ssl_platform.evaluate.features import train_supervised
-from ssl_platform.evaluate.inference import build_method, check_state, extract
+from ssl_platform.evaluate.inference import build_method, check_state, extract_each
 from ssl_platform.evaluate.report import display_name, markdown_table, stage_table, write_results
 from ssl_platform.methods import expected_derived
 from ssl_platform.probes import knn_accuracy, linear_probe
@@ -123,8 +123,8 @@ def encoder_rows(cfg: ExperimentConfig, train, val, derived: dict[str, Any],
                  states: dict[str, dict[str, Tensor] | None], stages: list[dict] | None = None) -> list[dict]:
     """Rows for encoders given as ``{row name: method state_dict, or None for random init}``.
 
-    Both splits go through one ``extract`` per encoder (one actor pool start, not two); the
-    ``split`` column sorts the features back out. With ``eval.probe_stages=all`` the same pass
+    Both splits and every encoder go through one ``extract_each`` (one pass over the images, one
+    actor pool start); the ``split`` column sorts the features back out. With ``eval.probe_stages=all`` the same pass
     returns every stage's pooled features, and ``stages`` gets a row per encoder: the linear
     probe's top-1 on each stage (``{"encoder": name, "stem": 0.41, "stage1": 0.63, ...}``).
     """
@@ -134,9 +134,9 @@ def encoder_rows(cfg: ExperimentConfig, train, val, derived: dict[str, Any],
     split = np.repeat([TRAIN, VAL], [len(train), len(val)])
     ds = split_dataset(images, eval_source(cfg), label=labels, split=split)
     rows = []
-    for name, state in states.items():
-        out = extract(ds, cfg, derived, state, embed_stages if per_stage else embed_images, keep=("label", "split"),
-                      seed=cfg.train.seed)
+    extracted = extract_each(ds, cfg, derived, states, embed_stages if per_stage else embed_images,
+                             keep=("label", "split"), seed=cfg.train.seed)
+    for name, out in extracted.items():
         is_train, labels = out.pop("split") == TRAIN, out.pop("label")
         if per_stage:
             names = depth_order(out)

@@ -8,6 +8,12 @@ batch), and then only runs forward passes, in eval mode and without gradients, o
 the actor was given one. The same call scales from a laptop to a cluster by raising
 ``eval.actors``; the driver only concatenates the results.
 
+A table compares several encoders of one architecture on the same rows (this run, random init,
+the supervised baseline): :func:`extract_each` encodes every batch with each of them in the same
+actors, so the rows are read, decoded and transformed once and one actor pool starts, not one per
+encoder (each actor process costs seconds of CPU to start: Python, torch, the method), and the
+encoders' features come back row-aligned.
+
 ``encode`` says what a feature is for a method: a module-level (so picklable) function
 ``(method, batch) -> Tensor | dict[str, Tensor]``, e.g. ``lambda m, b: m.embed(b)`` written as a
 ``def``. It receives the batch's numeric columns as tensors on the actor's device and its other
@@ -16,7 +22,7 @@ columns (strings) as numpy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,23 +80,28 @@ def _to_numpy(value: Tensor) -> np.ndarray:
 
 
 class EncodeBatches:
-    """``map_batches`` actor: builds the method once, then encodes batch after batch.
+    """``map_batches`` actor: builds the methods once, then encodes batch after batch with each.
 
     Args:
         cfg, derived, seed: what :func:`build_method` needs.
-        state_ref: ``[ObjectRef]`` of the state_dict (in a list so Ray hands the reference over
-            unresolved and the actor fetches it once), or ``None`` for random init.
+        state_refs: ``[ObjectRef or None, ...]``, one per encoder: the reference of its state_dict
+            (in a list so Ray hands the references over unresolved and the actor fetches each
+            once), or ``None`` for random init.
         encode: ``(method, batch) -> Tensor | dict[str, Tensor]``.
         keep: columns copied through to the output, row-aligned with the features.
         threads: torch intra-op threads for this actor (its CPU share).
+
+    Encoder ``i``'s output column ``key`` is named ``f"{i}/{key}"``; the kept columns keep their names.
     """
 
-    def __init__(self, cfg: ExperimentConfig, derived: dict[str, Any], state_ref: list | None, encode: Encode,
+    def __init__(self, cfg: ExperimentConfig, derived: dict[str, Any], state_refs: list, encode: Encode,
                  keep: Sequence[str], seed: int, threads: int):
         torch.set_num_threads(threads)
-        state = ray.get(state_ref[0]) if state_ref is not None else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.method = build_method(cfg, derived, state, seed).to(self.device)
+        # Each built as build_method does (seeded, then the state): random init is the same
+        # network whichever encoders share the actor.
+        self.methods = [build_method(cfg, derived, ray.get(ref) if ref is not None else None, seed).to(self.device)
+                        for ref in state_refs]
         self.encode, self.keep = encode, tuple(keep)
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -109,19 +120,21 @@ class EncodeBatches:
             raise ValueError(f"keep={list(self.keep)} names columns {missing} that the dataset lacks "
                              f"(it has {sorted(batch)})")
         rows = len(next(iter(batch.values())))
-        with torch.no_grad():
-            result = self.encode(self.method, self._tensors(batch))
-        features = {"features": result} if isinstance(result, Tensor) else dict(result)
+        tensors = self._tensors(batch)
         out = {}
-        for key, value in features.items():
-            if not isinstance(value, Tensor) or value.dim() == 0 or len(value) != rows:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"encode returned {key!r} of shape {shape} for a batch of {rows} rows; "
-                                 f"it must return a (rows, ...) tensor, or a dict of them, per batch")
-            out[key] = _to_numpy(value)
-        clash = sorted(set(out) & set(self.keep))
-        if clash:
-            raise ValueError(f"encode's output {clash} has the same name as a kept column; rename one of them")
+        for i, method in enumerate(self.methods):
+            with torch.no_grad():
+                result = self.encode(method, tensors)
+            features = {"features": result} if isinstance(result, Tensor) else dict(result)
+            clash = sorted(set(features) & set(self.keep))
+            if clash:
+                raise ValueError(f"encode's output {clash} has the same name as a kept column; rename one of them")
+            for key, value in features.items():
+                if not isinstance(value, Tensor) or value.dim() == 0 or len(value) != rows:
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"encode returned {key!r} of shape {shape} for a batch of {rows} rows; "
+                                     f"it must return a (rows, ...) tensor, or a dict of them, per batch")
+                out[f"{i}/{key}"] = _to_numpy(value)
         for key in self.keep:
             out[key] = np.asarray(batch[key])
         return out
@@ -161,21 +174,38 @@ def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any]
         columns, each concatenated over the whole dataset. Rows are aligned across keys; the
         row order need not be the input order (join on a kept id column if it matters).
     """
+    return extract_each(ds, cfg, derived, {"": state}, encode, keep=keep, seed=seed)[""]
+
+
+def extract_each(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any],
+                 states: Mapping[str, dict[str, Tensor] | None], encode: Encode, *, keep: Sequence[str] = ("label",),
+                 seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`extract` for several encoders of ``cfg``'s architecture in one pass over ``ds``:
+    ``{name: state_dict, or None for random init}`` -> ``{name: extract's result}``.
+
+    Every actor holds all of them and encodes each batch with each, so ``ds`` is read once and one
+    actor pool starts; every name's result holds the ``keep`` columns and its rows in the same
+    order as every other name's.
+    """
     if not ray.is_initialized():
         raise RuntimeError("extract runs on Ray Data; call ray.init() (or use `sslp eval`, which starts Ray) first")
     if isinstance(keep, str):
         raise ValueError(f"keep must be a sequence of column names, got the string {keep!r}; use keep=({keep!r},)")
+    if not states:
+        raise ValueError("no encoder to extract features with: states is empty")
     schema = ds.schema(fetch_if_missing=False)  # known without running anything for in-memory data
     missing = [k for k in keep if schema is not None and k not in schema.names]
     if missing:
         raise ValueError(f"keep={list(keep)} names columns {missing} that the dataset lacks (it has {schema.names})")
-    if state is not None:
-        check_state(cfg, derived, state)
-    state_ref = [ray.put({k: v.detach().cpu() for k, v in state.items()})] if state is not None else None
+    for state in states.values():
+        if state is not None:
+            check_state(cfg, derived, state)
+    state_refs = [ray.put({k: v.detach().cpu() for k, v in state.items()}) if state is not None else None
+                  for state in states.values()]
     cpus, gpus = actor_resources(cfg.eval.actors, cfg.scaling.use_gpu)
     encoded = ds.map_batches(
         EncodeBatches,
-        fn_constructor_kwargs={"cfg": cfg, "derived": dict(derived), "state_ref": state_ref, "encode": encode,
+        fn_constructor_kwargs={"cfg": cfg, "derived": dict(derived), "state_refs": state_refs, "encode": encode,
                                "keep": tuple(keep), "seed": seed, "threads": max(1, int(cpus))},
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
         batch_size=cfg.eval.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
@@ -186,4 +216,11 @@ def extract(ds: ray.data.Dataset, cfg: ExperimentConfig, derived: dict[str, Any]
             parts.setdefault(key, []).append(value)
     if not parts:
         raise ValueError("the dataset to evaluate on is empty; check the corpus and data.val_fraction")
-    return {key: np.concatenate(values) for key, values in parts.items()}
+    columns = {key: np.concatenate(values) for key, values in parts.items()}
+    kept = {key: columns[key] for key in keep}
+    results = {}
+    for i, name in enumerate(states):
+        prefix = f"{i}/"
+        results[name] = {key.removeprefix(prefix): value for key, value in columns.items() if key.startswith(prefix)}
+        results[name].update(kept)
+    return results

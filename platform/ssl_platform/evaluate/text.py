@@ -231,7 +231,7 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
 def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer,
               derived: dict[str, Any] | None = None) -> tuple[list[dict], str, dict]:
     """Rows (this run, random init, the most frequent token), notes and extra results.json content of a BERT run."""
-    from ssl_platform.evaluate.inference import extract
+    from ssl_platform.evaluate.inference import extract_each
 
     d = cfg.data
     if tokenizer.mask_id is None:
@@ -246,9 +246,10 @@ def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTo
     sequences = pairs.union(_map(held_out, TopicChunks(tokenizer, d.max_len), cfg)).materialize()
 
     rows, notes = [], []
-    for name, weights in ((f"{display_name(cfg.method.name)} (this run)", state), ("random init", None)):
-        out = extract(sequences, cfg, derived, weights, score_bert, keep=("nsp_labels", "source", "chunk"),
-                      seed=cfg.train.seed)
+    encoders = {f"{display_name(cfg.method.name)} (this run)": state, "random init": None}
+    extracted = extract_each(sequences, cfg, derived, encoders, score_bert, keep=("nsp_labels", "source", "chunk"),
+                             seed=cfg.train.seed)
+    for name, out in extracted.items():
         is_pair = out["chunk"] == PAIR
         count = int(out["mlm_count"].sum())
         if not is_pair.any() or count == 0:
@@ -427,7 +428,7 @@ def samples_markdown(generated: list[dict]) -> str:
 def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer,
              derived: dict[str, Any] | None = None) -> tuple[list[dict], str, dict]:
     """Rows (this run, random init, unigram, bigram), notes with the samples and extra results.json content."""
-    from ssl_platform.evaluate.inference import extract
+    from ssl_platform.evaluate.inference import extract_each
 
     d = cfg.data
     derived = derived or text_derived(cfg, tokenizer)
@@ -436,9 +437,10 @@ def gpt_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTok
         raise ValueError(f"the held-out split of {d.path or d.corpus} gives no GPT block; raise data.val_fraction")
 
     rows, targets, contexts = [], None, None
-    for name, weights in ((f"{display_name(cfg.method.name)} (this run)", state), ("random init", None)):
-        keep = ("input_ids", "attention_mask") if targets is None else ()
-        scores = extract(blocks, cfg, derived, weights, score_gpt, keep=keep, seed=cfg.train.seed)
+    encoders = {f"{display_name(cfg.method.name)} (this run)": state, "random init": None}
+    extracted = extract_each(blocks, cfg, derived, encoders, score_gpt, keep=("input_ids", "attention_mask"),
+                             seed=cfg.train.seed)
+    for name, scores in extracted.items():
         if targets is None:
             targets = target_tokens(scores["input_ids"], scores["attention_mask"])
             contexts = context_tokens(scores["input_ids"], scores["attention_mask"])
