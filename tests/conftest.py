@@ -6,7 +6,8 @@ Starting Ray is the suite's fixed cost (a local cluster takes ~10 s on 2 cores, 
 store, its metrics agent on a free 127.0.0.1 port; no dashboard, which costs every run on 2
 cores ~15% of its time) and everything joins it:
 
-- ``ray_session``: this process as a driver of the head, for a module's in-process tests;
+- ``ray_session``: this process as a driver of the head, for a module's in-process tests (one
+  connection, one Ray job, kept from module to module of a pytest process);
 - ``sslp``: the command line in a subprocess with ``RAY_ADDRESS`` set to the head, so a run
   is one more job on it, not a cluster of its own;
 - ``trained_simclr``: one small SimCLR checkpoint trained once per session, for every test
@@ -145,22 +146,40 @@ def ray_head() -> Iterator[RayHead]:
         stop_head(proc, temp_dir)
 
 
+@pytest.fixture(scope="session")
+def _shared_driver(ray_head: RayHead) -> Iterator[None]:
+    """Leaves the session's head, if this process is still its driver, before the head stops (a
+    driver whose cluster goes away is exited by Ray)."""
+    yield
+    leave_shared_driver()
+
+
+def leave_shared_driver() -> None:
+    """Stop being a driver of the session's head, for a module that connects to a cluster of its
+    own or needs this process without Ray; the next module that asks for ``ray_session`` joins again."""
+    import ray
+
+    from ssl_platform.train.session import shutdown_ray
+
+    if ray.is_initialized():
+        shutdown_ray()  # after a local-mode run's Ray Data threads, or Ray exits this process
+
+
 @pytest.fixture(scope="module")
-def ray_session(ray_head: RayHead) -> Iterator[RayHead]:
-    """This process as a driver of the session's head for one module's tests (joining takes ~1 s;
-    leaving only disconnects). A module that needs Ray opts in with
-    ``pytestmark = pytest.mark.usefixtures("ray_session")`` or a test argument."""
+def ray_session(ray_head: RayHead, _shared_driver) -> RayHead:
+    """This process as a driver of the session's head (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("ray_session")`` or a test argument). The first module
+    that asks joins (~1 s) and later modules of this pytest process keep the connection: one Ray
+    job, whose worker processes (each ~3-5 CPU-s to start and import torch and the platform) then
+    serve every module's Ray Data tasks instead of starting again for each module's own job."""
     import ray
 
     from ssl_platform.data.context import configure_data_context
 
-    ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, runtime_env={"env_vars": QUIET}, log_to_driver=False)
     configure_data_context()
-    yield ray_head
-    from ssl_platform.train.session import shutdown_ray
-
-    shutdown_ray()  # after a local-mode run's Ray Data threads, or Ray exits this process
-
+    return ray_head
 
 
 def skip_a_record(run: str, reason: str) -> None:

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import ray
-from conftest import show
+from conftest import leave_shared_driver, show
 from PIL import Image
 from ray.cluster_utils import Cluster
 from test_run_e2e import TINY
@@ -74,6 +74,7 @@ def node_args() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
+    leave_shared_driver()  # this module's in-process commands join this cluster, not the session's head
     c = Cluster(initialize_head=True, head_node_args=node_args())
     c.add_node(**node_args())
     c.wait_for_nodes()

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, free_ports, skip_a_record, start_head, stop_head, wait_for_head
+from conftest import QUIET, free_ports, leave_shared_driver, skip_a_record, start_head, stop_head, wait_for_head
 from test_dashboards import DASHBOARD, queries
 
 from ssl_platform.dashboards import start, stop
@@ -118,6 +118,7 @@ def monitored(tmp_path_factory):
     """(Prometheus's URL, the head's Ray session name, the run's time window, the dashboard's URL, the
     run's local directory, rank 0's reports) after a run."""
     _need_prometheus()
+    leave_shared_driver()  # the run below joins this module's own head from this process
     root = tmp_path_factory.mktemp("prom")
     site = root / "site"
     site.mkdir()
