@@ -2,7 +2,7 @@
 
 ``python-docs`` (:mod:`ssl_platform.data.python_docs`): the ~80 help topics bundled with the
 interpreter, ~350k characters. ``python-stdlib`` (:mod:`ssl_platform.data.python_stdlib`): the
-docstrings and comments of the interpreter's standard library, one document per module, ~2.8M
+docstrings and comments of the interpreter's standard library, one document per module, ~2.6M
 characters. Both exist offline on every machine, and both hold out whole documents, fixed by the seed.
 """
 
