@@ -70,8 +70,9 @@ def source_texts(source: str) -> list[str]:
 
     A docstring is any statement that is a bare string literal (module, class and function
     docstrings, and the strings written under attributes as their docs); consecutive comment
-    lines make one block. One pass of ``tokenize``, without parsing the module: half the time
-    of ``ast.parse`` plus ``tokenize``.
+    lines make one block (a comment after code on its line is a block of its own). One pass of
+    ``tokenize``, without parsing the module: on the loaded 2-core machine ``ast.parse`` of the
+    stdlib took 18 s and ``tokenize`` 8 s.
     """
     texts, comment, last_comment_line = [], [], -2
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
