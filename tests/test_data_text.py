@@ -11,9 +11,10 @@ import pytest
 
 from ssl_platform.data.inspect import InspectLedger
 from ssl_platform.data.masking import BertBatcher, GptBlocks
-from ssl_platform.data.python_docs import corpus_stats, load_python_docs, python_docs_dataset
+from ssl_platform.data.python_docs import corpus_stats, load_python_docs
 from ssl_platform.data.skips import BadRecordError, SkipReporter
 from ssl_platform.data.text import inspect_text, list_text_files, read_text_corpus, select_split, split_sentences
+from ssl_platform.data.text_corpora import text_corpus_dataset
 from ssl_platform.data.tokenizer import TokenizerConfig, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -123,14 +124,14 @@ def test_python_docs_is_offline_split_by_document_and_a_dataset():
     assert not {d.name for d in splits["train"]} & {d.name for d in splits["val"]} and len(splits["val"]) >= 5
     assert [d.name for d in load_python_docs(0.1, 0)["val"]] == [d.name for d in splits["val"]]
     assert all(">>>" not in d.text and "::=" not in d.text for d in splits["train"])
-    rows = python_docs_dataset("val").take_all()
+    rows = text_corpus_dataset("python-docs", "val").take_all()
     assert sorted(r["source"] for r in rows) == sorted(d.name for d in splits["val"])
     assert split_sentences("One sentence. Another one, e.g. this!\n\nA third?") == \
         ["One sentence.", "Another one, e.g. this!", "A third?"]
 
 
 def test_bert_and_gpt_batchers_run_inside_map_batches(tmp_path):
-    ds = python_docs_dataset("train")
+    ds = text_corpus_dataset("python-docs", "train")
     tok = train_tokenizer(ds, TokenizerConfig(kind="wordpiece", vocab_size=1000))  # streamed from the Dataset
     tok.save(tmp_path / "tok")
     bert = ds.map_batches(BertBatcher(str(tmp_path / "tok"), max_len=64, seed=0), batch_size=16,

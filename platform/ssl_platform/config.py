@@ -46,7 +46,8 @@ ELASTIC_ALLOWED = "an int >= 0 (0: local mode), or [MIN, MAX] with 1 <= MIN <= M
 
 # Built-in corpora (offline on a fresh machine) and the kinds/formats of a user's data.path.
 BUILTIN_KINDS = {"digits": "image", "digits-m": "image", "digit-captions": "image-caption",
-                 "digits-m-captions": "image-caption", "python-docs": "text", "spoken-digits": "audio"}
+                 "digits-m-captions": "image-caption", "python-docs": "text", "python-stdlib": "text",
+                 "spoken-digits": "audio"}
 BUILTIN_CORPORA = tuple(BUILTIN_KINDS)
 CORPUS_KINDS = ("image", "text", "audio", "image-caption")
 CORPUS_FORMATS = ("auto", "folder", "parquet", "webdataset", "csv", "tsv", "txt", "jsonl")

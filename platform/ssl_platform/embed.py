@@ -17,7 +17,8 @@ with bounded memory (blocks may spill to disk under pressure; that is not a fail
 
 What names a record (``id``): the file path (image folders, audio), ``file#row-hash`` for images
 in parquet without a path column, ``NAME/SPLIT/000042`` for in-memory built-in corpora, and the
-document's source and a hash of its text for text corpora (``python-docs``: ``topic#hash``).
+document's source and a hash of its text for text corpora (``python-docs``: ``topic#hash``,
+``python-stdlib``: ``module#hash``).
 """
 
 from __future__ import annotations

@@ -132,13 +132,13 @@ def audio_split(cfg: ExperimentConfig, model: dict, artifacts: dict) -> dict[str
 def held_out_documents(cfg: ExperimentConfig) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``{"text", "source"}`` held-out documents: the built-in corpus's val split, or
     the documents of ``data.path`` that its hash puts in the val split (read with Ray Data)."""
-    from ssl_platform.data.python_docs import TEXT_CORPORA, load_python_docs
     from ssl_platform.data.skips import SkipReporter
     from ssl_platform.data.text import open_text_corpus
+    from ssl_platform.data.text_corpora import TEXT_CORPORA, load_text_corpus
 
     d = cfg.data
     if not d.path and d.corpus in TEXT_CORPORA:
-        docs = load_python_docs(d.val_fraction, cfg.train.seed)["val"]
+        docs = load_text_corpus(d.corpus, d.val_fraction, cfg.train.seed)["val"]
         for i in range(0, len(docs), _DOCS_PER_BATCH):
             chunk = docs[i: i + _DOCS_PER_BATCH]
             yield {"text": np.array([doc.text for doc in chunk], dtype=object),

@@ -6,7 +6,7 @@ One builder per kind of corpus turns a config into the pretraining stream of its
 |---|---|---|---|
 | image | ``digits``, ``digits-m`` or ``data.path`` | ``MultiViewAugment`` (spec.views) | view1 ... viewN (uint8) |
 | image-caption | ``digit-captions``, ``digits-m-captions``, ``data.path`` | ``CaptionTransform`` | image, text |
-| text | ``python-docs`` or ``data.path`` | ``BertChunkPairs`` / GPT blocks as they are | input_ids, ... |
+| text | ``python-docs``, ``python-stdlib``, ``data.path`` | ``BertChunkPairs`` / GPT blocks | input_ids, ... |
 | audio | ``spoken-digits`` or ``data.path`` | ``AudioCrops`` | audio, lengths |
 
 Records stay raw until ``map_batches`` decodes and augments them on CPU tasks; the train
@@ -149,8 +149,8 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
     from ssl_platform.data.masking import pack_blocks
     from ssl_platform.data.ordered import AsIs
     from ssl_platform.data.ordered_text import BertChunkPairs, bert_chunks, documents_digest, documents_in_order
-    from ssl_platform.data.python_docs import load_python_docs
     from ssl_platform.data.text import open_text_corpus
+    from ssl_platform.data.text_corpora import load_text_corpus
     from ssl_platform.data.tokenizer import TokenizerConfig, load_or_train_tokenizer
 
     d = cfg.data
@@ -170,7 +170,7 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
         texts, keys = documents_in_order(ds)
         settings["documents"] = documents_digest(texts, keys)
     else:
-        docs = load_python_docs(d.val_fraction, cfg.train.seed)["train"]
+        docs = load_text_corpus(d.corpus, d.val_fraction, cfg.train.seed)["train"]
         texts, keys = [doc.text for doc in docs], [doc.name for doc in docs]
     if spec.token_batches == "masked_pairs":  # BERT: sentence chunks, paired and masked per epoch
         records, shared = bert_chunks(tokenizer, texts, keys, d.max_len)

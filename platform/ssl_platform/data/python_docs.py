@@ -71,16 +71,21 @@ def python_docs_documents() -> list[TextDocument]:
     return docs
 
 
-def load_python_docs(val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[TextDocument]]:
-    """``{"train": [...], "val": [...]}``: documents held out whole, at least one each side."""
+def split_documents(docs: list[TextDocument], val_fraction: float = 0.1,
+                    seed: int = 0) -> dict[str, list[TextDocument]]:
+    """``{"train": [...], "val": [...]}``: documents held out whole, fixed by the seed, at least one each side."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    docs = python_docs_documents()
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     val = set(order[:n_val].tolist())
     return {"train": [d for i, d in enumerate(docs) if i not in val],
             "val": [d for i, d in enumerate(docs) if i in val]}
+
+
+def load_python_docs(val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[TextDocument]]:
+    """``{"train": [...], "val": [...]}``: topics held out whole, at least one each side."""
+    return split_documents(python_docs_documents(), val_fraction, seed)
 
 
 def documents_dataset(documents: list[TextDocument], num_blocks: int = 8):
@@ -91,22 +96,8 @@ def documents_dataset(documents: list[TextDocument], num_blocks: int = 8):
                                override_num_blocks=max(1, min(num_blocks, len(documents))))
 
 
-def python_docs_dataset(split: str | None = "train", *, val_fraction: float = 0.1, seed: int = 0,
-                        num_blocks: int = 8):
-    """One split of ``python-docs`` (or, with ``split=None``, all of it) as a Ray Dataset of
-    ``{"text", "source"}`` rows."""
-    if split is None:
-        return documents_dataset(python_docs_documents(), num_blocks)
-    splits = load_python_docs(val_fraction, seed)
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    return documents_dataset(splits[split], num_blocks)
-
-
 def corpus_stats(documents: list[TextDocument]) -> dict[str, int]:
     """Size of a list of documents: documents, sentences, words, characters."""
     return {"documents": len(documents), "sentences": sum(len(d.sentences) for d in documents),
             "words": sum(len(d.text.split()) for d in documents), "characters": sum(len(d.text) for d in documents)}
 
-
-TEXT_CORPORA = {CORPUS_NAME: python_docs_dataset}  # built-in name -> f(split, val_fraction=, seed=) -> Dataset

@@ -295,11 +295,12 @@ def select_split(ds, split: str, *, val_fraction: float, seed: int):
 
 def open_text_corpus(source: str, *, reporter: SkipReporter, split: str | None = None, val_fraction: float = 0.1,
                      seed: int = 0, unit: str = "document", text_field: str = "text", fmt: str = "auto"):
-    """A built-in corpus name (``python-docs``) or files (:func:`read_text_corpus`), whole or one split."""
-    from ssl_platform.data.python_docs import TEXT_CORPORA
+    """A built-in corpus name (``python-docs``, ``python-stdlib``) or files (:func:`read_text_corpus`), whole or one
+    split."""
+    from ssl_platform.data.text_corpora import TEXT_CORPORA, text_corpus_dataset
 
     if source in TEXT_CORPORA:
-        return TEXT_CORPORA[source](split, val_fraction=val_fraction, seed=seed)
+        return text_corpus_dataset(source, split, val_fraction=val_fraction, seed=seed)
     ds = read_text_corpus(source, reporter=reporter, unit=unit, text_field=text_field, fmt=fmt)
     return ds if split is None else select_split(ds, split, val_fraction=val_fraction, seed=seed)
 

@@ -1,9 +1,9 @@
 """The held-out table of a BERT or GPT run: what the language model learnt, against baselines.
 
 Every number is computed on the held-out documents (``open_text_corpus(split="val")``: python-docs
-topics held out whole, or the held-out documents of ``data.path``), with the run's own tokenizer
-(``checkpoint_dir/tokenizer``) and batches built exactly as in training, by Ray Data batch
-inference (:func:`ssl_platform.evaluate.inference.extract`).
+topics or python-stdlib modules held out whole, or the held-out documents of ``data.path``), with
+the run's own tokenizer (``checkpoint_dir/tokenizer``) and batches built exactly as in training, by
+Ray Data batch inference (:func:`ssl_platform.evaluate.inference.extract`).
 
 BERT (Devlin et al. 2019):
 
@@ -13,7 +13,8 @@ BERT (Devlin et al. 2019):
 - next-sentence accuracy on the same pairs (half true continuations, half random segments of
   another held-out document, as in training);
 - a linear probe (and kNN) of the [CLS] features for the *topic*: the label of a sequence is
-  the held-out document it was cut from (a python-docs help topic such as "if" or "typesseq").
+  the held-out document it was cut from (a python-docs help topic such as "if" or "typesseq", a
+  python-stdlib module such as "json.decoder").
   The held-out documents never reach pretraining, and their chunks are split alternately into
   probe-train and probe-test, so the probe asks whether [CLS] separates unseen topics.
 

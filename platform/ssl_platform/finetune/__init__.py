@@ -45,7 +45,7 @@ from ssl_platform.command import EXIT_USAGE, add_ray_args, add_verbose_arg, on_r
 # crops 37-39% (issue 14).
 MIN_STEPS = 200
 FINETUNE_KINDS = ("image", "image-caption")  # run kinds (a spec's data_kind) whose image encoder is fine-tuned
-UNLABELLED_BUILTINS = ("digit-captions", "digits-m-captions", "python-docs")
+UNLABELLED_BUILTINS = ("digit-captions", "digits-m-captions", "python-docs", "python-stdlib")
 
 
 def add_parser(sub) -> None:
