@@ -133,7 +133,7 @@ def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = 
     defaults with ``ray_defaults`` (the reference that shows what the settings are worth)."""
     import ray.data
 
-    from ssl_platform.data.context import configure_data_context, current_data_context
+    from ssl_platform.data.context import IDLE_WAIT_KEY, configure_data_context, current_data_context
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no line per pass
     configure_data_context()
@@ -141,6 +141,7 @@ def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = 
     if ray_defaults:  # the field's default (a new DataContext() would give Ray's own deprecation notices)
         field = ray.data.DataContext.__dataclass_fields__["op_resource_reservation_enabled"]
         ctx.op_resource_reservation_enabled = field.default
+        ctx.set_config(IDLE_WAIT_KEY, 0)  # Ray's own scheduling loop
     items = [{"bytes": b, "path": f"synthetic/{i}.jpg"} for i, b in enumerate(blobs)]
     blocks = max(2 * case.cpus, len(blobs) // case.batch_size)
     source = ray.data.from_items(items, override_num_blocks=blocks).materialize()  # reading is not timed
