@@ -377,8 +377,9 @@ def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():
     from ssl_platform.methods import method_spec
     from ssl_platform.views import image_views
 
-    cfg = load_config("simclr-digits", ["data.image_size=16", "model.encoder_widths=[4,8]", "model.projector_width=16",
-                                        "model.projector_dim=8", "train.batch_size=16"])
+    small = ["data.image_size=16", "model.encoder_widths=[4,8]", "model.projector_width=16", "model.projector_dim=8",
+             "train.batch_size=16"]
+    cfg = load_config("simclr-digits", small)
     images = load_image_corpus("digits", 16, 0.2, 0)["train"].images[:64]
     views = MultiViewAugment(image_views(cfg, method_spec("simclr").views), seed=0)
     corpus = Corpus({"image": images}, views)
@@ -394,6 +395,12 @@ def test_bench_train_pieces_measure_the_same_model_and_refuse_other_kinds():
     with pytest.raises(SystemExit, match=r"leave data\.path unset"):
         run_train_bench("simclr-digits", steps=2, cpus=1, overrides=["data.path=/nowhere", "data.kind=image",
                                                                       "eval.enabled=false", "eval.online_every=0"])
+    # A GPU measurement on a machine without a GPU stops before anything is measured, saying what to drop.
+    assert not torch.cuda.is_available()
+    with pytest.raises(SystemExit, match=r"scaling\.use_gpu=true, but torch sees no CUDA GPU.*drop the override"):
+        run_train_bench("simclr-digits", steps=2, cpus=1, overrides=["scaling.use_gpu=true"])
+    # train.precision=fp64: the bound trains the float64 model on float64 views, as the run would.
+    assert compute_bound(load_config("simclr-digits", [*small, "train.precision=fp64"]), corpus, steps=2, cpus=1) > 0
     text = format_train_bench({"preset": "p", "steps": 2, "cpus": 1, "batch_size": 16, "load_avg_1m": 1.0,
                                "load_avg_1m_after": 1.0, "compute_bound_samples_per_s": 100.0,
                                "plain_loop_samples_per_s": 50.0, "sslp_run_samples_per_s": 75.0,

@@ -16,6 +16,15 @@ Presets on the built-in corpora of every kind (image, image-caption, GPT's text 
 the figures are samples per second and each run prints them beside each other with the
 machine's load, because a shared machine's numbers move between runs.
 
+With ``scaling.use_gpu=true`` all three train on the GPU (one per worker, ``scaling.num_workers``
+of them; the run's precision, bf16 autocast by default): the compute bound is one GPU's rate on the
+fixed batch times the workers, the plain loop one process on one GPU fed by a DataLoader with a
+worker per core (pinned memory), and ``sslp run`` the preset as it runs on GPUs. A GPU machine
+measures there what issue 16 asks (data wait per preset with the augmentation on the cores or on
+the device: ``data.augment_on=cpu|device``):
+
+    sslp bench train --preset simclr-digits scaling.use_gpu=true scaling.num_workers=1
+
     sslp bench train --preset simclr-digits --steps 40
     sslp bench train --preset cpc-spoken-digits
 
@@ -101,13 +110,50 @@ def builtin_corpus(cfg: ExperimentConfig, workdir: Path) -> Corpus:
             ray.shutdown()
 
 
-def _finish(batch: dict) -> dict:
-    """Training rows (numpy or torch) -> the method's input, as the loop makes it."""
+def _device(cfg: ExperimentConfig):
+    """The device the run trains on: a CUDA GPU with ``scaling.use_gpu``, else the CPU."""
+    import torch
+
+    if not cfg.scaling.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("scaling.use_gpu=true, but torch sees no CUDA GPU on this machine; drop the override to "
+                         "measure on the CPU cores")
+    return torch.device("cuda")
+
+
+def _float64(cfg: ExperimentConfig) -> bool:
+    return cfg.train.precision == "fp64"
+
+
+def _finish(batch: dict, device=None, fp64: bool = False) -> dict:
+    """Training rows (numpy or torch) -> the method's input on ``device``, as the loop makes it
+    (uint8 views are normalised there; float inputs in float64 for ``train.precision=fp64``)."""
     import torch
 
     from ssl_platform.data.augment import finish_views
+    from ssl_platform.train.loop import as_dtype
 
-    return finish_views({k: torch.as_tensor(v) for k, v in batch.items()}, ())
+    tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
+    if device is not None and device.type != "cpu":
+        tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    return as_dtype(finish_views(tensors, ()), torch.float64 if fp64 else None)
+
+
+def _model(cfg: ExperimentConfig, device):
+    """The preset's method on ``device`` in training mode (float64 for ``train.precision=fp64``) and its optimizer."""
+    import torch
+
+    method = _method(cfg).to(device, dtype=torch.float64 if _float64(cfg) else None).train()
+    return method, _optimizer(cfg, method)
+
+
+def _sync(device) -> None:
+    """Wait for the GPU's queued work (a timer around asynchronous kernels measures nothing otherwise)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _optimizer(cfg: ExperimentConfig, method):
@@ -117,10 +163,18 @@ def _optimizer(cfg: ExperimentConfig, method):
                            cfg.train.adam_beta2)
 
 
-def _step(method, optimizer, batch) -> None:
+def _step(method, optimizer, batch, precision: str = "fp32", device=None) -> None:
+    from ssl_platform.train.loop import autocast_context
+
     optimizer.zero_grad(set_to_none=True)
-    method(batch)["loss"].backward()
+    with autocast_context(precision, device if device is not None else batch_device(batch)):
+        loss = method(batch)["loss"]
+    loss.backward()
     optimizer.step()
+
+
+def batch_device(batch: dict):
+    return next(iter(batch.values())).device
 
 
 def compute_bound(cfg: ExperimentConfig, corpus: Corpus, steps: int, cpus: int) -> float:
@@ -130,19 +184,29 @@ def compute_bound(cfg: ExperimentConfig, corpus: Corpus, steps: int, cpus: int) 
     with threads, and on a shared machine a spinning thread pool can even slow down."""
     import torch
 
-    batch = _finish(corpus.rows(slice(0, cfg.train.batch_size)))
-    method = _method(cfg).train()
-    optimizer = _optimizer(cfg, method)
+    device = _device(cfg)
+    batch = _finish(corpus.rows(slice(0, cfg.train.batch_size)), device, _float64(cfg))
+    method, optimizer = _model(cfg, device)
+    precision = cfg.train.precision
+    if device.type == "cuda":  # one GPU per worker: one GPU's rate on the batch, times the workers
+        for _ in range(3):  # warm-up: allocator, kernel selection
+            _step(method, optimizer, batch, precision)
+        _sync(device)
+        tic = time.perf_counter()
+        for _ in range(steps):
+            _step(method, optimizer, batch, precision)
+        _sync(device)
+        return max(1, cfg.scaling.num_workers) * steps * cfg.train.batch_size / (time.perf_counter() - tic)
     threads = torch.get_num_threads()
     rates = []
     try:
         for n, scale in {cpus: 1, 1: cpus}.items():
             torch.set_num_threads(n)
             for _ in range(2):  # warm-up: allocator, kernels
-                _step(method, optimizer, batch)
+                _step(method, optimizer, batch, precision)
             tic = time.perf_counter()
             for _ in range(steps):
-                _step(method, optimizer, batch)
+                _step(method, optimizer, batch, precision)
             rates.append(scale * steps * cfg.train.batch_size / (time.perf_counter() - tic))
     finally:
         torch.set_num_threads(threads)
@@ -216,24 +280,27 @@ def plain_loop(cfg: ExperimentConfig, corpus: Corpus, steps: int, cpus: int) -> 
     from ssl_platform.methods import method_spec
     from ssl_platform.views import image_views
 
+    device = _device(cfg)
     torch.set_num_threads(cpus)
     spec = method_spec(cfg.method.name)
     dataset = (TorchvisionViews(corpus.records["image"], image_views(cfg, spec.views)) if spec.data_kind == "image"
                else RecordRows(corpus))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cpus, worker_init_fn=_loader_worker_init,
-                                         persistent_workers=True, multiprocessing_context="spawn")
-    method = _method(cfg).train()
-    optimizer = _optimizer(cfg, method)
+                                         persistent_workers=True, multiprocessing_context="spawn",
+                                         pin_memory=device.type == "cuda")
+    method, optimizer = _model(cfg, device)
     done, tic = -2, 0.0  # two warm-up steps start the workers
     while done < steps:
         for batch in loader:
-            _step(method, optimizer, _finish(batch))
+            _step(method, optimizer, _finish(batch, device, _float64(cfg)), cfg.train.precision)
             done += 1
             if done == 0:
+                _sync(device)
                 tic = time.perf_counter()
             if done == steps:
                 break
+    _sync(device)
     return steps * cfg.train.batch_size / (time.perf_counter() - tic)
 
 
@@ -262,6 +329,7 @@ def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[s
         raise SystemExit(f"sslp bench train measures presets on the built-in corpora; {preset} reads data.path="
                          f"{cfg.data.path}: leave data.path unset or pick a built-in preset (sslp presets)")
     n = _cpus(cpus)
+    device = _device(cfg)  # a GPU run on a machine without one stops here, before anything is measured
     with tempfile.TemporaryDirectory(prefix="sslp-bench-train-") as workdir:  # the tokenizer of text presets
         corpus = builtin_corpus(cfg, Path(workdir))
         load = os.getloadavg()[0]
@@ -269,6 +337,7 @@ def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[s
         plain = plain_loop(cfg, corpus, steps, n)
     ours, wait = platform_run(preset, steps, overrides)
     return {"preset": preset, "steps": steps, "cpus": n, "batch_size": cfg.train.batch_size,
+            "device": f"{max(1, cfg.scaling.num_workers)} x GPU" if device.type == "cuda" else "cpu",
             "compute_bound_samples_per_s": bound, "plain_loop_samples_per_s": plain,
             "sslp_run_samples_per_s": ours, "sslp_run_data_wait": wait,
             "load_avg_1m": round(load, 1), "load_avg_1m_after": round(os.getloadavg()[0], 1)}
@@ -277,13 +346,15 @@ def run_train_bench(preset: str, steps: int, cpus: int | None, overrides: list[s
 def format_train_bench(r: dict) -> str:
     bound = r["compute_bound_samples_per_s"]
     plain, ours = r["plain_loop_samples_per_s"], r["sslp_run_samples_per_s"]
+    on = f"{r['device']} and {r['cpus']} cores" if r.get("device", "cpu") != "cpu" else f"{r['cpus']} cores"
     head = (f"training throughput of {r['preset']}, samples/s ({r['steps']} steps, batch {r['batch_size']}, "
-            f"{r['cpus']} cores; machine load {r['load_avg_1m']}-{r['load_avg_1m_after']})")
+            f"{on}; machine load {r['load_avg_1m']}-{r['load_avg_1m_after']})")
+    how = (f"one GPU's rate x {r['device'].split()[0]}" if r.get("device", "cpu") != "cpu"
+           else f"best of {r['cpus']} threads and {r['cpus']} x 1 thread")
     run = (f"  sslp run (Ray Data + Ray Train)           {ours:>9,.0f}  {ours / bound:.0%}  "
            f"(data wait {r['sslp_run_data_wait']:.0%}; {ours / plain:.2f}x the plain loop)")
     return "\n".join([head,
-                      (f"  compute bound (fixed batch, no data)      {bound:>9,.0f}  100%  (best of {r['cpus']} "
-                       f"threads and {r['cpus']} x 1 thread)"),
+                      f"  compute bound (fixed batch, no data)      {bound:>9,.0f}  100%  ({how})",
                       f"  plain loop (DataLoader, per sample)      {plain:>9,.0f}  {plain / bound:.0%}",
                       run])
 
