@@ -274,11 +274,11 @@ def test_two_ranks_with_accumulation_match_one_process_on_the_whole_batch(strate
 def _fit_byol(run_dir, max_steps: int):
     """BYOL through the real train_func: FSDP, 2 micro-batches per step, bf16 autocast on CPU,
     momentum_base=0 so the EMA target is either copied (tau=0) or frozen (tau=1) at a step."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ssl_platform.config import load_config
+    from ssl_platform.data.ordered import AsIs, ordered_corpus
     from ssl_platform.train.loop import train_func
 
     cfg = load_config("byol-digits-m", [
@@ -289,17 +289,15 @@ def _fit_byol(run_dir, max_steps: int):
         "model.projector_width=16", "model.projector_dim=8", "model.predictor_width=16", "eval.enabled=false",
         "eval.online_every=0"])  # no held-out split is built here (fit does that)
     g = np.random.default_rng(0)
-    rows = [{"view1": g.standard_normal((1, 8, 8), dtype=np.float32),
-             "view2": g.standard_normal((1, 8, 8), dtype=np.float32)} for _ in range(32)]
+    views = {name: g.standard_normal((32, 1, 8, 8), dtype=np.float32) for name in ("view1", "view2")}
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "derived": {"in_channels": 1},
-                           "artifacts": {}},
+                           "artifacts": {}, "ordered": ordered_corpus("random views", views, 0, AsIs)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.from_items(rows)},
     )
     return trainer.fit()
 

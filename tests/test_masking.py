@@ -1,4 +1,4 @@
-"""BERT masking and next-sentence pairs (the split stream's batcher and the ordered chunks' transform), GPT
+"""BERT masking and next-sentence pairs (the evaluation's batcher and the ordered chunks' transform), GPT
 packing, and the trained tokenizers. No Ray needed."""
 
 import pickle

@@ -1,5 +1,5 @@
 """The platform's settings of Ray Data's execution, in every process that builds a Dataset: the
-driver (the split stream, evaluation, embed) and each train worker (its ordered stream)."""
+driver (evaluation, embed, `sslp data inspect`) and each train worker (its ordered stream)."""
 
 from __future__ import annotations
 

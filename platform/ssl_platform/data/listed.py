@@ -24,7 +24,7 @@ skipped and counted as always (``data.strict=true`` fails naming it), and its sl
 batch taken by another record, :func:`fill_ids` drawn from (seed, epoch, the skipped record's id)
 (the next draw when that one fails too), under the key ``fill/<id>``, so it gets views of its own.
 Batches keep their size and their records whatever the number of workers and in every attempt,
-and a record that fails is counted each time it is read (every epoch), as in the split stream. A
+and a record that fails is counted each time it is read (every epoch). A
 .tar that is not readable is one "unreadable shard" at listing, its samples before the fault
 listed; a malformed CSV line is one "malformed row" at listing.
 

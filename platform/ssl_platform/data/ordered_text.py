@@ -14,7 +14,7 @@ its order (:mod:`~ssl_platform.data.order`) like any ordered corpus:
   from the whole corpus, not from the batch), and the masks, all from (seed, epoch, the chunk's
   key). So a global batch's rows are the same on 1 or N workers and in every attempt, and a
   resume skips chunks by position. One pair per chunk: a random B does not give its displaced
-  sentences back to the next pair as the split stream's batcher does.
+  sentences back to the next pair as the evaluation's batcher (``masking.BertBatcher``) does.
 
 The corpus is held in the object store (its tokens, int64): a text corpus must fit there to be
 read in order.

@@ -16,15 +16,13 @@ normalises on its device (``data.augment.finish_views``).
 Every corpus is an :class:`~ssl_platform.data.ordered.OrderedCorpus` (``PretrainData.ordered``):
 each worker reads its ids of the epoch's order (:mod:`ssl_platform.data.order`), in order, with
 every record's views, crops and masks a function of (seed, epoch, key), the seed ``data.seed`` or
-else ``train.seed``. A resume continues mid-epoch exactly where the checkpoint was (issue 18).
+else ``train.seed``. A resume continues mid-epoch exactly where the checkpoint was (issue 18), and
+which records a step trains on does not depend on the number of workers.
 
 - built-in image, image-caption and audio corpora: their decoded records, in the object store;
 - ``data.path`` image, image-caption and audio corpora: their listing (:mod:`ssl_platform.data.listed`),
   each record read and decoded by id where it is transformed;
 - text: the training split's GPT blocks or BERT sentence chunks (:mod:`ssl_platform.data.ordered_text`).
-
-``PretrainData.train`` (one stream Ray Train splits across the workers, a fresh pass after a
-resume) remains for callers that bring their own Dataset (fine-tuning's labelled split).
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.data
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.context import configure_data_context
@@ -50,12 +47,14 @@ from ssl_platform.methods import method_spec
 class PretrainData:
     """The pretraining stream of a run and what the method's constructor needs from the data."""
 
-    train: ray.data.Dataset | None  # one stream Ray Train splits across the workers; None when ``ordered``
+    ordered: OrderedCorpus  # the records, which each worker reads in the epoch's order (exact resume)
     derived: dict[str, Any]  # data-derived constructor arguments: in_channels, vocab_size, ...
     description: str  # one line for the run header
-    num_records: int | None = None  # known for in-memory built-in corpora
     artifacts: dict[str, Path] = field(default_factory=dict)  # files a checkpoint must carry (tokenizer)
-    ordered: OrderedCorpus | None = None  # records each worker reads in the epoch's order (exact resume)
+
+    @property
+    def num_records(self) -> int:
+        return self.ordered.num_records
 
 
 def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter,
@@ -68,7 +67,7 @@ def pretraining_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporte
     configure_data_context()
     kind = method_spec(cfg.method.name).data_kind
     data = BUILDERS[kind](cfg, Path(run_dir), reporter, model)
-    if data.num_records == 0 or (data.num_records is None and data.train is not None and not data.train.take(1)):
+    if data.num_records == 0:
         raise ValueError(f"data.path={cfg.data.path}: no usable {kind} record (every record was skipped or the "
                          f"corpus is empty); check the path and data.format, or run "
                          f"`sslp data inspect {cfg.data.path}`")
@@ -100,15 +99,14 @@ def image_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
         make_views = partial(MultiViewAugment, views, seed=seed, placement=cfg.augment_placement())
         ordered = ordered_corpus(d.corpus, {"image": split.images, "path": _keys(d.corpus, len(split))}, seed,
                                  make_views, image_size=d.image_size, views=repr(views))
-        return PretrainData(None, {"in_channels": int(split.images.shape[1])},
-                            f"{d.corpus} ({len(split)} train records)", len(split), ordered=ordered)
+        return PretrainData(ordered, {"in_channels": int(split.images.shape[1])},
+                            f"{d.corpus} ({len(split)} train records)")
     listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
                                 image_column=d.image_column, path_column=d.path_column, label_column=d.label_column)
     seed = order_seed(cfg)
     make_views = partial(MultiViewAugment, views, seed=seed, placement=cfg.augment_placement())
     ordered = listed_corpus(listing, seed, make_views, image_size=d.image_size, channels=d.channels, views=repr(views))
-    return PretrainData(None, {"in_channels": int(d.channels)}, f"{d.path} ({listing.fmt}, {len(listing)} records)",
-                        len(listing), ordered=ordered)
+    return PretrainData(ordered, {"in_channels": int(d.channels)}, f"{d.path} ({listing.fmt}, {len(listing)} records)")
 
 
 def _keys(name: str, n: int) -> np.ndarray:
@@ -131,16 +129,16 @@ def caption_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, m
         ordered = ordered_corpus(d.corpus, {"image": split.images, "caption": np.asarray(split.captions, dtype=object),
                                             "path": _keys(d.corpus, len(split))},
                                  seed, make, image_size=d.image_size, context_length=model["context_length"], **options)
-        return PretrainData(None, {"in_channels": int(split.images.shape[1]), "image_size": d.image_size},
-                            f"{d.corpus} ({len(split)} pairs)", len(split), ordered=ordered)
+        return PretrainData(ordered, {"in_channels": int(split.images.shape[1]), "image_size": d.image_size},
+                            f"{d.corpus} ({len(split)} pairs)")
     listing = list_image_corpus(d.path, size=d.image_size, channels=d.channels, reporter=reporter, fmt=d.format,
                                 image_column=d.image_column, caption_column=d.caption_column)
     seed = order_seed(cfg)
     make = partial(CaptionTransform, d.image_size, model["context_length"], seed=seed, **options)
     ordered = listed_corpus(listing, seed, make, image_size=d.image_size, channels=d.channels,
                             context_length=model["context_length"], **options)
-    return PretrainData(None, {"in_channels": int(d.channels), "image_size": d.image_size},
-                        f"{d.path} ({listing.fmt}, {len(listing)} pairs)", len(listing), ordered=ordered)
+    return PretrainData(ordered, {"in_channels": int(d.channels), "image_size": d.image_size},
+                        f"{d.path} ({listing.fmt}, {len(listing)} pairs)")
 
 
 # ----------------------------------------------------------------------------- text (masked pairs, blocks)
@@ -183,8 +181,8 @@ def text_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mode
                               pad_id=tokenizer.pad_id)
         transform, unit, shared = AsIs, "blocks", {}
     ordered = ordered_corpus(source, records, order_seed(cfg), transform, shared=shared, **settings)
-    return PretrainData(None, derived, f"{what[:-1]}, {ordered.num_records} {unit})", ordered.num_records,
-                        artifacts={"tokenizer": tokenizer_dir}, ordered=ordered)
+    return PretrainData(ordered, derived, f"{what[:-1]}, {ordered.num_records} {unit})",
+                        artifacts={"tokenizer": tokenizer_dir})
 
 
 # ----------------------------------------------------------------------------- audio (CPC)
@@ -204,15 +202,13 @@ def audio_data(cfg: ExperimentConfig, run_dir: Path, reporter: SkipReporter, mod
                                             "path": np.asarray(split.paths, dtype=object)},
                                  seed, make, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds,
                                  normalize=d.normalize_audio)
-        return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.corpus} ({len(split)} train clips)",
-                            len(split), ordered=ordered)
+        return PretrainData(ordered, {"sample_rate": d.sample_rate}, f"{d.corpus} ({len(split)} train clips)")
     listing = list_audio_corpus(d.path, sample_rate=d.sample_rate, reporter=reporter, fmt=d.format)
     seed = order_seed(cfg)
     make = partial(AudioCrops, d.crop_seconds, d.sample_rate, seed=seed, normalize=d.normalize_audio)
     ordered = listed_corpus(listing, seed, make, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds,
                             normalize=d.normalize_audio)
-    return PretrainData(None, {"sample_rate": d.sample_rate}, f"{d.path} ({len(listing)} files)", len(listing),
-                        ordered=ordered)
+    return PretrainData(ordered, {"sample_rate": d.sample_rate}, f"{d.path} ({len(listing)} files)")
 
 
 BUILDERS: dict[str, Callable[[ExperimentConfig, Path, SkipReporter, dict], PretrainData]] = {

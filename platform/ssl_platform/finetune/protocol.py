@@ -163,7 +163,7 @@ def finetune(cfg, checkpoint: Path, source: str, out: Path, settings: Settings =
         keys = np.array([f"{source}/{i:06d}" for i in range(len(train))], dtype=object)
         ordered = ordered_corpus(f"{source} (labelled)", {"image": train.images, "label": train.labels, "path": keys},
                                  seed, partial(OneViewAugment, views, seed=seed), views=repr(views))
-        return PretrainData(None, derived, splits.description, len(train), ordered=ordered)
+        return PretrainData(ordered, derived, splits.description)
 
     rows = []
     for name, ref in (("fine-tuned (pretrained)", state_ref), ("fine-tuned (random init)", None)):

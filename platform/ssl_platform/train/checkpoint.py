@@ -42,7 +42,7 @@ class TrainState:
     epoch: int = 0  # completed passes over the data shard
     # Where the data stream is (an ordered corpus, issue 18): steps taken in the current epoch,
     # so every worker has read the first epoch_step * batch_size / workers ids of its list, and
-    # what that position depends on (data.ordered.OrderedCorpus.fingerprint); None: a split stream.
+    # what that position depends on (data.ordered.OrderedCorpus.fingerprint).
     epoch_step: int = 0
     data: dict | None = None
 
@@ -127,7 +127,7 @@ def save_state(directory: str | Path, *, model_state: dict, optimizer_state: dic
 
 def saved_position(checkpoint: str) -> dict | None:
     """The data position a checkpoint (a path or URI) was written at: ``{"step", "epoch",
-    "epoch_step", "data"}``, or None when it records none (a split stream, or an older checkpoint)."""
+    "epoch_step", "data"}``, or None when it records none (a checkpoint written before positions were)."""
     from ssl_platform.data.sources import filesystem
 
     fs, path, _ = filesystem(checkpoint, what="checkpoint")

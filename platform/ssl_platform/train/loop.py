@@ -4,11 +4,10 @@ Read it top to bottom: build the method, wrap it for data parallelism, restore t
 checkpoint if the run is being resumed, then stream batches until ``max_steps``, checkpointing
 every ``checkpoint_every`` steps, and at once when the driver got SIGTERM (``train.preemption``).
 
-- The data: for an ordered corpus (``data.ordered``: the built-in ones) this worker's ids of each
-  epoch's order, one stream on through the epochs up to ``max_steps`` (``data.ordered.epoch_stream``),
-  read from where the checkpoint's position says (``train.resume``), so a resumed
-  run sees exactly the records and views the uninterrupted one would have; otherwise this
-  worker's shard of the Ray Dataset that Ray Train splits, a fresh pass after a resume.
+- The data: this worker's ids of each epoch's order of the corpus (``data.ordered``), one stream
+  on through the epochs up to ``max_steps`` (``data.ordered.epoch_stream``), read from where the
+  checkpoint's position says (``train.resume``), so a resumed run sees exactly the records and
+  views the uninterrupted one would have, and N workers together the records one would.
 
 - ``scaling.strategy=ddp``: Ray's ``prepare_model`` (DistributedDataParallel, gloo on CPU, NCCL
   on GPU). ``fsdp``: torch's FSDP2 ``fully_shard`` on every block of the method's
@@ -142,10 +141,9 @@ def train_func(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = restore_state(d, model=method, optimizer=optimizer, scheduler=scheduler, rank=rank)
-    ordered = loop_config.get("ordered")  # None: the stream Ray Train splits (a fresh epoch after a resume)
-    if ordered is not None:
-        place_in_epoch(state, ordered.fingerprint(t.batch_size), resuming=checkpoint is not None, cfg=cfg)
-    resumed = resume_cost(state, ordered is not None, t.batch_size, loop_config["run_dir"]) if checkpoint else {}
+    ordered = loop_config["ordered"]  # the corpus each worker reads its ids of the epoch's order from
+    place_in_epoch(state, ordered.fingerprint(t.batch_size), resuming=checkpoint is not None, cfg=cfg)
+    resumed = resume_cost(state, t.batch_size, loop_config["run_dir"]) if checkpoint else {}
     if resumed and rank == 0:
         console.say(resume_line(resumed))
     start_step = state.step
@@ -156,10 +154,9 @@ def train_func(loop_config: dict) -> None:
                     f"{', global BatchNorm' if global_bn else ''}"
                     f"{', torch.compile' if t.compile else ''}")
 
-    # 3. Stream micro-batches from this worker's shard; every grad_accum_steps of them make one
-    #    optimizer step. Rank 0's logger first drops metrics rows of steps after start_step.
-    shard = ray.train.get_dataset_shard("train") if ordered is None else None
-    steps_in_epoch = ordered.steps_per_epoch(t.batch_size) if ordered is not None else None
+    # 3. Stream this worker's micro-batches; every grad_accum_steps of them make one optimizer
+    #    step. Rank 0's logger first drops metrics rows of steps after start_step.
+    steps_in_epoch = ordered.steps_per_epoch(t.batch_size)
     logger = MetricsLogger(loop_config["run_dir"], cfg.name, t.max_steps, start_step, enabled=rank == 0,
                            data_advice=data_advice(cfg), workers=world)
     meter = StepMeter()
@@ -167,22 +164,16 @@ def train_func(loop_config: dict) -> None:
     crash_at = int(os.environ.get(CRASH_AT_STEP_ENV, "-1"))
     delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     stop, stopped = StopPoller(loop_config.get("stop_flag")), False  # SIGTERM to the driver (train.preemption)
-    while state.step < t.max_steps:  # one stream: an ordered corpus's epochs up to max_steps, or one pass
-        if ordered is not None:  # this worker's ids of the epoch's order, after those already consumed
-            epochs = stream_epochs(t.max_steps - state.step, steps_in_epoch, state.epoch_step,
-                                   steps_in_epoch * local_batch)  # one stream on through the epoch boundaries
-            ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
-                              skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size,
-                              epochs=epochs)
-            if ds is not None:
-                ds.set_name(cfg.name)  # the dashboard's $run filter, as the driver names the split stream
-            micro_batches = [] if ds is None else ds.iter_torch_batches(
-                batch_size=micro_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches)
-        else:  # the split stream: fresh block order and a local shuffle each pass
-            micro_batches = shard.iter_torch_batches(
-                batch_size=micro_batch, drop_last=True, device=device,
-                prefetch_batches=cfg.data.prefetch_batches, local_shuffle_buffer_size=4 * local_batch,
-            )
+    while state.step < t.max_steps:  # one stream on through the epochs up to max_steps
+        # this worker's ids of the epoch's order, after those already consumed, and the epochs after it
+        epochs = stream_epochs(t.max_steps - state.step, steps_in_epoch, state.epoch_step,
+                               steps_in_epoch * local_batch)
+        ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
+                          skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size, epochs=epochs)
+        if ds is not None:
+            ds.set_name(cfg.name)  # Ray Data's metrics tag it "<run>_<uuid>_<n>": the dashboard filters by run
+        micro_batches = [] if ds is None else ds.iter_torch_batches(
+            batch_size=micro_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches)
         epoch_start = state.step
         stream = groups_of(meter.timed(micro_batches), t.grad_accum_steps)
         for batches in stream:
@@ -201,7 +192,7 @@ def train_func(loop_config: dict) -> None:
                 step_end(state.step, t.max_steps)  # 0-based index of the step just taken
             state.step += 1
             state.epoch_step += 1
-            if ordered is not None and state.epoch_step == steps_in_epoch:  # the checkpoint says: next epoch
+            if state.epoch_step == steps_in_epoch:  # the checkpoint says: next epoch
                 state.epoch, state.epoch_step = state.epoch + 1, 0
             meter.add(out, samples=local_batch, tokens=sum(count_tokens(b) for b in batches))
 
@@ -230,8 +221,6 @@ def train_func(loop_config: dict) -> None:
         if state.step == epoch_start:
             raise ValueError(f"worker {rank} got no full batch of {local_batch} in a whole epoch; "
                              f"lower train.batch_size")
-        if ordered is None:
-            state.epoch, state.epoch_step = state.epoch + 1, 0
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:

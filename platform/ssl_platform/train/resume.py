@@ -36,20 +36,18 @@ def inexact_resume(run: str, step: int | None, change: str) -> str:
             f"train.resume=steps_only to go on from {'that step' if step is None else at} with a fresh epoch")
 
 
-def resume_cost(state: TrainState, exact: bool, batch_size: int, run_dir: str) -> dict[str, int]:
-    """Where a resume continues (step, epoch, record of the epoch: -1 for a fresh pass) and the
-    steps the interrupted attempt had logged past the checkpoint, which are trained again."""
+def resume_cost(state: TrainState, batch_size: int, run_dir: str) -> dict[str, int]:
+    """Where a resume continues (step, epoch, first record of the epoch it reads) and the steps
+    the interrupted attempt had logged past the checkpoint, which are trained again."""
     path = Path(run_dir) / "metrics.jsonl"
     logged = max((r.get("step", 0) for r in read_metrics(path)), default=0) if path.exists() else 0
     return {"resumed_step": state.step, "resumed_epoch": state.epoch,
-            "resumed_record": state.epoch_step * batch_size if exact else -1,
+            "resumed_record": state.epoch_step * batch_size,
             "repeated_steps": max(0, logged - state.step)}
 
 
 def resume_line(resumed: dict[str, int]) -> str:
     """"resumed from step 137, epoch 3 record 5,120: 0 steps repeated" (the run's output and summary)."""
-    record = resumed["resumed_record"]
-    where = f"record {record:,}" if record >= 0 else "a fresh pass over the data"
     n = resumed["repeated_steps"]
-    return (f"resumed from step {resumed['resumed_step']}, epoch {resumed['resumed_epoch']} {where}: "
-            f"{n} step{'s' * (n != 1)} repeated")
+    return (f"resumed from step {resumed['resumed_step']}, epoch {resumed['resumed_epoch']} "
+            f"record {resumed['resumed_record']:,}: {n} step{'s' * (n != 1)} repeated")

@@ -24,13 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
-import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ssl_platform import methods
 from ssl_platform.config import ExperimentConfig, save_yaml, worker_counts
-from ssl_platform.data.context import current_data_context
 from ssl_platform.data.labelled import check_eval_data
 from ssl_platform.data.online import online_split
 from ssl_platform.data.ordered import fingerprint_change
@@ -141,8 +139,6 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     ledger = get_or_create_ledger(skips)
     try:
         data = data_builder(cfg, paths.local, SkipReporter(skips, cfg.data.strict), methods.architecture(cfg))
-        if data.train is not None:  # Ray Data's metrics tag it "<run>_<uuid>_<n>": the dashboard filters by run
-            data.train.set_name(cfg.name)  # (an ordered corpus's per-worker streams are named in the loop)
         check_eval_data(cfg)  # a labelled eval.data that the evaluation cannot use fails now, not after training
     except (ValueError, FileNotFoundError) as e:  # a path that does not exist, a corpus with no usable record
         ray.kill(ledger)
@@ -150,15 +146,14 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     # Training reads again the records that the probe for an empty corpus (pretraining_data) read:
     # their skips are counted then, not twice.
     ray.get(ledger.reset.remote())
-    if data.ordered is not None:  # refuse an inexact resume now, before any worker starts
-        try:
-            check_exact_resume(cfg, paths, data.ordered.fingerprint(cfg.train.batch_size))
-        except ValueError as e:
-            ray.kill(ledger)
-            raise DataError(str(e)) from None
+    try:  # refuse an inexact resume now, before any worker starts
+        check_exact_resume(cfg, paths, data.ordered.fingerprint(cfg.train.batch_size))
+    except ValueError as e:
+        ray.kill(ledger)
+        raise DataError(str(e)) from None
     ranks = max(1, worker_counts(cfg)[-1])  # an elastic run's largest count: the fewest records per worker
     local_batch = cfg.train.batch_size // ranks
-    if data.num_records is not None and data.num_records // ranks < local_batch:
+    if data.num_records // ranks < local_batch:
         ray.kill(ledger)
         raise ResourceError(
             f"train.batch_size={cfg.train.batch_size} needs {local_batch} records per worker but each of the "
@@ -181,8 +176,6 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, max_failures: int = 0,
     crash_token = _crash_token(cfg.name)  # the actor handle (it keeps the actor alive), or None
     token_name = _crash_token_name(cfg.name) if crash_token is not None else None
     stop = stop_flag(cfg.name)  # SIGTERM raises it; the workers checkpoint their step and stop
-    if data.train is not None and plan.num_workers == 0 and cfg.data.seed is not None:  # as _dataset_config
-        data.train.context.execution_options.preserve_order = True
     trainer = _trainer(cfg, paths, plan, data, token_name, max_failures, callbacks or [], online, build,
                        stop_flag_name(cfg.name))
     try:
@@ -248,7 +241,7 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
             "artifact_files": {name: pack_dir(Path(path)) for name, path in data.artifacts.items()},
             "online_split": online_split_ref, "build": build, "local": plan.num_workers == 0,
             "stop_flag": stop,  # the named actor SIGTERM raises (train.preemption)
-            "ordered": data.ordered,  # each worker reads its ids of the epoch's order (None: the split stream)
+            "ordered": data.ordered,  # each worker reads its ids of the epoch's order
             "resume_from": local_mode.resume_point(paths.uri if paths.remote else str(paths.local),
                                                    local=plan.num_workers == 0),
         },
@@ -269,8 +262,6 @@ def _trainer(cfg: ExperimentConfig, paths: RunPaths, plan: WorkerPlan, data, cra
                 max_failures=max_failures,
                 controller_failure_limit=max(1, math.ceil(cfg.scaling.wait_for_resources_s / PLACEMENT_TIMEOUT_S))),
         ),
-        dataset_config=_dataset_config(cfg),
-        datasets={"train": data.train} if data.train is not None else None,
         **elastic,
     )
 
@@ -298,19 +289,6 @@ def _crash_token(run: str) -> ray.actor.ActorHandle | None:
         return None
     return OneShot.options(name=_crash_token_name(run), namespace=NAMESPACE, get_if_exists=True,
                            scheduling_strategy=on_this_node()).remote()
-
-
-def _dataset_config(cfg: ExperimentConfig) -> ray.train.DataConfig:
-    """With ``data.seed`` set, which rows each worker gets must be reproducible too: Ray Data then
-    keeps the blocks' order (Ray Train splits them in that order, ignoring locality).
-
-    The options are those of ``DataConfig.default_ingest_options()`` (Ray's default, also when
-    none are given), built here because that copies the deprecated ``exclude_resources``."""
-    current = current_data_context().execution_options
-    options = ray.data.ExecutionOptions(
-        resource_limits=current.resource_limits, verbose_progress=current.verbose_progress,
-        preserve_order=current.preserve_order or cfg.data.seed is not None)
-    return ray.train.DataConfig(execution_options=options)
 
 
 def describe_accumulation(cfg: ExperimentConfig) -> str:
