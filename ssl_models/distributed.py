@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+# All ranks' equal-sized tensors concatenated into one: all_gather_single from torch 2.14, which
+# deprecates (and warns on) its older name, all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -100,7 +104,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         m2 = (x - mean.view(shape)).square().sum(dims)
         local = torch.cat([count, mean, m2])  # (1 + 2C,)
         ranks = local.new_empty(world_size() * local.numel())
-        dist.all_gather_into_tensor(ranks, local)
+        _all_gather_single(ranks, local)
         ranks = ranks.view(world_size(), -1)  # (W, 1 + 2C)
         counts, means, m2s = ranks[:, :1], ranks[:, 1:1 + c], ranks[:, 1 + c:]
         total = counts.sum()
