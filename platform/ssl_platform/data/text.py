@@ -288,9 +288,16 @@ def in_split(source: str, split: str, *, val_fraction: float, seed: int) -> bool
 
 
 def select_split(ds, split: str, *, val_fraction: float, seed: int):
-    """The ``split`` documents of a text Dataset (see :func:`in_split`)."""
+    """The ``split`` documents of a text Dataset (see :func:`in_split`): a filter of whole batches
+    (Ray Data's per-row ``filter(fn)`` warns that it is slow, on every user's console)."""
     in_split("", split, val_fraction=val_fraction, seed=seed)  # validate the name before Ray runs
-    return ds.filter(lambda row: in_split(row["source"], split, val_fraction=val_fraction, seed=seed))
+
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.array([in_split(str(s), split, val_fraction=val_fraction, seed=seed) for s in batch["source"]],
+                        dtype=bool)
+        return {column: values[rows] for column, values in batch.items()}
+
+    return ds.map_batches(keep, batch_format="numpy")
 
 
 def open_text_corpus(source: str, *, reporter: SkipReporter, split: str | None = None, val_fraction: float = 0.1,
