@@ -145,3 +145,30 @@ def test_the_platforms_ray_data_settings_give_no_deprecation_warning():
     done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_rays_hint_that_the_progress_bars_are_off_is_not_logged_where_the_platform_turned_them_off():
+    """Ray Data logs a WARNING the first time a process runs a Dataset without bars, saying how to
+    turn them on; the platform turns them off on purpose, so that line would be noise on a user's
+    console (it was the one Ray line `sslp bench train --preset gpt-python-docs` printed)."""
+    import logging
+
+    from ssl_platform.data.context import configure_data_context
+
+    configure_data_context()
+    configure_data_context()  # again: still one filter
+    progress_log = logging.getLogger("ray.data._internal.progress")  # where Ray 2.60 logs the hint
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    progress_log.addHandler(handler)
+    try:
+        progress_log.warning("Progress bars disabled. To enable, set "
+                             "`ray.data.DataContext.get_current().enable_progress_bars = True`.")
+        progress_log.warning("Progress bars for operators disabled. To enable, set "
+                             "`ray.data.DataContext.get_current().enable_operator_progress_bars = True`.")
+        progress_log.warning("Progress will be logged because stdout is a non-interactive terminal.")
+    finally:
+        progress_log.removeHandler(handler)
+    assert seen == ["Progress will be logged because stdout is a non-interactive terminal."]
+    assert len(progress_log.filters) == 1

@@ -3,6 +3,7 @@ driver (evaluation, embed, `sslp data inspect`) and each train worker (its order
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -15,6 +16,15 @@ from ray.data._internal.execution.streaming_executor import StreamingExecutor
 # that warns on every assignment of them: the first ``DataContext.get_current()`` of a process
 # warns three times whatever the caller does (we set none of them). Only those three are hidden.
 _RAY_OWN_DEPRECATIONS = r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated"
+
+
+# Ray Data logs a WARNING the first time a process runs a Dataset with the bars off, telling how to
+# turn them on: noise on the user's console where the platform turned them off on purpose.
+_BARS_OFF_HINTS = ("Progress bars disabled", "Progress bars for operators disabled")
+
+
+def _not_a_bars_off_hint(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BARS_OFF_HINTS)
 
 
 # DataContext config key: seconds the executor's scheduling loop sleeps in an iteration that starts
@@ -37,7 +47,7 @@ def configure_data_context(progress_bars: bool = False, per_operator: bool = Fal
     - Progress bars only where asked: during training Ray Data's bars would drown the training
       progress line; evaluation (one bar per pass) and embed (``per_operator``: a bar for each of
       read, decode, embed, write) show them on a terminal (``train.console.live()``); in a pipe
-      Ray Data would log its progress instead.
+      Ray Data would log its progress instead. Ray's hint that the bars are off is not logged.
     - No per-operator resource reservation (``op_resource_reservation_enabled``): in Ray 2.60 it
       held a decode + augment ``map_batches`` on a 2-core machine to one task at a time for 80%
       of a pass (the operator's CPU budget kept falling to zero while a task ran), 43% of what
@@ -52,6 +62,9 @@ def configure_data_context(progress_bars: bool = False, per_operator: bool = Fal
     ctx.print_on_execution_start = False
     ctx.op_resource_reservation_enabled = False
     ctx.set_config(IDLE_WAIT_KEY, IDLE_WAIT_S)
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    if _not_a_bars_off_hint not in progress_log.filters:
+        progress_log.addFilter(_not_a_bars_off_hint)
     _wait_when_idle()
 
 
