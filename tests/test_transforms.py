@@ -306,6 +306,32 @@ def test_views_augmented_on_the_device_equal_the_cpu_ones():
         MultiViewAugment(views, placement="gpu")
 
 
+def test_views_at_224_px_are_the_same_in_any_batch_and_on_either_side():
+    """At 224 px a batch's images are augmented in chunks of a few (transforms.CHUNK_VALUES: the
+    ops are memory-bound) and the blur's radius is a function of the side alone (it was the
+    batch's largest sigma's, so an image's blur depended on the others beside it: on the number
+    of workers, and on where the colour ops ran). Every record's views are the same, byte for
+    byte, made in a 12-image batch, one by one, or finished on the device in other batches."""
+    from ssl_platform.data.transforms import CHUNK_VALUES
+
+    views = recipe("simclr", size=224)  # blur with probability 0.5, sigma up to 2 px
+    batch = colour_batch(12, side=256)
+    assert CHUNK_VALUES // (3 * 256 * 256) < 12  # the batch is made in more than one chunk
+    augment = MultiViewAugment(views, seed=5)
+    whole = augment(batch)
+    one_by_one = [augment({k: v[i:i + 1] for k, v in batch.items()}) for i in range(12)]
+    blurred = record_uniforms(batch["path"], 2 * len(DRAWS), 5)[:, DRAWS.index("blur")] < views[0].blur_prob
+    assert 0 < blurred.sum() < 12  # some images blurred, each with its own sigma
+    shipped = MultiViewAugment(views, seed=5, placement="device")(batch)
+    tensors = lambda b, s: {k: torch.from_numpy(v[s]) for k, v in b.items()}  # noqa: E731
+    on_device = [finish_views(tensors(shipped, s), views) for s in (slice(0, 7), slice(7, 12))]
+    for key in ("view1", "view2"):
+        assert whole[key].shape == (12, 3, 224, 224)
+        assert np.array_equal(whole[key], np.concatenate([v[key] for v in one_by_one]))
+        finished = torch.cat([v[key] for v in on_device])
+        assert torch.equal(finished, finish_views(tensors(whole, slice(None)), ())[key])
+
+
 MULTI_CROP = ({"crop_scale_min": 0.4}, {"crop_scale_min": 0.4},
               {"size_frac": 0.5, "crop_scale_min": 0.05, "crop_scale_max": 0.4},
               {"size_frac": 0.5, "crop_scale_min": 0.05, "crop_scale_max": 0.4})

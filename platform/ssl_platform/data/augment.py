@@ -124,10 +124,12 @@ def gaussian_blur(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor]) -> t
     if picked.numel() == 0:
         return x
     n = picked.numel()
-    sigma = _between(r["blur_sigma"][picked], 0.1, max(1.0, 2.0 * h / 224))
-    # SimCLR's kernel spans ~10% of the side; taps beyond 4 sigma hold < 1e-4 of the weight,
-    # so the batch's largest sigma bounds the radius (23 -> 17 taps at 224 px).
-    radius = min(max(1, int(0.1 * h) // 2), math.ceil(4 * float(sigma.max())))
+    sigma_max = max(1.0, 2.0 * h / 224)
+    sigma = _between(r["blur_sigma"][picked], 0.1, sigma_max)
+    # SimCLR's kernel spans ~10% of the side; taps beyond 4 sigma hold < 1e-4 of the weight, so
+    # the largest sigma there can be bounds the radius (23 -> 17 taps at 224 px). A function of
+    # the side alone: an image's blur does not depend on the others in its batch.
+    radius = min(max(1, int(0.1 * h) // 2), math.ceil(4 * sigma_max))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))  # (n, k)
     # Weights of ~1e-40 are denormal floats, which make every multiply with them ~10x slower.

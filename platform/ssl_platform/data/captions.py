@@ -154,14 +154,26 @@ class CaptionTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ssl_models.methods.clip import tokenize
-        from ssl_platform.data.transforms import DRAWS, quantize, random_resized_crop, uint8_images, view_draws
+        from ssl_platform.data.transforms import (
+            DRAWS,
+            by_chunks,
+            quantize,
+            random_resized_crop,
+            uint8_images,
+            view_draws,
+        )
 
         torch.set_num_threads(1)  # one data task per CPU; no oversubscription
         images = uint8_images(batch)  # (B, C, H, W)
         u = batch_uniforms(batch, len(DRAWS), self.seed, self.epoch, rows=images.shape[0])  # (B, D)
-        x = random_resized_crop(images.float() / 255.0, self.size, self.crop_scale_min, self.flip_prob, view_draws(u))
+
+        def crop(images: torch.Tensor, u: torch.Tensor) -> dict[str, np.ndarray]:
+            x = random_resized_crop(images.float() / 255.0, self.size, self.crop_scale_min, self.flip_prob,
+                                    view_draws(u))
+            return {"image": quantize(x).numpy()}
+
         text = tokenize([str(c) for c in batch["caption"]], self.context_length)  # (B, L) int64
-        return {"image": quantize(x).numpy(), "text": text.numpy()}
+        return {**by_chunks(crop, images, u), "text": text.numpy()}
 
 
 # ----------------------------------------------------------------------------- inspection
