@@ -159,3 +159,21 @@ def test_the_data_bound_advice_is_shown_once_per_run_across_a_restart(tmp_path, 
     advice = [line for line in shown.stream.getvalue().splitlines() if line.startswith("data-bound: ")]
     assert advice == ["data-bound: 100% wait; add CPUs"]
     assert [e["step"] for e in shown.events if e["kind"] == "start"] == [0, 4]  # both attempts reached it
+
+
+def test_a_data_bound_run_of_small_images_is_told_to_lengthen_ray_datas_tasks():
+    """The data-bound advice names the transform batch for small images with short tasks, and
+    only there: not for 224-px images, text, or a batch already long."""
+    from ssl_platform.config import load_config
+    from ssl_platform.train.metrics import data_advice
+
+    def advice(preset: str, *overrides: str) -> str:
+        return data_advice(load_config(preset, list(overrides)))
+
+    assert "data.transform_batch_size=2048" in advice("simclr-digits")
+    assert "data.transform_batch_size=2048" in advice("clip-digit-captions")
+    assert "scaling.data_cpus" in advice("simclr-digits")
+    assert "transform_batch_size" not in advice("simclr-digits", "data.transform_batch_size=4096")
+    assert "transform_batch_size" not in advice("simclr-resnet50-imagenet")
+    assert "transform_batch_size" not in advice("bert-python-docs")
+    assert "data.augment_on=device" in advice("simclr-digits", "scaling.use_gpu=true", "data.augment_on=cpu")
