@@ -36,6 +36,12 @@ from pathlib import Path
 
 import pytest
 
+from ssl_platform.heap import HEAP_ENV, keep_freed_memory
+
+# The allocator settings `sslp` gives itself and its clusters (ssl_platform.heap), first, for this
+# process and every cluster of the session, whose processes inherit the environment.
+keep_freed_memory()
+
 # One token for every cluster this session starts or joins, set before any `ray.init`.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
@@ -43,7 +49,7 @@ os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to run 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 # What the platform's own init_ray sets for a job: no per-print re-routing in workers, Ray Data quiet.
-QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+QUIET = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING", **HEAP_ENV}
 # Ray Train settings for every cluster of the session (their processes inherit the environment):
 # the watcher of node drains (spot preemption) is one more actor process per worker-group start
 # (~3 s of a 2-core machine) and a test node is never drained; the controller polls its workers

@@ -43,6 +43,7 @@ from ssl_platform.config import (
     with_overrides,
     worker_counts,
 )
+from ssl_platform.heap import keep_freed_memory
 
 # The exit statuses and resolve_checkpoint live in ssl_platform.command (shared with the commands'
 # modules, which never import this one) and stay importable from here.
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # first, before threads allocate: this process and those it starts (ssl_platform.heap)
     parser = build_parser()
     # Overrides may come before or after options (`run X --dry-run a=1 b=2`); argparse's
     # intermixed parsing does not support sub-commands, so leftovers are collected here.

@@ -11,6 +11,7 @@ import threading
 import ray
 
 from ssl_platform.data.context import current_data_context
+from ssl_platform.heap import heap_env
 from ssl_platform.train.console import CONSOLE_ENV, Console
 
 
@@ -49,6 +50,24 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
+def job_env(local: bool) -> dict[str, str]:
+    """The environment variables every worker process of a run's Ray job gets (its ``runtime_env``:
+    the workers of a joined cluster do not inherit the driver's environment). The user's own
+    setting of any of them wins."""
+    # Ray Train V2 re-routes print() in workers to its logger *and* stdout, and Ray Data logs a
+    # line per pass over the data; the training progress line is what the terminal should show.
+    quiet = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    if local:
+        # Ray Data lists a parquet corpus with a pool of footer-reading actors, 32 of them by
+        # default: on a laptop, 32 processes that each take ~3 CPU-s to start, for a few files.
+        # One per CPU of the local cluster (a joined cluster keeps Ray's default).
+        quiet[FOOTER_ACTORS_ENV] = str(min(32, os.cpu_count() or 1))
+    env = {k: os.environ.get(k, v) for k, v in quiet.items()}
+    env.update(heap_env())  # malloc keeps freed memory for the next batch (ssl_platform.heap), or the user's MALLOC_*
+    env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
+    return env
+
+
 def init_ray(address: str | None = None, dashboard: bool = True, console: Console | None = None) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster. Returns the dashboard URL.
 
@@ -57,20 +76,9 @@ def init_ray(address: str | None = None, dashboard: bool = True, console: Consol
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
-    # Ray Train V2 re-routes print() in workers to its logger *and* stdout, and Ray Data logs a
-    # line per pass over the data; the training progress line is what the terminal should show.
-    # A user's own setting of either variable wins.
-    quiet = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_LOG_LEVEL": "WARNING"}
-    if not address:
-        # Ray Data lists a parquet corpus with a pool of footer-reading actors, 32 of them by
-        # default: on a laptop, 32 processes that each take ~3 CPU-s to start, for a few files.
-        # One per CPU of the local cluster (a joined cluster keeps Ray's default).
-        quiet[FOOTER_ACTORS_ENV] = str(min(32, os.cpu_count() or 1))
-    env = {k: os.environ.get(k, v) for k, v in quiet.items()}
+    env = job_env(local=not address)
     if FOOTER_ACTORS_ENV in env:  # the listing may run in this process too
         os.environ[FOOTER_ACTORS_ENV] = env[FOOTER_ACTORS_ENV]
-    # Workers on a joined cluster do not inherit the driver's environment; the job's runtime_env does reach them.
-    env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
     if console is not None:  # the workers mark the lines the console shows
         env[CONSOLE_ENV] = "1"
         console.install()  # before ray.init: its own lines go to the log file too
