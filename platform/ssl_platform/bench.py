@@ -13,7 +13,9 @@ Throughput is views per second over a whole pass: the best of ``repeats`` passes
 warm-up that starts the workers (the best, because other processes on a shared machine only
 ever slow a pass down). The two sides' passes alternate, so a change in the machine's load
 hits both. The "per core" columns run each side's transform in this process on one thread
-with no Ray and no DataLoader, to separate the transform's speed from the framework's.
+with no Ray and no DataLoader, to separate the transform's speed from the framework's. Both sides
+run with the malloc settings ``sslp`` gives every process it starts (:mod:`ssl_platform.heap`; the
+DataLoader's spawned workers inherit them).
 
     python -m ssl_platform.bench --sizes 32 224 --json
 """
@@ -447,6 +449,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from ssl_platform.heap import keep_freed_memory
+
+    keep_freed_memory()  # as sslp does first thing
     parser = argparse.ArgumentParser(prog="python -m ssl_platform.bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     raise SystemExit(run_from_args(parser.parse_args()))

@@ -12,6 +12,10 @@ batch and set of cores.
 - **sslp run**: the preset itself (its workers, Ray Data pipeline and loop) for ``steps`` steps,
   read from its ``metrics.jsonl`` after the first logged interval (start-up excluded).
 
+All three run with the malloc settings ``sslp`` gives itself and every process it starts
+(:mod:`ssl_platform.heap`): the bound and the plain loop in this process and its spawned DataLoader
+workers, ``sslp run`` in its own. The ratios compare the loading structure, not the allocator.
+
 Presets on the built-in corpora of every kind (image, image-caption, GPT's text blocks, audio);
 the figures are samples per second and each run prints them beside each other with the
 machine's load, because a shared machine's numbers move between runs.
