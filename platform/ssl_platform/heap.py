@@ -23,7 +23,7 @@ one. A process then holds on to its peak working set, as a caching allocator (CU
 applies it to itself first thing (:func:`keep_freed_memory`: the driver runs local mode and the
 evaluation's probes) and to the processes it starts (a local Ray cluster, a DataLoader's spawned
 workers); the workers of a joined cluster (train workers, Ray Data tasks, evaluation actors) get
-it through the job's ``runtime_env`` (``train.session.init_ray``). ``MALLOC_*`` variables the user
+it through the job's ``runtime_env`` (``train.session.job_env``). ``MALLOC_*`` variables the user
 set win: nothing here overrides them, and the workers get the user's. Other C libraries (macOS,
 musl) ignore them.
 """
