@@ -162,18 +162,31 @@ def test_the_data_bound_advice_is_shown_once_per_run_across_a_restart(tmp_path, 
 
 
 def test_a_data_bound_run_of_small_images_is_told_to_lengthen_ray_datas_tasks():
-    """The data-bound advice names the transform batch for small images with short tasks, and
-    only there: not for 224-px images, text, or a batch already long."""
+    """Left empty, the records per Ray Data task follow the image side (long tasks for small
+    images); a data-bound run whose transform batch was set below that is told to leave it empty,
+    and only then: not for 224-px images, text, or a batch already long."""
     from ssl_platform.config import load_config
+    from ssl_platform.data.pipeline import transform_records
     from ssl_platform.train.metrics import data_advice
 
     def advice(preset: str, *overrides: str) -> str:
         return data_advice(load_config(preset, list(overrides)))
 
-    assert "data.transform_batch_size=2048" in advice("simclr-digits")
-    assert "data.transform_batch_size=2048" in advice("clip-digit-captions")
+    def records(preset: str, *overrides: str) -> int:
+        return transform_records(load_config(preset, list(overrides)))
+
+    assert records("simclr-digits") == records("clip-digit-captions") == 2048  # 24 px
+    assert [records("simclr-digits", f"data.image_size={side}") for side in (32, 40, 48, 64, 90, 96, 224)] == [
+        2048, 1024, 512, 512, 256, 256, 256]
+    assert records("bert-python-docs") == records("cpc-spoken-digits") == 256
+    assert records("simclr-digits", "data.transform_batch_size=100") == 100
+    assert records("simclr-resnet50-imagenet") == 128  # the preset's own
+
+    short = advice("simclr-digits", "data.transform_batch_size=256")
+    assert "data.transform_batch_size=256" in short and "leave it empty (2048 records a task)" in short
+    assert "leave it empty (2048" in advice("clip-digit-captions", "data.transform_batch_size=512")
     assert "scaling.data_cpus" in advice("simclr-digits")
-    assert "transform_batch_size" not in advice("simclr-digits", "data.transform_batch_size=4096")
-    assert "transform_batch_size" not in advice("simclr-resnet50-imagenet")
-    assert "transform_batch_size" not in advice("bert-python-docs")
+    for long_enough in [advice("simclr-digits"), advice("simclr-digits", "data.transform_batch_size=4096"),
+                        advice("simclr-resnet50-imagenet"), advice("bert-python-docs", "data.transform_batch_size=64")]:
+        assert "transform_batch_size" not in long_enough
     assert "data.augment_on=device" in advice("simclr-digits", "scaling.use_gpu=true", "data.augment_on=cpu")

@@ -79,7 +79,10 @@ class DataConfig:
                                  "Ray Data CPU workers, or batched on the train worker's device (the crop always "
                                  "runs on the CPUs; both give the same views); auto: device with GPUs, else cpu",
                          choices=("auto", "cpu", "device"))
-    transform_batch_size: int = _f(256, "records per map_batches call on the CPU workers", min=1)
+    transform_batch_size: int | None = _f(None, "records per map_batches call (one Ray Data task) on the CPU "
+                                          "workers; empty = by the image side: 2048 at 32 px and less, "
+                                          "fewer as images grow, 256 from 64 px and for text and audio",
+                                          min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
     text_unit: str = _f("document", ".txt corpora: one document per blank-line block, or per line",

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ssl_platform.config import ExperimentConfig
 from ssl_platform.data.masking import IGNORE_INDEX, BertBatcher, GptBlocks, tokenize_documents
+from ssl_platform.data.pipeline import transform_records
 from ssl_platform.data.skips import SkipReporter
 from ssl_platform.data.tokenizer import TextTokenizer, as_tokenizer
 from ssl_platform.evaluate.report import display_name, markdown_table, write_results
@@ -98,7 +99,7 @@ def documents(cfg: ExperimentConfig, split: str):
 
 def _map(ds, fn, cfg: ExperimentConfig):
     # The training pipeline's batch size, so BERT's random B segments come from as many documents.
-    return ds.map_batches(fn, batch_size=cfg.data.transform_batch_size, batch_format="numpy")
+    return ds.map_batches(fn, batch_size=transform_records(cfg), batch_format="numpy")
 
 
 def collect(ds, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -71,6 +71,7 @@ from ssl_platform import methods
 from ssl_platform.config import from_dict
 from ssl_platform.data.augment import finish_views
 from ssl_platform.data.ordered import epoch_stream, stream_epochs
+from ssl_platform.data.pipeline import transform_records
 from ssl_platform.train import console, local_mode
 from ssl_platform.train.checkpoint import (
     TrainState,
@@ -169,7 +170,7 @@ def train_func(loop_config: dict) -> None:
         epochs = stream_epochs(t.max_steps - state.step, steps_in_epoch, state.epoch_step,
                                steps_in_epoch * local_batch)
         ds = epoch_stream(ordered, epoch=state.epoch, rank=rank, world=world, batch_size=t.batch_size,
-                          skip=state.epoch_step * local_batch, chunk=cfg.data.transform_batch_size, epochs=epochs)
+                          skip=state.epoch_step * local_batch, chunk=transform_records(cfg), epochs=epochs)
         if ds is not None:
             ds.set_name(cfg.name)  # Ray Data's metrics tag it "<run>_<uuid>_<n>": the dashboard filters by run
         micro_batches = [] if ds is None else ds.iter_torch_batches(

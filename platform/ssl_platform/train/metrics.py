@@ -148,30 +148,19 @@ def data_bound(fraction: float | None, advice: str) -> str:
     return f"data-bound: {fraction:.0%} wait; {advice}"
 
 
-# Images at most this side and transform batches below SMALL_IMAGE_BATCH: each Ray Data task is
-# short, and its fixed cost (~10 ms) a large part of it. `sslp bench data` at 32 px, 2 cores,
-# 32768 images (2026-12-05): 26-28k views/s in batches of 256 records, 32-42k in 1024, 45-50k in
-# 2048, 52-54k in 4096.
-SMALL_IMAGE_SIDE, SMALL_IMAGE_BATCH = 64, 2048
-
-
 def data_advice(cfg: ExperimentConfig) -> str:
     """What a data-bound run of ``cfg`` should be given, in one clause."""
+    from ssl_platform.data.pipeline import DEFAULT_RECORDS, auto_transform_records
+
     if cfg.scaling.use_gpu and cfg.augment_placement() == "cpu":
         advice = "run the per-pixel augmentation on the GPU (data.augment_on=device) or give Ray Data more CPUs"
     else:
         advice = "give Ray Data more CPUs: scaling.data_cpus (or CPU nodes), or fewer per train worker"
-    if (cfg.data.image_size <= SMALL_IMAGE_SIDE and cfg.data.transform_batch_size < SMALL_IMAGE_BATCH
-            and _reads_images(cfg)):
-        advice += (f"; small images: data.transform_batch_size={SMALL_IMAGE_BATCH} makes Ray Data's tasks long "
-                   f"enough to pay for themselves (about 2x the views/s of 256 at 32 px)")
+    records, chosen = auto_transform_records(cfg), cfg.data.transform_batch_size
+    if chosen is not None and chosen < records and records > DEFAULT_RECORDS:  # small images, short tasks
+        advice += (f"; data.transform_batch_size={chosen} makes Ray Data's tasks short for {cfg.data.image_size}-px "
+                   f"images: leave it empty ({records} records a task) so they pay for their fixed cost")
     return advice
-
-
-def _reads_images(cfg: ExperimentConfig) -> bool:
-    from ssl_platform.methods import method_spec
-
-    return method_spec(cfg.method.name).data_kind in ("image", "image-caption")
 
 
 def format_spill(spilled: int) -> str:
