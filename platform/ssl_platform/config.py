@@ -81,7 +81,8 @@ class DataConfig:
                          choices=("auto", "cpu", "device"))
     transform_batch_size: int | None = _f(None, "records per map_batches call (one Ray Data task) on the CPU "
                                           "workers; empty = by the image side: 2048 at 32 px and less, "
-                                          "fewer as images grow, 256 from 64 px and for text and audio",
+                                          "fewer as the pixels grow (512 at 64 px), 256 from 91 px and for "
+                                          "text and audio",
                                           min=1)
     prefetch_batches: int = _f(2, "batches prefetched by each train worker", min=0, max=64)
     # text (BERT, GPT)
