@@ -160,6 +160,12 @@ def test_topic_split_uses_documents_with_enough_chunks_even_and_odd():
     assert classes == ["a", "b"]  # "c" has one chunk
     assert labels.tolist() == [1, 0, 0, -1, 1, 0, 1, 0, 1, -1, -1]
     assert sorted(chunks[train_idx] % 2) == [0] * 4 and sorted(chunks[test_idx] % 2) == [1] * 4
+    # In (class, chunk) order whatever the rows' order, so the probe's sums (and the table) are the same.
+    assert [(labels[i], chunks[i]) for i in train_idx] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    order = np.random.default_rng(0).permutation(len(sources))
+    _, shuffled_train, shuffled_test, _ = topic_split(sources[order], chunks[order], min_chunks=4)
+    assert sources[order][shuffled_train].tolist() == sources[train_idx].tolist() == ["a", "a", "b", "b"]
+    assert chunks[order][shuffled_test].tolist() == chunks[test_idx].tolist() == [1, 3, 1, 3]
     # A cap on the classes keeps the documents with the most chunks ("b" has 4, "a" 4, "c" 1; ties by name).
     assert topic_split(sources, chunks, min_chunks=1, max_classes=1)[3] == ["a"]
     assert topic_split(sources, chunks, min_chunks=1, max_classes=2)[3] == ["a", "b"]

@@ -216,7 +216,8 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
 
     Documents with at least ``min_chunks`` chunks are the classes (the ``max_classes`` with the
     most chunks, ties by name; sorted by name); their even chunks train the probe and their odd
-    chunks test it, whatever order the rows come in.
+    chunks test it, whatever order the rows come in. Each index array is in (class, chunk) order,
+    not the rows': the probes' float sums follow their rows' order, and so would the table.
     """
     sources, chunks = np.asarray(sources).astype(str), np.asarray(chunks)
     names, counts = np.unique(sources[chunks != PAIR], return_counts=True)
@@ -227,7 +228,11 @@ def topic_split(sources: np.ndarray, chunks: np.ndarray, min_chunks: int = MIN_T
                       dtype=np.int64)
     kept = labels >= 0
     even = chunks % 2 == 0
-    return labels, np.flatnonzero(kept & even), np.flatnonzero(kept & ~even), classes
+
+    def in_order(idx: np.ndarray) -> np.ndarray:
+        return idx[np.lexsort((chunks[idx], labels[idx]))]
+
+    return labels, in_order(np.flatnonzero(kept & even)), in_order(np.flatnonzero(kept & ~even)), classes
 
 
 def bert_rows(cfg: ExperimentConfig, state: dict[str, Tensor], tokenizer: TextTokenizer,
