@@ -56,10 +56,10 @@ def test_extract_each_encodes_every_row_with_each_encoder_in_one_pass_and_two_ac
     are what it computes on the driver, row-aligned with the others' and in the dataset's order even
     when the first batch finishes last (the probes' sums follow the row order); the state is loaded."""
     def embed_first_batch_last(method, batch):
-        """embed_images, the batch holding row 0 held back a second. (Local, so it is pickled by
+        """embed_images, the batch holding row 0 held back 0.4 s. (Local, so it is pickled by
         value: the actors cannot import this test module.)"""
         if bool((batch["idx"] == 0).any()):
-            time.sleep(1.0)
+            time.sleep(0.4)  # the other actor's six batches of this tiny encoder take ~0.05 s
         return embed_images(method, batch)
 
     images = digits["val"].images[:200]
