@@ -254,6 +254,21 @@ def test_blur_smooths_and_keeps_mean():
     assert y.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()  # fewer sharp edges
 
 
+@pytest.mark.parametrize("side", [16, 32, 48, 64, 80])  # radius 1, 1, 2, 3 (the shifted sums), 4 (the convolution)
+def test_the_blur_of_small_images_is_the_grouped_convolutions(side, monkeypatch):
+    """Small images are blurred by sums of shifted copies (faster there); every image drawn for
+    blurring, colour and grey, must come out as the grouped convolution blurs it."""
+    import ssl_platform.data.augment as augment
+
+    for channels in (3, 1):
+        x, r = torch.rand(6, channels, side, side), draws(6, seed=side)
+        fast = gaussian_blur(x, prob=0.5, r=r)
+        monkeypatch.setattr(augment, "SHIFTED_BLUR_RADIUS", 0)
+        conv = gaussian_blur(x, prob=0.5, r=r)
+        monkeypatch.undo()
+        assert not torch.equal(fast, x) and torch.allclose(fast, conv, atol=1e-6, rtol=0)
+
+
 def test_solarize_inverts_bright_pixels_of_chosen_images():
     x = torch.tensor([0.2, 0.7]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
     y = random_solarize(x.clone(), 0.5, {"solarize": torch.tensor([0.1, 0.9])})

@@ -134,13 +134,34 @@ def gaussian_blur(x: torch.Tensor, prob: float, r: dict[str, torch.Tensor]) -> t
     kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))  # (n, k)
     # Weights of ~1e-40 are denormal floats, which make every multiply with them ~10x slower.
     kernel = torch.where(kernel < 1e-12, 0.0, kernel)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*C, k)
-    y = x[picked].reshape(1, n * c, h, w)
-    y = F.pad(y, (radius,) * 4, mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # horizontal pass
-    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # vertical pass
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (n, k)
+    y = F.pad(x[picked], (radius,) * 4, mode="reflect")  # (n, C, h + 2 radius, w + 2 radius)
+    if radius <= SHIFTED_BLUR_RADIUS:
+        y = _shifted_sums(_shifted_sums(y, kernel, dim=3), kernel, dim=2)
+    else:
+        kernel = kernel.repeat_interleave(c, dim=0)  # (n*C, k)
+        y = F.conv2d(y.reshape(1, n * c, *y.shape[2:]), kernel[:, None, None, :], groups=n * c)  # horizontal
+        y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # vertical pass
     out = x.clone() if n < b else torch.empty_like(x)
     out[picked] = y.view(n, c, h, w)
+    return out
+
+
+# Up to this radius (7 taps: images up to ~70 px) the blur's passes are sums of shifted copies,
+# faster than a grouped convolution (one core: 3.8 -> 2.5 us per 32-px image at radius 1, 16.6 ->
+# 13.2 at 64 px and radius 3; at radius 4 they are level); the sums are the convolution's, in its order.
+SHIFTED_BLUR_RADIUS = 3
+
+
+def _shifted_sums(y: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """One pass of a per-image 1-D filter, ``kernel`` (n, k), along ``dim`` (2 rows, 3 columns)
+    of a padded (n, C, H, W) batch: the output is ``k - 1`` shorter there."""
+    taps = kernel.shape[1]
+    length = y.shape[dim] - taps + 1
+    weight = kernel.view(-1, 1, 1, 1, taps).unbind(dim=-1)  # each (n, 1, 1, 1)
+    out = y.narrow(dim, 0, length) * weight[0]
+    for j in range(1, taps):
+        out.addcmul_(y.narrow(dim, j, length), weight[j])
     return out
 
 
