@@ -387,7 +387,7 @@ def test_bench_smoke(ray_session):
     assert len(rows) == 1 and rows[0]["size"] == 16 and rows[0]["images"] == 48
     for key in ("baseline_views_per_s", "platform_views_per_s", "baseline_core_views_per_s",
                 "platform_core_views_per_s", "ratio", "core_ratio", "ray_defaults_views_per_s", "efficiency",
-                "ray_defaults_efficiency"):
+                "ray_defaults_efficiency", "parallel_core_views_per_s", "machine_efficiency"):
         assert rows[0][key] > 0
     table = format_bench(rows)
     assert "platform (Ray Data)" in table and "16" in table
