@@ -69,6 +69,22 @@ def test_bad_blobs_are_reported_by_index_and_dropped(rgb):
     assert images.shape == (3, 3, 16, 16)
 
 
+def test_small_jpegs_decoded_in_one_call_equal_each_decoded_alone(rgb):
+    """A batch's JPEGs under twice the output side go to libjpeg in one call (a corrupt one among
+    them fails that call, and then each is decoded alone); every row, grey or colour, must be
+    what the generic decoder gives that JPEG on its own."""
+    from ssl_platform.data.decode import center_square_resize, decode_one
+
+    blobs = [encode(np.roll(rgb, 7 * i, axis=1), "JPEG", quality=80 + i) for i in range(3)]
+    for channels in (1, 3):
+        alone = np.stack([center_square_resize(decode_one(b, channels), 32).numpy() for b in blobs])
+        images, failed = decode_image_bytes(blobs, size=32, channels=channels)
+        assert failed == [] and np.array_equal(images, alone)
+        truncated = blobs[1][:len(blobs[1]) // 2]  # its header is whole: it goes into the one call, and fails it
+        images, failed = decode_image_bytes([blobs[0], truncated, blobs[2]], size=32, channels=channels)
+        assert failed == [1] and np.array_equal(images, alone[[0, 2]])
+
+
 def test_no_blobs_and_bad_arguments():
     images, failed = decode_image_bytes([], size=8, channels=1)
     assert images.shape == (0, 1, 8, 8) and failed == []
