@@ -167,8 +167,9 @@ def decode_image_bytes(blobs: Sequence[bytes], size: int, channels: int) -> tupl
         small = [i for i, blob in enumerate(blobs) if _full_size_jpeg(blob, size)]
         for i, image in zip(small, _decode_jpegs(blobs, small, channels), strict=True):
             decoded[i] = image
+        tried = set(small)  # a bad one there was already tried by every decoder
         for i, blob in enumerate(blobs):
-            if decoded[i] is None:
+            if i not in tried:
                 decoded[i] = decode_one(blob, channels, size)
     rows, failed = [], []
     for i, image in enumerate(decoded):
