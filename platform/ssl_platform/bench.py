@@ -434,7 +434,9 @@ def run_data_bench(sizes: Sequence[int] = (32, 224), images: int | None = None, 
     cpus = cpus or os.cpu_count() or 1
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+        # Ray's start-up lines (the local instance, its token authentication) are not figures: only errors
+        # show, as in `sslp bench train`.
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
     try:
         with tempfile.TemporaryDirectory(prefix="sslp-bench-") as tmp:
