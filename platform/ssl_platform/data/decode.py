@@ -166,20 +166,23 @@ def decode_image_bytes(blobs: Sequence[bytes], size: int, channels: int) -> tupl
         warnings.simplefilter("ignore", DeprecationWarning)
         small = [i for i, blob in enumerate(blobs) if _full_size_jpeg(blob, size)]
         for i, image in zip(small, _decode_jpegs(blobs, small, channels), strict=True):
-            decoded[i] = image
+            decoded[i] = _fit(image, size)
         tried = set(small)  # a bad one there was already tried by every decoder
         for i, blob in enumerate(blobs):
-            if i not in tried:
-                decoded[i] = decode_one(blob, channels, size)
-    rows, failed = [], []
-    for i, image in enumerate(decoded):
-        if image is None or image.shape[1] == 0 or image.shape[2] == 0:
-            failed.append(i)
-        else:
-            rows.append(image if image.shape[1] == image.shape[2] == size else center_square_resize(image, size))
-    if not rows:
+            if i not in tried:  # resized as it comes: a batch of photos never waits whole at full size
+                decoded[i] = _fit(decode_one(blob, channels, size), size)
+    failed = [i for i, image in enumerate(decoded) if image is None]
+    if len(failed) == len(blobs):
         return np.empty((0, channels, size, size), np.uint8), failed
-    return torch.stack(rows).numpy(), failed
+    return torch.stack([image for image in decoded if image is not None]).numpy(), failed
+
+
+def _fit(image: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """A decoded image as a (C, size, size) row of the batch (:func:`center_square_resize`), None if
+    there is none or it has no pixels."""
+    if image is None or image.shape[1] == 0 or image.shape[2] == 0:
+        return None
+    return image if image.shape[1] == image.shape[2] == size else center_square_resize(image, size)
 
 
 def _full_size_jpeg(blob: bytes, size: int) -> bool:
