@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Sequence
@@ -349,6 +350,9 @@ def _per_core_rates(blobs: list[bytes], case: BenchCase, workdir: Path) -> dict[
         torch.set_flush_denormal(False)
 
 
+PARALLEL_TIMEOUT_S = 600  # the 'N at once' pass: seconds before it is given up
+
+
 def _core_pass_process(path: Path, size: int, batch_size: int, repeats: int, barrier, results) -> None:
     """One of :func:`parallel_core_rate`'s processes: the platform's one-core pass over the blobs
     at ``path``, ``repeats`` times, each pass started together with the other processes'."""
@@ -362,7 +366,7 @@ def _core_pass_process(path: Path, size: int, batch_size: int, repeats: int, bar
     one_pass = platform_core_pass(blobs, BenchCase(size, len(blobs), batch_size, 1, repeats))
     rates = []
     for _ in range(repeats):
-        barrier.wait()
+        barrier.wait(timeout=PARALLEL_TIMEOUT_S)  # a process that died breaks it: the others end too
         views, seconds = one_pass()
         rates.append(views / seconds)
     results.put(rates)
@@ -383,7 +387,17 @@ def parallel_core_rate(blobs: list[bytes], case: BenchCase, workdir: Path) -> fl
     for proc in procs:
         proc.start()
     try:
-        rates = [results.get(timeout=600) for _ in procs]
+        rates, deadline = [], time.monotonic() + PARALLEL_TIMEOUT_S
+        while len(rates) < len(procs):  # never wait on a process that is gone
+            try:
+                rates.append(results.get(timeout=1))
+            except queue.Empty:
+                failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"the 'N at once' pass ({case.cpus} processes of the one-core pass) "
+                                       + (f"lost a process (exit code {failed[0]}; its error is printed above)"
+                                          if failed else f"took over {PARALLEL_TIMEOUT_S} s")
+                                       + "; --no-per-core skips it") from None
     finally:
         for proc in procs:
             proc.join(timeout=10)
