@@ -393,6 +393,16 @@ def test_bench_smoke(ray_session):
     assert "platform (Ray Data)" in table and "16" in table
 
 
+@pytest.mark.parametrize("args, flag", [(["--sizes", "32", "4"], "--sizes 4"), (["--images", "0"], "--images"),
+                                        (["--batch-size", "0"], "--batch-size"), (["--repeats", "0"], "--repeats")])
+def test_bench_data_refuses_what_it_cannot_run_naming_the_flag(args, flag):
+    """Before any image is made or Ray starts (a 4-px view failed inside a Ray task, naming a config key)."""
+    from ssl_platform import cli
+
+    with pytest.raises(SystemExit, match=f"^{flag}"):
+        cli.main(["bench", "data", *args])
+
+
 def test_bench_train_reads_a_presets_builtin_corpus_as_the_run_does(ray_session, tmp_path):
     """The corpus ``sslp bench train`` times is the run's own: GPT's token blocks and BERT's masked
     pairs (a transform that reads the whole table by id) from python-docs."""

@@ -511,6 +511,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    from ssl_platform.views import MIN_SIDE
+
+    small = [size for size in args.sizes if size < MIN_SIDE]
+    if small:  # the views' own check would stop it inside a Ray task, naming a config key
+        raise SystemExit(f"--sizes {small[0]}: a view's side must be at least {MIN_SIDE} pixels (the encoders' "
+                         f"smallest input); use e.g. --sizes 32 224")
     rows = run_data_bench(args.sizes, args.images, args.batch_size, args.cpus, per_core=not args.no_per_core,
                           repeats=args.repeats)
     print(json.dumps(rows, indent=2) if args.json else format_bench(rows))
