@@ -7,6 +7,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_platform.bench import format_bench, run_data_bench
+from ssl_platform.data.augment import RESIZE_EACH_MIN_SIDE
 from ssl_platform.data.builtin import DIGIT_NAMES, load_digits_m_splits, load_digits_splits
 from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
 from ssl_platform.data.randomness import record_uniforms
@@ -202,12 +203,39 @@ def test_blur_probability_is_per_record():
 
 
 def test_full_crop_without_flip_keeps_the_image_and_flip_mirrors_it():
-    x = torch.rand(4, 3, 16, 16)
     full = dict(crop_area=1.0, crop_ratio=0.5, crop_x=0.5, crop_y=0.5)  # area 1, aspect 1, centred
-    assert torch.allclose(random_resized_crop(x, 16, scale_min=0.5, flip_prob=0.0, r=draws(4, **full)), x, atol=1e-5)
-    y = random_resized_crop(x, 16, scale_min=0.2, flip_prob=0.0, r=draws(4, seed=1, flip=0.9))
-    z = random_resized_crop(x, 16, scale_min=0.2, flip_prob=1.0, r=draws(4, seed=1, flip=0.9))
-    assert torch.allclose(z, y.flip(-1), atol=1e-5)  # the flip is a mirror of the same crop
+    for side in (16, RESIZE_EACH_MIN_SIDE):  # both ways of cutting (sampled, resized per image)
+        x = torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8)
+        assert torch.equal(random_resized_crop(x, side, scale_min=0.5, flip_prob=0.0, r=draws(4, **full)), x)
+        y = random_resized_crop(x, side, scale_min=0.2, flip_prob=0.0, r=draws(4, seed=1, flip=0.9))
+        z = random_resized_crop(x, side, scale_min=0.2, flip_prob=1.0, r=draws(4, seed=1, flip=0.9))
+        assert torch.equal(z, y.flip(-1))  # the flip is a mirror of the same crop
+
+
+@pytest.mark.parametrize("side, size, channels", [(24, 24, 1), (32, 32, 3), (56, 56, 3), (224, 224, 3), (40, 32, 3),
+                                                  (100, 64, 3), (64, 80, 1)])
+def test_the_crop_is_torchvisions_resized_crop_of_the_drawn_box_either_way(side, size, channels):
+    """Whichever way a view is cut (one grid_sample of the chunk for small views, F.interpolate per
+    image from RESIZE_EACH_MIN_SIDE up), it is torchvision's resized_crop of the box the draws
+    pick, mirrored where flipped: exactly for the uint8 resize, within 1 of 255 for the float
+    sampling (the uint8 kernel's fixed-point weights round differently)."""
+    from ssl_platform.data.augment import _resize_each, _sample_boxes, crop_boxes, quantize
+
+    g = torch.Generator().manual_seed(side + size)
+    images = torch.randint(0, 256, (32, channels, side, side), dtype=torch.uint8, generator=g)
+    r = random_draws(32, g)
+    boxes = crop_boxes(side, side, 0.08, 1.0, r)
+    flip = r["flip"] < 0.5
+    x0, y0, w, h = (b.tolist() for b in boxes)
+    assert min(w) >= 1 and min(h) >= 1 and all(a + b <= side for a, b in zip(x0 + y0, w + h, strict=True))
+    expected = torch.stack([TF.resized_crop(images[i], y0[i], x0[i], h[i], w[i], [size, size], antialias=False)
+                            for i in range(32)])
+    expected = torch.where(flip[:, None, None, None], expected.flip(-1), expected)
+    assert torch.equal(_resize_each(images, boxes, flip, size), expected)
+    sampled = quantize(_sample_boxes(images.float().mul_(1 / 255.0), boxes, flip, size))
+    assert (sampled.int() - expected.int()).abs().max() <= 1
+    assert torch.equal(random_resized_crop(images, size, 0.08, 0.5, r), expected if size >= RESIZE_EACH_MIN_SIDE
+                       else sampled)
 
 
 def test_colour_matrix_matches_torchvision_brightness_contrast_saturation():

@@ -157,7 +157,6 @@ class CaptionTransform:
         from ssl_platform.data.transforms import (
             DRAWS,
             by_chunks,
-            quantize,
             random_resized_crop,
             uint8_images,
             view_draws,
@@ -168,9 +167,8 @@ class CaptionTransform:
         u = batch_uniforms(batch, len(DRAWS), self.seed, self.epoch, rows=images.shape[0])  # (B, D)
 
         def crop(images: torch.Tensor, u: torch.Tensor) -> dict[str, np.ndarray]:
-            x = random_resized_crop(images.float() / 255.0, self.size, self.crop_scale_min, self.flip_prob,
-                                    view_draws(u))
-            return {"image": quantize(x).numpy()}
+            return {"image": random_resized_crop(images, self.size, self.crop_scale_min, self.flip_prob,
+                                                 view_draws(u)).numpy()}
 
         text = tokenize([str(c) for c in batch["caption"]], self.context_length)  # (B, L) int64
         return {**by_chunks(crop, images, u), "text": text.numpy()}

@@ -3,7 +3,8 @@
 Every function takes and returns whole batches, so one ``map_batches`` call augments
 ``transform_batch_size`` records, in chunks that stay in the caches (:func:`by_chunks`), with a
 handful of vectorised torch ops instead of a Python loop per image: one ``grid_sample`` for
-crop + flip, one batched 3x3 colour matrix for brightness, contrast, saturation, hue and
+crop + flip of small views (from 56 px up, torch's uint8 resize of each image's box, several
+times faster there), one batched 3x3 colour matrix for brightness, contrast, saturation, hue and
 grayscale, one grouped convolution for blur.
 
 The recipes are the papers', declared by each method beside its code (``spec.views`` in
