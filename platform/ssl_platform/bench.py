@@ -10,14 +10,17 @@ number of CPU cores, and both decode every JPEG:
   decoding one image with PIL and applying torchvision.transforms.v2 twice.
 
 Throughput is views per second over a whole pass: the best of ``repeats`` passes after a
-warm-up that starts the workers (the best, because other processes on a shared machine only
-ever slow a pass down). The two sides' passes alternate, so a change in the machine's load
-hits both. The "per core" columns run each side's transform in this process on one thread
-with no Ray and no DataLoader, to separate the transform's speed from the framework's; "N at
-once" runs the platform's one-core pass in N processes together (no Ray), which is what the
-machine gives N copies of the code when they share its caches and memory bandwidth. Both sides
-run with the malloc settings ``sslp`` gives every process it starts (:mod:`ssl_platform.heap`; the
-DataLoader's spawned workers inherit them).
+warm-up that starts the workers (the best, because other processes on a shared machine only ever
+slow a pass down). A whole pass of the platform includes the start of a Ray Data execution,
+which a training run's stream pays once; the "steady" figure is the platform's rate once its
+stream runs (:func:`steady_views`), over a longer pass of the same images. The two sides'
+passes alternate, so a change in the machine's load hits both. The "per core" columns run each
+side's transform in this process on one thread with no Ray and no DataLoader, to separate the
+transform's speed from the framework's; "N at once" runs the platform's one-core pass in N
+processes together (no Ray), which is what the machine gives N copies of the code when they
+share its caches and memory bandwidth. Both sides run with the malloc settings ``sslp`` gives
+every process it starts (:mod:`ssl_platform.heap`; the DataLoader's spawned workers inherit
+them).
 
     python -m ssl_platform.bench --sizes 32 224 --json
 """
@@ -28,6 +31,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import queue
 import tempfile
@@ -50,6 +54,9 @@ DEFAULT_IMAGES = {32: 16384, 224: 384}  # a pass of a few seconds for the platfo
 # DataLoader's best (the platform's augmentation is chunked, so its batch size matters little there).
 DEFAULT_BATCH = {32: 2048, 224: 32}
 PER_CORE_IMAGES = {32: 4096, 224: 128}  # the single-thread passes need fewer images for a steady rate
+# Batches in the pass that measures the platform's steady rate (the pass's images repeated as often
+# as it takes): enough that the first ones, which the start of an execution delays, weigh little.
+STEADY_BATCHES = 32
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,31 @@ def _record_batches(blobs: list[bytes], batch_size: int):
                "path": np.array([f"synthetic/{start + i}.jpg" for i in range(len(chunk))], dtype=object)}
 
 
-def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = False):
+def steady_views(arrivals: Sequence[tuple[float, int]], workers: int) -> tuple[int, float]:
+    """A stream's rate once it runs, from ``(arrival time, views)`` of each batch of a pass:
+    ``(views, seconds)``, the views of every batch after the first ``workers`` over the time from
+    the first arrival to the last.
+
+    What is left out is the start of a Ray Data execution (~0.14 s on the development machine)
+    and the first tasks' work, which a run's stream pays once. The window holds the whole work of
+    every counted batch (each started no earlier than the first batch came) and part of the
+    first batches' work too, so the rate errs low.
+    """
+    if len(arrivals) <= 2 * workers:
+        raise ValueError(f"{len(arrivals)} batches from {workers} worker(s) are too few for a steady rate; "
+                         f"give the pass more images or smaller batches")
+    return sum(v for _, v in arrivals[workers:]), arrivals[-1][0] - arrivals[0][0]
+
+
+def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = False, copies: int = 1,
+                      steady: bool = False):
     """A warmed-up pass of decode + two-view augmentation in Ray Data tasks on ``case.cpus`` cores,
     under the platform's Ray Data settings (:func:`configure_data_context`), or Ray Data's own
-    defaults with ``ray_defaults`` (the reference that shows what the settings are worth)."""
+    defaults with ``ray_defaults`` (the reference that shows what the settings are worth).
+
+    The pass reads ``copies`` x the blobs; it times the whole pass, or with ``steady`` the
+    stream once it runs (:func:`steady_views`).
+    """
     import ray.data
 
     from ssl_platform.data.context import IDLE_WAIT_KEY, configure_data_context, current_data_context
@@ -149,18 +177,23 @@ def platform_ray_pass(blobs: list[bytes], case: BenchCase, ray_defaults: bool = 
         field = ray.data.DataContext.__dataclass_fields__["op_resource_reservation_enabled"]
         ctx.op_resource_reservation_enabled = field.default
         ctx.set_config(IDLE_WAIT_KEY, 0)  # Ray's own scheduling loop
-    items = [{"bytes": b, "path": f"synthetic/{i}.jpg"} for i, b in enumerate(blobs)]
-    blocks = max(2 * case.cpus, len(blobs) // case.batch_size)
+    items = [{"bytes": b, "path": f"synthetic/{i}.jpg"} for i, b in enumerate(blobs * copies)]
+    blocks = max(2 * case.cpus, len(items) // case.batch_size)
     source = ray.data.from_items(items, override_num_blocks=blocks).materialize()  # reading is not timed
     configure_data_context()  # the next Dataset built in this process gets the platform's settings again
 
-    def count_views() -> int:
+    def one_pass() -> tuple[int, float]:
         pipeline = source.map_batches(DecodeTwoViews(case.size), batch_size=case.batch_size,
                                       batch_format="numpy", num_cpus=1)
-        return sum(2 * len(b["view1"]) for b in pipeline.iter_batches(batch_size=None, batch_format="numpy"))
+        start, arrivals = time.perf_counter(), []
+        for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+            arrivals.append((time.perf_counter(), 2 * len(batch["view1"])))
+        if steady:
+            return steady_views(arrivals, case.cpus)
+        return sum(v for _, v in arrivals), time.perf_counter() - start
 
-    count_views()  # warm-up: start the workers, import torch there
-    return lambda: _timed(count_views)
+    one_pass()  # warm-up: start the workers, import torch there
+    return one_pass
 
 
 def platform_core_pass(blobs: list[bytes], case: BenchCase):
@@ -414,7 +447,9 @@ def bench_case(case: BenchCase, per_core: bool, workdir: Path) -> dict:
            "cpus": case.cpus, "load_avg_1m": round(os.getloadavg()[0], 2)}
     passes = {"baseline_views_per_s": baseline_loader_pass(save_blobs(blobs, workdir / f"{case.size}.npz"), case),
               "ray_defaults_views_per_s": platform_ray_pass(blobs, case, ray_defaults=True),
-              "platform_views_per_s": platform_ray_pass(blobs, case)}
+              "platform_views_per_s": platform_ray_pass(blobs, case),
+              "platform_steady_views_per_s": platform_ray_pass(
+                  blobs, case, copies=math.ceil(STEADY_BATCHES * case.batch_size / case.images), steady=True)}
     row.update(best_rates(passes, case.repeats))
     del passes  # stops the DataLoader's workers
     row["ratio"] = row["platform_views_per_s"] / row["baseline_views_per_s"]
@@ -424,10 +459,12 @@ def bench_case(case: BenchCase, per_core: bool, workdir: Path) -> dict:
         # Pipeline efficiency: what Ray Data delivers on N cores over N x the same code on one core.
         cores = case.cpus * row["platform_core_views_per_s"]
         row["efficiency"] = row["platform_views_per_s"] / cores
+        row["steady_efficiency"] = row["platform_steady_views_per_s"] / cores
         row["ray_defaults_efficiency"] = row["ray_defaults_views_per_s"] / cores
         # The machine's limit: N copies of that code running at once share its caches and memory.
         row["parallel_core_views_per_s"] = parallel_core_rate(blobs, case, workdir)  # the Ray pass's images
         row["machine_efficiency"] = row["platform_views_per_s"] / row["parallel_core_views_per_s"]
+        row["steady_machine_efficiency"] = row["platform_steady_views_per_s"] / row["parallel_core_views_per_s"]
         if case.size >= PHOTO_MIN_SIZE:  # photos larger than the crop: the case reduced-size decoding is for
             row.update(photo_crop_rates(case.size, repeats=case.repeats))
     row["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -466,24 +503,30 @@ def run_data_bench(sizes: Sequence[int] = (32, 224), images: int | None = None, 
 def format_bench(rows: list[dict]) -> str:
     """The figures side by side, one line per size."""
     head = (f"{'size':>5} {'images':>6} {'cpus':>4} | {'torchvision DataLoader':>22} {'Ray Data defaults':>17} "
-            f"{'platform (Ray Data)':>19} {'ratio':>6} | {'per core: torchvision':>21} {'platform':>8} {'ratio':>6} | "
-            f"{'efficiency':>10} {'(defaults)':>10} | {'N at once':>9} {'of it':>5}")
+            f"{'platform (Ray Data)':>19} {'steady':>7} {'ratio':>6} | {'per core: torchvision':>21} {'platform':>8} "
+            f"{'ratio':>6} | {'efficiency':>10} {'steady':>6} {'(defaults)':>10} | {'N at once':>9} {'of it':>5} "
+            f"{'steady':>6}")
     lines = ["two-view augmentation throughput, views/s (JPEG decode included; SimCLR recipe)", head,
              "-" * len(head)]
     for r in rows:
         core = (f"{r['baseline_core_views_per_s']:>21.0f} {r['platform_core_views_per_s']:>8.0f} "
-                f"{r['core_ratio']:>5.1f}x | {r['efficiency']:>10.0%} {r['ray_defaults_efficiency']:>10.0%} | "
-                f"{r['parallel_core_views_per_s']:>9.0f} {r['machine_efficiency']:>5.0%}"
+                f"{r['core_ratio']:>5.1f}x | {r['efficiency']:>10.0%} {r['steady_efficiency']:>6.0%} "
+                f"{r['ray_defaults_efficiency']:>10.0%} | {r['parallel_core_views_per_s']:>9.0f} "
+                f"{r['machine_efficiency']:>5.0%} {r['steady_machine_efficiency']:>6.0%}"
                 if "core_ratio" in r else "")
         lines.append(f"{r['size']:>5} {r['images']:>6} {r['cpus']:>4} | {r['baseline_views_per_s']:>22.0f} "
-                     f"{r['ray_defaults_views_per_s']:>17.0f} {r['platform_views_per_s']:>19.0f} {r['ratio']:>5.1f}x | "
-                     f"{core}")
-    lines.append("ratio: platform / torchvision DataLoader. Ray Data defaults: the same pipeline under Ray Data's own "
-                 "scheduling settings (the platform turns off its per-operator resource reservation)")
+                     f"{r['ray_defaults_views_per_s']:>17.0f} {r['platform_views_per_s']:>19.0f} "
+                     f"{r['platform_steady_views_per_s']:>7.0f} {r['ratio']:>5.1f}x | {core}")
+    lines.append("ratio: platform / torchvision DataLoader, whole passes. Ray Data defaults: the same pipeline "
+                 "under Ray Data's own scheduling settings (the platform turns off its per-operator resource "
+                 "reservation)")
+    lines.append(f"steady: the platform's stream once it runs, without the start of a Ray Data execution that a run "
+                 f"pays once (the views after the first batch of each worker over the time from the first batch to "
+                 f"the last, the images repeated to {STEADY_BATCHES} batches; it errs low)")
     lines.append("per core: each transform in one process on one thread, without Ray or DataLoader; "
-                 "efficiency: Ray Data's views/s over cpus x the platform's per-core views/s (goal: 80%); "
-                 "N at once: cpus processes of that one-core pass running together (the machine's limit for "
-                 "the code), and what Ray Data delivers of it")
+                 "efficiency: Ray Data's views/s over cpus x the platform's per-core views/s (goal: 80%), whole "
+                 "passes and steady; N at once: cpus processes of that one-core pass running together (the "
+                 "machine's limit for the code), and what Ray Data delivers of it")
     for r in rows:
         photos = [f"{key[6:-6]} {value:,.0f}" for key, value in r.items() if key.startswith("photo_")]
         if photos:
