@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from ssl_platform.bench import format_bench, run_data_bench, steady_views
+from ssl_platform.bench import LONG_PASS_BATCHES, format_bench, run_data_bench
 from ssl_platform.data.augment import RESIZE_EACH_MIN_SIDE
 from ssl_platform.data.builtin import DIGIT_NAMES, load_digits_m_splits, load_digits_splits
 from ssl_platform.data.digit_captions import BUILTIN_CAPTION_CORPORA
@@ -416,20 +416,22 @@ def test_bench_smoke(ray_session):
     for key in ("baseline_views_per_s", "platform_views_per_s", "baseline_core_views_per_s",
                 "platform_core_views_per_s", "ratio", "core_ratio", "ray_defaults_views_per_s", "efficiency",
                 "ray_defaults_efficiency", "parallel_core_views_per_s", "machine_efficiency",
-                "platform_steady_views_per_s", "steady_efficiency", "steady_machine_efficiency"):
+                "platform_long_views_per_s", "long_efficiency", "long_machine_efficiency"):
         assert rows[0][key] > 0
+    # The long pass: the 48 images repeated to at least LONG_PASS_BATCHES batches of 16 (11 x 48 = 528).
+    assert rows[0]["long_pass_images"] == 528 >= LONG_PASS_BATCHES * 16
     table = format_bench(rows)
-    assert "platform (Ray Data)" in table and "steady" in table and "16" in table
+    assert "platform (Ray Data)" in table and "long pass" in table and "16" in table
 
 
-def test_the_steady_rate_leaves_out_each_workers_first_batch_and_errs_low():
-    # Two workers: their first batches come late (an execution's start), then one every 0.1 s each.
-    arrivals = [(1.0, 100), (1.02, 100)] + [(1.0 + 0.05 * k, 100) for k in range(2, 22)]
-    views, seconds = steady_views(arrivals, workers=2)
-    assert views == 20 * 100 and seconds == pytest.approx(1.05)  # first arrival to last
-    assert views / seconds < 2 * 100 / 0.1  # below the workers' true rate: the window holds part of the first batches
-    with pytest.raises(ValueError, match="too few for a steady rate"):
-        steady_views(arrivals[:4], workers=2)
+def test_the_long_pass_reads_the_images_as_often_as_it_is_told(ray_session):
+    from ssl_platform.bench import BenchCase, platform_ray_pass, synthetic_jpegs
+
+    case = BenchCase(size=16, images=12, batch_size=4, cpus=1)
+    blobs = synthetic_jpegs(12, 16)
+    for copies in (1, 3):
+        views, seconds = platform_ray_pass(blobs, case, copies=copies)()
+        assert views == 2 * 12 * copies and seconds > 0  # two views of every image, every time it comes
 
 
 @pytest.mark.parametrize("args, flag", [(["--sizes", "32", "4"], "--sizes 4"), (["--images", "0"], "--images"),
